@@ -1,0 +1,155 @@
+"""The run's configuration: every knob of one migration, validated before anything is allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .units import UnitError, fmt_size, parse_rate, parse_size, parse_time
+
+TARGET_PAGE = 4096
+HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
+MODES = ("precopy", "vanilla", "preempt", "preempt-full")
+WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
+MAX_VCPUS = 64  # each vCPU stamps its own 8-byte slot of a 4 KiB page: 512 slots, 64 is plenty
+SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
+
+
+class ConfigError(ValueError):
+    """Bad input: one line that says what to change."""
+
+
+@dataclass
+class Config:
+    """One migration. Sizes in bytes, rates in bytes/s (None = unlimited), times in seconds."""
+
+    mode: str = "preempt"
+    ram: int = 128 * 1024**2
+    host_page: int = TARGET_PAGE
+    seed: int = 1
+    zero_fraction: float = 0.1
+    workload: str = "random"
+    wss: int | None = None  # working-set size; None = all RAM
+    dirty_rate: float | None = None  # bytes/s written by the whole guest; None = as fast as it can
+    vcpus: int = 1
+    bandwidth: float | None = None  # emulated link, shared by both data channels
+    latency: float = 0.0  # one-way, on every channel
+    socket_buffer: int = 4 * 1024**2  # per channel: what may be queued before the sender blocks
+    max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
+    max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
+    downtime_limit: float = 0.3  # QEMU downtime-limit
+    max_rounds: int = 30  # precopy gives up converging after this many rounds
+    precopy_rounds: int | None = 1  # postcopy modes: full rounds before switching; None = wait for start_postcopy()
+    break_huge: bool = True  # x-postcopy-preempt-break-huge
+    page_hint: bool = False  # QEMU 10.1 spatial locality hint (preempt-full)
+    deadline: float = 300.0  # the whole run; a hang fails with who waited for what
+    prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
+
+    @classmethod
+    def from_strings(cls, **kw: Any) -> "Config":
+        """Build from CLI-style values (``ram="64MiB"``, ``bandwidth="10Gbit/s"``); None values are left default."""
+        conv = {
+            "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
+            "dirty_rate": parse_rate, "bandwidth": parse_rate, "max_bandwidth": parse_rate,
+            "max_postcopy_bandwidth": parse_rate, "latency": parse_time, "downtime_limit": parse_time,
+            "deadline": parse_time,
+        }
+        args = {}
+        for k, v in kw.items():
+            if v is None:
+                continue
+            try:
+                args[k] = conv[k](v) if k in conv else v
+            except UnitError as e:
+                raise ConfigError(f"--{k.replace('_', '-')}: {e}") from None
+        return cls(**args)
+
+    # -- derived ---------------------------------------------------------
+    @property
+    def npages(self) -> int:
+        return self.ram // TARGET_PAGE
+
+    @property
+    def nhost(self) -> int:
+        return self.ram // self.host_page
+
+    @property
+    def tp_per_hp(self) -> int:
+        return self.host_page // TARGET_PAGE
+
+    @property
+    def wss_bytes(self) -> int:
+        return self.ram if self.wss is None else self.wss
+
+    @property
+    def postcopy(self) -> bool:
+        return self.mode != "precopy"
+
+    @property
+    def uses_preempt_channel(self) -> bool:
+        return self.mode in ("preempt", "preempt-full")
+
+    def shm_bytes(self) -> int:
+        """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
+        return 2 * self.ram + self.npages * (4 + 1 + 8 * self.vcpus) + 65536
+
+    def validate(self) -> "Config":
+        def bad(msg: str) -> None:
+            raise ConfigError(msg)
+
+        if self.mode not in MODES:
+            bad(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.workload not in WORKLOADS:
+            bad(f"unknown workload {self.workload!r}: use one of {', '.join(WORKLOADS)}")
+        if self.host_page not in HOST_PAGES:
+            bad(f"host page {self.host_page} is not supported: use 4KiB, 2MiB or 1GiB")
+        if self.ram <= 0:
+            bad("--ram must be positive (e.g. --ram 64MiB)")
+        if self.ram % self.host_page:
+            bad(f"--ram {fmt_size(self.ram)} is not a multiple of the host page {fmt_size(self.host_page)}:"
+                f" use a multiple such as {fmt_size(max(1, self.ram // self.host_page + 1) * self.host_page)}")
+        if self.npages >= 2**32:
+            bad("--ram must be below 16TiB")
+        if self.wss is not None and not 0 < self.wss <= self.ram:
+            bad(f"--wss {fmt_size(self.wss)} must be positive and at most --ram {fmt_size(self.ram)}")
+        if self.wss is not None and self.wss < TARGET_PAGE * self.vcpus:
+            bad("--wss must hold at least one 4KiB page per vCPU")
+        if not 1 <= self.vcpus <= MAX_VCPUS:
+            bad(f"--vcpus must be between 1 and {MAX_VCPUS}")
+        if not 0.0 <= self.zero_fraction <= 1.0:
+            bad("--zero-fraction must be between 0 and 1")
+        for name in ("bandwidth", "max_bandwidth", "max_postcopy_bandwidth", "dirty_rate"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                bad(f"--{name.replace('_', '-')} must be positive (or 'unlimited'), got {v}")
+        if self.latency < 0:
+            bad("--latency must not be negative")
+        if self.socket_buffer < 64 * 1024:
+            bad("--socket-buffer must be at least 64KiB")
+        if self.downtime_limit <= 0:
+            bad("--downtime-limit must be positive")
+        if self.max_rounds < 1:
+            bad("--max-rounds must be at least 1")
+        if self.precopy_rounds is not None and self.precopy_rounds < 0:
+            bad("--precopy-rounds must be 0 or more")
+        if self.deadline <= 0:
+            bad("--deadline must be positive")
+        if self.page_hint and self.mode != "preempt-full":
+            bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")
+        if not self.break_huge and self.mode != "preempt":
+            bad("--no-break-huge only applies to --mode preempt")
+        try:
+            st = os.statvfs("/dev/shm")
+            free = st.f_bavail * st.f_frsize
+        except OSError:
+            free = None
+        if free is not None and self.shm_bytes() > free * SHM_HEADROOM:
+            bad(f"--ram {fmt_size(self.ram)} needs {fmt_size(self.shm_bytes())} of /dev/shm (source and"
+                f" destination copies) but only {fmt_size(free)} is free: use a smaller --ram")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,171 @@
+"""Shared memory: guest RAM on both sides and the small maps every process reads.
+
+The controller creates every segment, the children inherit the mappings across ``fork``, and the
+controller unlinks the names as soon as the children exist: from then on nothing of the run is
+visible in /dev/shm, whatever kills it. For the short window before that, names carry the owner's
+pid and the next run removes segments whose owner is dead.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import secrets
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from .config import TARGET_PAGE, Config
+
+PREFIX = "shmig-"
+SHM_DIR = "/dev/shm"
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+STATUS_LEN = 96
+
+# guest phase word (ctl[PHASE]): what the vCPUs should be doing
+RUN_SRC, PAUSE, RUN_DST, QUIT = 0, 1, 2, 3
+PHASE = 0
+
+# counters sampled by the controller for the time series; each is written by one process only
+C_PRECOPY_BYTES, C_POSTCOPY_BYTES, C_REMAINING, C_PLACED, C_REQUESTS, C_PHASE = range(6)
+C_GUEST0 = 16  # + vcpu: accesses so far
+NCOUNTERS = C_GUEST0 + 64
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Remove segments left by runs whose owner died before it could unlink them."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def leftovers() -> list[str]:
+    """Segments of this project still in /dev/shm (tests assert this is empty)."""
+    try:
+        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(PREFIX))
+    except OSError:
+        return []
+
+
+def populate(shm: shared_memory.SharedMemory) -> None:
+    """Fault the whole segment in up front, so placement and guest writes never pay first touch."""
+    mm = shm._mmap  # the stdlib keeps its mmap here; there is no public handle
+    try:
+        mm.madvise(MADV_POPULATE_WRITE)
+    except (OSError, ValueError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+        a = np.ndarray((shm.size,), np.uint8, shm.buf)
+        a[::4096] = 0
+        del a
+
+
+class GuestMemory:
+    """Every shared array of one run, as numpy views that live exactly as long as this object."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.token = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self._segs: list[shared_memory.SharedMemory] = []
+        self._names: list[str] = []
+        self.nprocs = 3 + cfg.vcpus
+        n = cfg.npages
+        try:
+            ram_src = self._create("src", cfg.ram)
+            ram_dst = self._create("dst", cfg.ram)
+            layout = [
+                ("ctl", np.int64, (16,)),
+                ("counters", np.int64, (NCOUNTERS,)),
+                ("wait", np.int64, (cfg.vcpus, 2)),
+                ("link", np.int64, (4,)),
+                ("status", np.uint8, (self.nprocs, STATUS_LEN)),
+                ("stamps", np.uint64, (cfg.vcpus, n)),
+                ("dirty", np.uint32, (n,)),
+                ("received", np.uint8, (n,)),
+            ]
+            size = sum(int(np.prod(s)) * np.dtype(t).itemsize for _, t, s in layout)
+            state = self._create("state", size)
+        except BaseException:
+            self.close()
+            raise
+        self.src = np.ndarray((cfg.ram,), np.uint8, ram_src.buf)
+        self.dst = np.ndarray((cfg.ram,), np.uint8, ram_dst.buf)
+        off = 0
+        for name, t, s in layout:
+            a = np.ndarray(s, t, state.buf, off)
+            off += a.nbytes
+            setattr(self, name, a)
+        self.wait[:, 0] = -1
+
+    def _create(self, what: str, size: int) -> shared_memory.SharedMemory:
+        shm = shared_memory.SharedMemory(f"{self.token}-{what}", create=True, size=size)
+        self._segs.append(shm)
+        self._names.append(shm.name)
+        if self.cfg.prefault:
+            populate(shm)
+        return shm
+
+    # views used on the data path
+    def pages(self, ram: np.ndarray) -> np.ndarray:
+        """[pages, 4096] view of one RAM copy."""
+        return ram.reshape(-1, TARGET_PAGE)
+
+    def unlink(self) -> None:
+        """Remove the names; the mappings stay valid in every process that has them."""
+        for shm in self._segs:
+            if shm.name in self._names:
+                try:
+                    shm.unlink()
+                except FileNotFoundError:
+                    pass
+                self._names.remove(shm.name)
+
+    def set_status(self, proc: int, text: str) -> None:
+        """What process ``proc`` is doing now, for the message a hang or crash prints."""
+        b = text.encode()[:STATUS_LEN]
+        row = self.status[proc]
+        row[:] = 0
+        row[:len(b)] = np.frombuffer(b, np.uint8)
+
+    def get_status(self, proc: int) -> str:
+        return bytes(self.status[proc]).rstrip(b"\0").decode(errors="replace")
+
+    def close(self) -> None:
+        """Drop every view, then close (and unlink if not yet done). Views must not outlive this."""
+        for name in ("src", "dst", "ctl", "counters", "wait", "link", "status", "stamps", "dirty",
+                     "received"):
+            self.__dict__.pop(name, None)
+        self.unlink()
+        for shm in self._segs:
+            try:
+                shm.close()
+            except BufferError:
+                pass  # a view still exists somewhere; the mapping goes with the process
+        self._segs.clear()

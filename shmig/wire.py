@@ -1,0 +1,252 @@
+"""Frames on the pipes: ``[u32 header length][u32 payload length][msgpack header][raw payload]``.
+
+The header is a msgpack array ``[kind, send_ns, *fields]``. Page data never goes through msgpack:
+it follows the header as raw bytes, written straight out of guest RAM with ``writev`` and scattered
+into destination RAM straight out of the receive buffer, so a batch costs one header, no matter how
+many pages it holds. The length prefix (rather than a streaming ``Unpacker``) is what makes that
+possible: the reader knows where the header ends and the payload begins without copying the payload
+through msgpack's buffer, and a malformed length is caught before a byte of payload is trusted.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import select
+import struct
+import time
+from typing import Any, Sequence
+
+import msgpack
+
+PREFIX = struct.Struct("<II")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 1 << 26
+PIPE_BUF = 4096  # writes up to this size are atomic, so several vCPUs may share the fault pipe
+
+
+class Msg(enum.IntEnum):
+    PAGES = 1  # fields: target page indices (uint32 bytes), zero-page flags (uint8 bytes), urgent
+    DISCARD = 2  # fields: host page runs (uint32 start,count pairs as bytes)
+    PACKAGED = 3  # CMD_PACKAGED: LISTEN + device state + RUN; the guest resumes on the destination
+    EOS = 4  # RAM_SAVE_FLAG_EOS at the end of the migration on this channel
+    PING = 5
+    PONG = 6
+    HELLO = 7  # first frame of the postcopy (preempt) channel
+    REQ = 8  # return path: MIG_RP_MSG_REQ_PAGES for one host page; fields: host page, len
+    SHUT = 9  # return path: MIG_RP_MSG_SHUT
+    FAULT = 10  # vCPU -> fault thread: fields: vcpu, host page
+    CTRL = 11  # controller <-> child: fields: name, object
+    ROUND = 12  # precopy round boundary (for the destination's stats only)
+
+
+KINDS = frozenset(int(k) for k in Msg)
+
+
+class ProtocolError(Exception):
+    """A malformed, truncated or unexpected frame: the run stops, naming the channel."""
+
+
+class ChannelClosed(EOFError):
+    """The other end closed the pipe at a frame boundary."""
+
+
+def pack_header(kind: int, fields: Sequence[Any], send_ns: int | None = None) -> bytes:
+    return msgpack.packb([int(kind), time.monotonic_ns() if send_ns is None else send_ns, *fields])
+
+
+def pack_frame(kind: int, fields: Sequence[Any] = (), payload: bytes | memoryview = b"",
+               send_ns: int | None = None) -> bytes:
+    """One whole frame as bytes (control messages, tests)."""
+    h = pack_header(kind, fields, send_ns)
+    return PREFIX.pack(len(h), len(payload)) + h + bytes(payload)
+
+
+def writev_all(fd: int, bufs: list) -> int:
+    """``writev`` that finishes partial writes (a pipe write larger than its capacity may be split)."""
+    views = [memoryview(b).cast("B") for b in bufs]
+    total = sum(v.nbytes for v in views)
+    n = os.writev(fd, views)
+    left = total - n
+    while left:
+        i = 0
+        while n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
+        views = [views[i][n:], *views[i + 1:]]
+        n = os.writev(fd, views)
+        left -= n
+    return total
+
+
+class FrameWriter:
+    """Sends frames on one pipe; counts what it sent."""
+
+    def __init__(self, fd: int, name: str):
+        self.fd = fd
+        self.name = name
+        self.bytes_out = 0
+        self.frames_out = 0
+
+    def send(self, kind: int, fields: Sequence[Any] = (), payload: Sequence[Any] = (),
+             send_ns: int | None = None) -> int:
+        h = pack_header(kind, fields, send_ns)
+        plen = sum(memoryview(p).nbytes for p in payload)
+        bufs = [PREFIX.pack(len(h), plen) + h, *payload]
+        try:
+            writev_all(self.fd, bufs)
+        except BrokenPipeError:
+            raise ChannelClosed(f"{self.name} channel: the receiver has gone") from None
+        n = PREFIX.size + len(h) + plen
+        self.bytes_out += n
+        self.frames_out += 1
+        return n
+
+    def ctrl(self, name: str, obj: Any = None) -> None:
+        self.send(Msg.CTRL, (name, obj))
+
+
+class Frame:
+    """A received frame; ``payload`` is a view into the reader's buffer, valid until the next frame."""
+
+    __slots__ = ("kind", "send_ns", "fields", "payload", "size")
+
+    def __init__(self, kind: int, send_ns: int, fields: list, payload: memoryview, size: int):
+        self.kind = kind
+        self.send_ns = send_ns
+        self.fields = fields
+        self.payload = payload
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"Frame({Msg(self.kind).name}, fields={len(self.fields)}, payload={self.payload.nbytes})"
+
+
+class FrameReader:
+    """Reads frames from a pipe into one preallocated buffer.
+
+    ``readahead`` bytes may be drained from the pipe ahead of the frame being applied: that is how a
+    socket buffer larger than a pipe can hold is emulated (what is in this buffer is still "in the
+    socket": the receiver has not taken it off the wire yet).
+    """
+
+    def __init__(self, fd: int, name: str, readahead: int = 0, max_frame: int = 1 << 21):
+        self.fd = fd
+        self.name = name
+        self.readahead = readahead
+        self.cap = readahead + max_frame + 65536
+        self.buf = bytearray(self.cap)
+        self.mv = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.eof = False
+        self.bytes_in = 0
+        self.frames_in = 0
+        os.set_blocking(fd, False)
+
+    # -- buffer management ------------------------------------------------
+    @property
+    def buffered(self) -> int:
+        return self.end - self.start
+
+    def _need(self) -> int:
+        """Bytes needed for the frame at the head of the buffer (or its prefix)."""
+        if self.buffered < PREFIX.size:
+            return PREFIX.size
+        hlen, plen = PREFIX.unpack_from(self.buf, self.start)
+        if hlen > MAX_HEADER or plen > MAX_PAYLOAD or hlen == 0:
+            raise ProtocolError(f"{self.name} channel: malformed frame prefix (header {hlen} bytes,"
+                                f" payload {plen} bytes)")
+        return PREFIX.size + hlen + plen
+
+    def fill(self) -> int:
+        """Non-blocking: read what the pipe has, up to the read-ahead limit. Returns bytes read."""
+        if self.eof:
+            return 0
+        need = self._need()
+        want = max(self.readahead, need) - self.buffered
+        if want <= 0:
+            return 0
+        if self.cap - self.end < want:
+            if need > self.cap:
+                raise ProtocolError(f"{self.name} channel: frame of {need} bytes exceeds the"
+                                    f" receive buffer of {self.cap}")
+            n = self.buffered
+            self.mv[:n] = self.mv[self.start:self.end]
+            self.start, self.end = 0, n
+            want = min(want, self.cap - self.end)
+        try:
+            got = os.readv(self.fd, [self.mv[self.end:self.end + want]])
+        except BlockingIOError:
+            return 0
+        if got == 0:
+            self.eof = True
+            return 0
+        self.end += got
+        self.bytes_in += got
+        return got
+
+    def wait(self, timeout: float | None) -> None:
+        """Block until the pipe is readable (and read) or the timeout passes."""
+        if self.eof:
+            if timeout:
+                time.sleep(timeout)
+            return
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        if r:
+            self.fill()
+
+    def _complete(self) -> bool:
+        return self.buffered >= PREFIX.size and self.buffered >= self._need()
+
+    def next_frame(self, timeout: float | None = None) -> Frame | None:
+        """The next whole frame; None on timeout. Raises ChannelClosed at EOF between frames."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._complete():
+            if self.fill():
+                continue
+            if self.eof:
+                if self.buffered:
+                    raise ProtocolError(f"{self.name} channel: truncated frame ({self.buffered} bytes"
+                                        f" of {self._need()} before the pipe closed)")
+                raise ChannelClosed(f"{self.name} channel closed")
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            r, _, _ = select.select([self.fd], [], [], left)
+            if not r and left is not None:
+                return None
+        return self._take()
+
+    def _take(self) -> Frame:
+        hlen, plen = PREFIX.unpack_from(self.buf, self.start)
+        h0 = self.start + PREFIX.size
+        try:
+            header = msgpack.unpackb(self.mv[h0:h0 + hlen], use_list=True, raw=False)
+        except Exception as e:  # msgpack raises several types for garbage
+            raise ProtocolError(f"{self.name} channel: undecodable frame header ({type(e).__name__}:"
+                                f" {e})") from None
+        if (not isinstance(header, list) or len(header) < 2 or not isinstance(header[0], int)
+                or header[0] not in KINDS or not isinstance(header[1], int)):
+            raise ProtocolError(f"{self.name} channel: unknown frame {str(header)[:80]}")
+        size = PREFIX.size + hlen + plen
+        payload = self.mv[h0 + hlen:h0 + hlen + plen]
+        self.start += size
+        if self.start == self.end:
+            self.start = self.end = 0
+        self.frames_in += 1
+        return Frame(header[0], header[1], header[2:], payload, size)
+
+    def has_frame(self) -> bool:
+        """True if a whole frame is buffered (after a non-blocking read)."""
+        if not self._complete():
+            self.fill()
+        return self._complete()
+
+
+def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:
+    """Check a frame's kind and arity; a mismatch is a protocol error naming the channel."""
+    if frame.kind != kind or len(frame.fields) < nfields:
+        raise ProtocolError(f"{channel} channel: expected {kind.name} with {nfields} fields,"
+                            f" got {Msg(frame.kind).name} with {len(frame.fields)}")
+    return frame.fields
