@@ -130,7 +130,7 @@ class FrameReader:
     socket": the receiver has not taken it off the wire yet).
     """
 
-    def __init__(self, fd: int, name: str, readahead: int = 0, max_frame: int = 1 << 21):
+    def __init__(self, fd: int, name: str, readahead: int = 65536, max_frame: int = 1 << 16):
         self.fd = fd
         self.name = name
         self.readahead = readahead
@@ -168,11 +168,14 @@ class FrameReader:
         if want <= 0:
             return 0
         if self.cap - self.end < want:
-            if need > self.cap:
-                raise ProtocolError(f"{self.name} channel: frame of {need} bytes exceeds the"
-                                    f" receive buffer of {self.cap}")
             n = self.buffered
-            self.mv[:n] = self.mv[self.start:self.end]
+            if need > self.cap:  # a frame larger than expected (e.g. a big stats message): grow
+                self.cap = need + 65536
+                buf = bytearray(self.cap)
+                buf[:n] = self.mv[self.start:self.end]
+                self.buf, self.mv = buf, memoryview(buf)
+            else:
+                self.mv[:n] = self.mv[self.start:self.end]
             self.start, self.end = 0, n
             want = min(want, self.cap - self.end)
         try:
@@ -199,7 +202,7 @@ class FrameReader:
     def _complete(self) -> bool:
         return self.buffered >= PREFIX.size and self.buffered >= self._need()
 
-    def next_frame(self, timeout: float | None = None) -> Frame | None:
+    def next_frame(self, timeout: float | None = None, take: bool = True) -> Frame | None:
         """The next whole frame; None on timeout. Raises ChannelClosed at EOF between frames."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._complete():
@@ -216,7 +219,22 @@ class FrameReader:
             r, _, _ = select.select([self.fd], [], [], left)
             if not r and left is not None:
                 return None
-        return self._take()
+        return self._take() if take else None
+
+    def peek_head(self) -> tuple[int, int]:
+        """(size, send_ns) of the next frame, waiting until it is whole, without taking it."""
+        while not self._complete():
+            if self.next_frame(timeout=None, take=False) is None:
+                continue
+        hlen, plen = PREFIX.unpack_from(self.buf, self.start)
+        h0 = self.start + PREFIX.size
+        try:
+            header = msgpack.unpackb(self.mv[h0:h0 + hlen], use_list=True, raw=False)
+            send_ns = int(header[1])
+        except Exception as e:
+            raise ProtocolError(f"{self.name} channel: undecodable frame header ({type(e).__name__}:"
+                                f" {e})") from None
+        return PREFIX.size + hlen + plen, send_ns
 
     def _take(self) -> Frame:
         hlen, plen = PREFIX.unpack_from(self.buf, self.start)
@@ -239,9 +257,10 @@ class FrameReader:
 
     def has_frame(self) -> bool:
         """True if a whole frame is buffered (after a non-blocking read)."""
-        if not self._complete():
-            self.fill()
-        return self._complete()
+        while not self._complete():
+            if not self.fill():
+                return False
+        return True
 
 
 def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:

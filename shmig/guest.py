@@ -1,0 +1,164 @@
+"""guest/vcpuN: the guest's workload, one process per vCPU, timed from outside the migration code.
+
+Before switchover a vCPU writes source RAM and then bumps the dirty-log counters of what it wrote
+(data first, so a sync never misses a write). After switchover it writes destination RAM, but only
+pages already in receivedmap: the first missing page is a fault. The vCPU publishes what it waits
+for in its wait slot, tells the fault thread, and sleeps on its eventfd until a receiver has placed
+the whole host page. A fault's latency runs from finding the page missing to seeing it placed.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from . import memory
+from .config import TARGET_PAGE
+from .pattern import ab_increment, stamp_pages
+from .process import Child
+from .wire import FrameWriter, Msg
+from .workload import AccessStream
+
+CHUNK = 64  # accesses between looks at the phase word: bounds how late a vCPU pauses
+RECHECK = 0.05  # a wake-up can never be lost, but a sleeping vCPU re-checks this often anyway
+
+
+class Vcpu(Child):
+    @property  # type: ignore[override]
+    def proc_index(self) -> int:
+        return 3 + self.vcpu
+
+    @property  # type: ignore[override]
+    def title(self) -> str:
+        return f"guest/vcpu{self.vcpu}"
+
+    def setup(self) -> None:
+        cfg, v = self.cfg, self.vcpu
+        self.stream = AccessStream(cfg.workload, cfg.wss_bytes // TARGET_PAGE, v, cfg.vcpus, cfg.seed)
+        self.ab = cfg.workload == "ab"
+        self.efd = self.efds[v]
+        self.fault_w = FrameWriter(self.fds["fault"], "fault")
+        self.stamps = self.mem.stamps[v]
+        self.seq = 0
+        self.faults: list[tuple[int, int, int]] = []
+        self.fence = threading.Lock()
+        # pacing: the whole guest dirties at most dirty_rate bytes/s, shared by the vCPUs
+        self.interval = None if cfg.dirty_rate is None else TARGET_PAGE * cfg.vcpus / cfg.dirty_rate
+        self.next_t = time.monotonic()
+        self.acc = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
+        self.run_ns = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
+
+    def ram(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
+        ram = self.mem.src if phase == memory.RUN_SRC else self.mem.dst
+        return ram.view(np.uint64).reshape(-1, TARGET_PAGE // 8), ram.reshape(-1, TARGET_PAGE)
+
+    def write(self, pages: np.ndarray, phase: int) -> None:
+        if not pages.size:
+            return
+        u64, u8 = self.ram(phase)
+        if self.ab:
+            ab_increment(u8, pages, self.vcpu)
+            self.stamps[pages] += 1
+        else:
+            self.seq += 1
+            stamp_pages(u64, pages, self.vcpu, self.seq)
+            self.stamps[pages] = self.seq
+        if phase == memory.RUN_SRC:
+            self.mem.dirty[pages] += 1  # after the data: the dirty log never runs ahead of it
+
+    def sleep_on_efd(self, timeout: float | None) -> None:
+        r, _, _ = select.select([self.efd], [], [], timeout)
+        if r:
+            os.eventfd_read(self.efd)
+
+    def fault(self, tp: int) -> None:
+        """Block until the host page holding target page ``tp`` is placed."""
+        k = self.cfg.tp_per_hp
+        hp = tp // k
+        t0 = time.monotonic_ns()
+        w = self.mem.wait[self.vcpu]
+        w[1] = t0
+        w[0] = hp
+        with self.fence:  # wait-slot store before the receivedmap load (pairs with the receiver's)
+            pass
+        self.fault_w.send(Msg.FAULT, (self.vcpu, hp))
+        received = self.mem.received
+        while not received[tp]:
+            if self.mem.ctl[memory.PHASE] == memory.QUIT:
+                break
+            self.sleep_on_efd(RECHECK)
+        w[0] = -1
+        self.faults.append((hp, t0, time.monotonic_ns() if received[tp] else -1))
+
+    def run_chunk(self, phase: int) -> int:
+        pages = self.stream.next_chunk(CHUNK)
+        if phase == memory.RUN_SRC:
+            self.write(pages, phase)
+            return len(pages)
+        received = self.mem.received
+        done = 0
+        while done < len(pages):
+            rest = pages[done:]
+            present = received[rest].astype(bool)
+            if present.all():
+                self.write(rest, phase)
+                done = len(pages)
+                break
+            m = int(np.argmin(present))
+            self.write(rest[:m], phase)
+            done += m
+            self.fault(int(rest[m]))
+            if self.mem.ctl[memory.PHASE] != memory.RUN_DST:
+                break
+        return done
+
+    def run(self) -> None:
+        ctl = self.mem.ctl
+        counter = memory.C_GUEST0 + self.vcpu
+        idle = self.cfg.workload == "idle"
+        ran = None
+        while True:
+            phase = int(ctl[memory.PHASE])
+            if phase == memory.QUIT:
+                break
+            if phase == memory.PAUSE:
+                self.ctrl_out.ctrl("paused", time.monotonic_ns())
+                self.status("paused")
+                while int(ctl[memory.PHASE]) == memory.PAUSE:
+                    self.sleep_on_efd(RECHECK)
+                if int(ctl[memory.PHASE]) == memory.RUN_DST:
+                    self.ctrl_out.ctrl("resumed", time.monotonic_ns())
+                continue
+            if ran != phase:
+                self.status("running on the " + ("source" if phase == memory.RUN_SRC else "destination"))
+                ran = phase
+            if idle:
+                self.sleep_on_efd(RECHECK)
+                continue
+            t0 = time.monotonic_ns()
+            n = self.run_chunk(phase)
+            self.acc[phase] += n
+            self.mem.counters[counter] += n
+            if self.interval is not None:
+                self.next_t = max(self.next_t, time.monotonic()) + n * self.interval
+                left = self.next_t - time.monotonic()
+                if left > 0:
+                    self.sleep_on_efd(left)
+            self.run_ns[phase] += time.monotonic_ns() - t0
+        self.ctrl_out.ctrl("stats", self.final_stats())
+
+    def final_stats(self) -> dict[str, Any]:
+        f = np.array(self.faults, dtype=np.int64).reshape(-1, 3)
+        return {
+            "vcpu": self.vcpu,
+            "faults": f.tobytes(),
+            "accesses_src": self.acc[memory.RUN_SRC],
+            "accesses_dst": self.acc[memory.RUN_DST],
+            "run_src_ns": self.run_ns[memory.RUN_SRC],
+            "run_dst_ns": self.run_ns[memory.RUN_DST],
+        }

@@ -1,0 +1,234 @@
+"""Request-servicing policies: who sends a requested page, on which channel, and when.
+
+One class per QEMU behaviour (reference sections 2.2-2.3, 7). A policy gets the ``Source`` and
+implements two hooks: ``on_request`` runs in the return thread for every REQ_PAGES message;
+``run_postcopy`` is the migration thread's postcopy loop. To try your own idea, subclass one of
+these and ``register`` it under a new mode name.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .source import Source
+    from .wire import FrameWriter
+
+
+class Policy:
+    """Vanilla postcopy: requests are queued and sent by the migration thread on the one channel."""
+
+    name = "vanilla"
+    preempt_channel = False
+    # QEMU 7.1 and earlier count bytes per QEMUFile: urgent pages on the postcopy channel do not
+    # spend the background stream's budget; 8.0+ counts every byte against one shared counter.
+    shared_rate_counter = False
+
+    def __init__(self, cfg: Config, src: Source):
+        self.cfg = cfg
+        self.src = src
+
+    @property
+    def rate_wake(self) -> threading.Event | None:
+        """What ends a rate-limit sleep early: a queued request (migration_make_urgent_request)."""
+        return self.src.urgent
+
+    def counts_against_limit(self, writer: FrameWriter, urgent: bool) -> bool:
+        return self.shared_rate_counter or writer is self.src.pre
+
+    def on_request(self, hp: int) -> None:
+        """ram_save_queue_pages: queue it and wake the migration thread."""
+        self.src.requests.append(hp)
+        self.src.urgent.set()
+
+    def urgent_channel(self) -> FrameWriter:
+        return self.src.pre
+
+    def serve_requests(self) -> None:
+        """get_queued_page: requested host pages go ahead of the background scan."""
+        src = self.src
+        src.urgent.clear()  # before looking, so a request queued meanwhile sets it again
+        while src.requests:
+            hp = src.requests.popleft()
+            if not src.host_dirty(hp):
+                continue  # already sent: the page is on its way or placed
+            self.send_urgent(hp)
+            src.scan_hp = hp + 1  # the scan goes on after the requested page (locality)
+
+    def send_urgent(self, hp: int) -> None:
+        self.src.send_host_page(hp, self.urgent_channel(), urgent=True)
+
+    def background(self) -> bool:
+        """Send the next unit of the background scan; False when nothing is dirty."""
+        src = self.src
+        if src.k == 1:
+            hps = src.next_dirty_hosts(src.frame_pages)
+            if not hps.size:
+                return False
+            src.send_host_batch(hps, src.pre, urgent=False)
+            src.scan_hp = int(hps[-1]) + 1
+            src.limiter.wait(self.rate_wake)
+            return True
+        hps = src.next_dirty_hosts(1)
+        if not hps.size:
+            return False
+        hp = int(hps[0])
+        src.scan_hp = hp + 1
+        self.send_background_host_page(hp)
+        return True
+
+    def send_background_host_page(self, hp: int) -> None:
+        self.src.send_host_page(hp, self.src.pre, urgent=False)
+
+    def run_postcopy(self) -> None:
+        src = self.src
+        while True:
+            self.serve_requests()
+            if src.return_error is not None:
+                raise src.return_error
+            if not self.background() and not src.requests:
+                return
+
+
+class Preempt(Policy):
+    """QEMU 7.1 postcopy-preempt: the migration thread sends requested pages on the postcopy
+    channel, breaking a huge page it is in the middle of (unless break_huge is off), and resumes it
+    afterwards on the precopy channel. A request for the interrupted page itself is finished on the
+    precopy channel, marked urgent so it is not interrupted again (no split brain)."""
+
+    name = "preempt"
+    preempt_channel = True
+
+    def __init__(self, cfg: Config, src: Source):
+        super().__init__(cfg, src)
+        self.preempted: tuple[int, int] | None = None  # (host page, next target offset)
+
+    def urgent_channel(self) -> FrameWriter:
+        return self.src.post
+
+    def serve_requests(self) -> None:
+        src = self.src
+        src.urgent.clear()
+        while src.requests:
+            hp = src.requests.popleft()
+            if self.preempted is not None and self.preempted[0] == hp:
+                _, off = self.preempted
+                self.preempted = None
+                src.stats["urgent_on_precopy"] += 1
+                src.send_host_page(hp, src.pre, urgent=True, first=off)
+                continue
+            if not src.host_dirty(hp):
+                continue
+            self.send_urgent(hp)
+            if self.preempted is None:
+                src.scan_hp = hp + 1  # 7.1 keeps locality unless a huge page was preempted
+        if self.preempted is not None:  # postcopy_preempt_restore: resume where it stopped
+            hp, off = self.preempted
+            self.preempted = None
+            self.resume(hp, off)
+
+    def background(self) -> bool:
+        if self.preempted is not None:
+            return True  # the interrupted host page is resumed before any other is started
+        return super().background()
+
+    def may_preempt(self) -> bool:
+        """postcopy_needs_preempt: break-huge on, a huge host page, a request pending."""
+        return self.cfg.break_huge and self.src.k > 1
+
+    def resume(self, hp: int, off: int) -> None:
+        stop = self.src.send_host_page(hp, self.src.pre, urgent=False, first=off,
+                                       may_preempt=self.may_preempt())
+        if stop is not None:
+            self.preempted = (hp, stop)
+            self.src.stats["preemptions"] += 1
+
+    def send_background_host_page(self, hp: int) -> None:
+        self.resume(hp, 0)
+
+
+class PreemptFull(Policy):
+    """QEMU 8.0+ "Preempt-Full": the return thread sends each requested host page itself on the
+    postcopy channel under the bitmap lock; the migration thread only runs the background scan and
+    takes the lock per frame. A host page the background is in the middle of is left to it.
+    With ``page_hint`` (10.1) the background scan continues after the last urgent page."""
+
+    name = "preempt-full"
+    preempt_channel = True
+    shared_rate_counter = True
+
+    def __init__(self, cfg: Config, src: Source):
+        super().__init__(cfg, src)
+        self.bg_hp = -1  # the host page the background thread is in the middle of
+        self.hint: int | None = None
+
+    @property
+    def rate_wake(self) -> threading.Event | None:
+        return None  # the return thread sends by itself; nothing to wake
+
+    def on_request(self, hp: int) -> None:
+        src = self.src
+        with src.bitmap_lock:
+            if hp == self.bg_hp or not src.host_dirty(hp):
+                return
+            tps = src.host_tps(hp)
+            src.clear(tps)
+            fp = src.frame_pages
+            for i in range(0, len(tps), fp):
+                n = src.send_pages(src.post, tps[i:i + fp], True, buf=self.rp_buf)
+                if self.shared_rate_counter:
+                    src.limiter.account(n)
+        if self.cfg.page_hint and self.hint is None:
+            self.hint = hp + 1  # only if the previous hint was consumed
+
+    @property
+    def rp_buf(self):
+        buf = getattr(self, "_rp_buf", None)
+        if buf is None:
+            buf = self._rp_buf = self.src.buf.copy()
+        return buf
+
+    def background(self) -> bool:
+        src = self.src
+        if self.hint is not None:
+            src.scan_hp, self.hint = self.hint, None
+        if src.k == 1:
+            with src.bitmap_lock:
+                hps = src.next_dirty_hosts(src.frame_pages)
+                if not hps.size:
+                    return False
+                src.clear(hps)
+            n = src.send_pages(src.pre, hps, False)
+            src.limiter.account(n)
+            src.scan_hp = int(hps[-1]) + 1
+            src.limiter.wait(None)
+            return True
+        with src.bitmap_lock:
+            hps = src.next_dirty_hosts(1)
+            if not hps.size:
+                return False
+            self.bg_hp = int(hps[0])
+        src.scan_hp = self.bg_hp + 1
+        src.send_host_page(self.bg_hp, src.pre, urgent=False, lock=True)
+        self.bg_hp = -1
+        return True
+
+    def run_postcopy(self) -> None:
+        src = self.src
+        while self.background():
+            if src.return_error is not None:
+                raise src.return_error
+
+
+POLICIES: dict[str, type[Policy]] = {"vanilla": Policy, "preempt": Preempt, "preempt-full": PreemptFull}
+
+
+def register(mode: str, cls: type[Policy]) -> None:
+    """Make a policy of your own available as ``Config(mode=...)``."""
+    POLICIES[mode] = cls
+
+
+def make_policy(cfg: Config, src: Source) -> Policy:
+    return POLICIES.get(cfg.mode, Policy)(cfg, src)

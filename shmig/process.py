@@ -1,0 +1,119 @@
+"""What every child process of a run has in common: its name in ``ps``, its pipes, its way to die.
+
+Children are forked from the controller (start method pinned to ``fork``: they inherit the shared
+memory mappings, so nothing has to be attached by name and the names can be unlinked at once).
+They ignore SIGINT (the controller handles Ctrl-C and stops them), die with the controller
+(``PR_SET_PDEATHSIG``), report what they are doing in a shared status slot, and report any error
+on their control pipe before exiting non-zero.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+from .config import Config
+from .link import Link
+from .memory import GuestMemory
+from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def set_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+        setproctitle.setthreadtitle(title)
+    except ImportError:
+        pass
+
+
+class Child:
+    """Base of mig/src, mig/dst/listen, mig/dst/preempt and guest/vcpuN."""
+
+    proc_index = 0
+    title = "child"
+
+    def __init__(self, cfg: Config, mem: GuestMemory, link: Link, fds: dict[str, int],
+                 all_fds: set[int], efds: list[int], vcpu: int = 0):
+        self.cfg = cfg
+        self.mem = mem
+        self.link = link
+        self.fds = fds
+        self.all_fds = all_fds
+        self.efds = efds
+        self.vcpu = vcpu
+
+    # -- lifecycle ------------------------------------------------------------
+    def main(self, parent_pid: int) -> None:
+        """The child's entry point after fork."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _die_with_parent()
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        set_title(self.title)
+        keep = set(self.fds.values()) | set(self.efds)
+        for fd in self.all_fds - keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.ctrl_out = FrameWriter(self.fds["ctrl_out"], f"{self.title} control")
+        self.ctrl_in = FrameReader(self.fds["ctrl_in"], f"{self.title} control", max_frame=1 << 16)
+        code = 0
+        try:
+            self.status("starting")
+            self.setup()
+            self.run()
+            self.status("exited")
+        except BaseException as e:  # every failure is reported, then the process exits non-zero
+            code = 1
+            self.report_error(e)
+        sys.stdout.flush()
+        os._exit(code)
+
+    def report_error(self, e: BaseException) -> None:
+        if isinstance(e, (ProtocolError, ChannelClosed)):
+            msg = f"{self.title}: {e}"
+        else:
+            tb = traceback.extract_tb(e.__traceback__)
+            where = f" at {os.path.basename(tb[-1].filename)}:{tb[-1].lineno}" if tb else ""
+            msg = f"{self.title}: {type(e).__name__}: {e}{where}"
+        self.status(f"failed: {msg}")
+        try:
+            self.ctrl_out.ctrl("error", msg)
+        except OSError:
+            pass
+
+    def status(self, text: str) -> None:
+        self.mem.set_status(self.proc_index, text)
+
+    def setup(self) -> None:
+        pass
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    # -- control helpers ----------------------------------------------------
+    def recv_ctrl(self, timeout: float | None = None) -> tuple[str, Any] | None:
+        f = self.ctrl_in.next_frame(timeout)
+        if f is None:
+            return None
+        if len(f.fields) < 2:
+            raise ProtocolError(f"{self.title} control channel: malformed message")
+        return f.fields[0], f.fields[1]

@@ -1,0 +1,185 @@
+"""The report of one migration: QEMU ``query-migrate`` names in snake_case, plus what shmig adds.
+
+Times are in milliseconds (``*_ms``) or microseconds (``*_us``), sizes in bytes. ``to_dict()`` is
+the JSON document; ``summary()`` is the human table the CLI prints.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import stats
+from .pattern import check
+from .units import fmt_size
+
+if TYPE_CHECKING:
+    from .controller import Migration
+
+
+@dataclass
+class Report:
+    status: str = "failed"  # "completed" or "failed"
+    error: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    total_time_ms: float | None = None
+    setup_time_ms: float | None = None
+    downtime_ms: float | None = None
+    switchover_pause_ms: float | None = None
+    postcopy_phase_ms: float | None = None
+    dirty_sync_count: int = 0
+    precopy_rounds: int = 0
+    ram: dict[str, Any] = field(default_factory=dict)
+    throughput_mbps: float | None = None
+    postcopy_requests: int = 0
+    postcopy_bytes: int = 0
+    postcopy_blocktime_ms: float = 0.0
+    postcopy_vcpu_blocktime_ms: list[float] = field(default_factory=list)
+    postcopy_latency_us: dict[str, float] = field(default_factory=dict)
+    postcopy_latency_dist: list[int] = field(default_factory=lambda: [0] * stats.BUCKETS)
+    preemptions: int = 0
+    urgent_on_precopy: int = 0
+    guest_progress: dict[str, Any] = field(default_factory=dict)
+    guest_slowdown: float | None = None
+    destination: dict[str, Any] = field(default_factory=dict)
+    integrity: dict[str, Any] = field(default_factory=lambda: {"ok": False, "pages_checked": 0,
+                                                                "first_bad_page": None})
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed" and bool(self.integrity.get("ok"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def summary(self) -> str:
+        c = self.config
+        lines = [f"shmig {c.get('mode')}: {self.status}" + (f" — {self.error}" if self.error else "")]
+        if self.total_time_ms is None:
+            return "\n".join(lines)
+        ram = self.ram
+        lat = self.postcopy_latency_us
+        rows = [
+            ("RAM", f"{fmt_size(c['ram'])}, host page {fmt_size(c['host_page'])}, workload {c['workload']}"),
+            ("total time", f"{self.total_time_ms:.1f} ms (setup {self.setup_time_ms:.1f} ms)"),
+            ("downtime", f"{self.downtime_ms:.2f} ms (guest paused {self.switchover_pause_ms:.2f} ms)"
+             if self.downtime_ms is not None else "-"),
+            ("transferred", f"{fmt_size(ram.get('transferred', 0))} at {self.throughput_mbps:.0f} Mbps,"
+             f" {ram.get('normal_pages', 0)} normal + {ram.get('zero_pages', 0)} zero pages"),
+            ("channels", ", ".join(f"{k} {fmt_size(v)}" for k, v in ram.get("channel_bytes", {}).items())),
+            ("dirty syncs", f"{self.dirty_sync_count} ({self.precopy_rounds} precopy rounds)"),
+        ]
+        if c.get("mode") != "precopy":
+            rows += [
+                ("postcopy", f"{self.postcopy_phase_ms:.1f} ms, {fmt_size(self.postcopy_bytes)},"
+                 f" {self.postcopy_requests} requests, {self.preemptions} preemptions,"
+                 f" {self.urgent_on_precopy} urgent on precopy"
+                 if self.postcopy_phase_ms is not None else "-"),
+                ("fault latency", f"n={lat.get('count', 0)} mean {lat.get('mean', 0):.0f} us,"
+                 f" p50 {lat.get('p50', 0):.0f} us, p90 {lat.get('p90', 0):.0f} us,"
+                 f" p99 {lat.get('p99', 0):.0f} us, max {lat.get('max', 0):.0f} us"),
+                ("blocktime", f"{self.postcopy_blocktime_ms:.1f} ms (per vCPU "
+                 + ", ".join(f"{b:.1f}" for b in self.postcopy_vcpu_blocktime_ms) + " ms)"),
+            ]
+            gp = self.guest_progress
+            if gp:
+                rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
+                             + (f", {self.guest_slowdown:.3f}x its precopy rate"
+                                if self.guest_slowdown is not None else "")))
+        integ = self.integrity
+        rows.append(("integrity", f"ok, {integ['pages_checked']} pages checked" if integ.get("ok")
+                     else f"FAILED: {integ.get('detail')}"))
+        w = max(len(k) for k, _ in rows)
+        lines += [f"  {k:<{w}}  {v}" for k, v in rows]
+        return "\n".join(lines)
+
+
+def _ms(a: int | None, b: int | None) -> float | None:
+    return None if a is None or b is None else round((b - a) / 1e6, 3)
+
+
+def build_report(m: Migration) -> Report:
+    cfg = m.cfg
+    rep = Report(config=cfg.to_dict(), error=m.error, timeline=m.samples)
+    if m.error is not None:
+        return rep
+    ev = m.events
+    by_title = {p.title: p.stats or {} for p in m.procs}
+    src = by_title.get("mig/src", {})
+    src_ev = src.get("events", {})
+    t_end = ev.get("complete")
+    rep.total_time_ms = _ms(m.t0, t_end)
+    rep.setup_time_ms = _ms(m.t0, ev.get("setup_done"))
+    t_stop = ev.get("stop_vm")
+    if cfg.postcopy:
+        rep.downtime_ms = _ms(t_stop, ev.get("running"))
+        rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), ev.get("guest_resumed"))
+        rep.postcopy_phase_ms = _ms(ev.get("running"), t_end)
+    else:
+        rep.downtime_ms = _ms(t_stop, ev.get("eos_mig/dst/listen"))
+        rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), ev.get("eos_mig/dst/listen"))
+    rep.dirty_sync_count = int(src.get("dirty_sync_count", 0))
+    rep.precopy_rounds = int(src.get("precopy_rounds", 0))
+    ch = src.get("channel_bytes", {})
+    rep.ram = {
+        "total": cfg.ram,
+        "transferred": int(src.get("transferred", 0)),
+        "normal_pages": int(src.get("normal_pages", 0)),
+        "zero_pages": int(src.get("zero_pages", 0)),
+        "normal_bytes": int(src.get("normal_pages", 0)) * 4096,
+        "precopy_bytes": int(src.get("precopy_bytes", 0)),
+        "downtime_bytes": int(src.get("downtime_bytes", 0)),
+        "postcopy_bytes": int(src.get("postcopy_bytes", 0)),
+        "channel_bytes": {"precopy": int(ch.get("precopy", 0)), "postcopy": int(ch.get("postcopy", 0))},
+        "discarded_host_pages": int(src.get("discarded_host_pages", 0)),
+        "expected_downtime_ms": src.get("expected_downtime_ms"),
+    }
+    if rep.total_time_ms:
+        rep.throughput_mbps = round(rep.ram["transferred"] * 8 / 1e6 / (rep.total_time_ms / 1e3), 1)
+    rep.postcopy_requests = int(src.get("postcopy_requests", 0))
+    rep.postcopy_bytes = rep.ram["postcopy_bytes"]
+    rep.preemptions = int(src.get("preemptions", 0))
+    rep.urgent_on_precopy = int(src.get("urgent_on_precopy", 0))
+
+    vcpus = sorted((p.stats for p in m.procs if p.title.startswith("guest/")), key=lambda s: s["vcpu"])
+    intervals = [np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:] for s in vcpus]
+    all_f = np.concatenate(intervals) if intervals else np.empty((0, 2), np.int64)
+    done = all_f[all_f[:, 1] >= 0]
+    lat_ns = done[:, 1] - done[:, 0]
+    rep.postcopy_latency_us = stats.latency_summary(lat_ns)
+    rep.postcopy_latency_dist = stats.latency_dist(lat_ns)
+    rep.postcopy_blocktime_ms, per = stats.blocktime(intervals, t_end)
+    rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
+    rep.postcopy_blocktime_ms = round(rep.postcopy_blocktime_ms, 3)
+
+    acc_src = sum(s["accesses_src"] for s in vcpus)
+    acc_dst = sum(s["accesses_dst"] for s in vcpus)
+    run_src = sum(s["run_src_ns"] for s in vcpus) / 1e9
+    postcopy_s = (rep.postcopy_phase_ms or 0) / 1e3
+    rate_src = acc_src / run_src if run_src > 0 else None
+    rate_dst = acc_dst / (postcopy_s * len(vcpus)) if postcopy_s > 0 and vcpus else None
+    rep.guest_progress = {
+        "precopy_accesses": acc_src,
+        "postcopy_accesses": acc_dst,
+        "postcopy_bytes_accessed": acc_dst * 4096,
+        "per_vcpu_postcopy_accesses": [s["accesses_dst"] for s in vcpus],
+        "precopy_rate_per_vcpu": None if rate_src is None else round(rate_src, 1),
+        "postcopy_rate_per_vcpu": None if rate_dst is None else round(rate_dst, 1),
+    }
+    if rate_src and rate_dst is not None:
+        rep.guest_slowdown = round(rate_dst / rate_src, 4)
+    rep.destination = {k: v for k, v in by_title.items() if k.startswith("mig/dst")}
+
+    res = check(m.mem.dst, cfg.seed, cfg.zero_fraction, m.mem.stamps, cfg.workload == "ab")
+    rep.integrity = res.to_dict()
+    rep.status = "completed"
+    if not res.ok:
+        rep.error = f"integrity check failed: {res.detail}"
+    return rep
