@@ -40,7 +40,7 @@ class Link:
             return 0
         t0 = time.monotonic_ns()
         while nbytes > 0:
-            q = min(nbytes, QUANTUM)
+            q = nbytes if nbytes < 2 * QUANTUM else QUANTUM  # a frame's tail rides with its last quantum
             with self.lock:
                 now = time.monotonic_ns()
                 start = max(now, int(self.state[FREE_AT]))
