@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .config import TARGET_PAGE
+from .memory import populate
 from .process import Child
 from .wire import Frame, FrameReader, FrameWriter, Msg, ProtocolError, expect
 
@@ -33,11 +34,16 @@ class Receiver(Child):
         cfg = self.cfg
         self.k = cfg.tp_per_hp
         self.dst_pages = self.mem.pages(self.mem.dst)
+        if cfg.prefault:
+            populate(self.mem.dst)
         self.received = self.mem.received
         fd = self.fds[self.channel]
         pipe_cap = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        # with a limited link the queue is pipe + read-ahead; with an unlimited one nothing waits
+        # for the link, so payloads go straight from the pipe into destination RAM
         self.reader = FrameReader(fd, self.channel, readahead=max(0, cfg.socket_buffer - pipe_cap),
-                                  max_frame=MAX_FRAME)
+                                  max_frame=MAX_FRAME, direct=cfg.bandwidth is None)
+        self.dst_mv = memoryview(self.mem.dst)
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
         self.asm_hp = -1  # the host page being assembled on this channel
         self.asm_count = 0
@@ -58,7 +64,7 @@ class Receiver(Child):
         return f
 
     def place(self, f: Frame) -> None:
-        """A PAGES frame: scatter into destination RAM with one numpy operation."""
+        """A PAGES frame: its pages go into destination RAM without a Python loop per page."""
         fields = expect(f, Msg.PAGES, 3, self.channel)
         try:
             tps = np.frombuffer(fields[0], np.uint32)
@@ -67,15 +73,15 @@ class Receiver(Child):
             raise ProtocolError(f"{self.channel} channel: bad PAGES fields ({e})") from None
         n = len(tps)
         nzero = 0 if zero is None else int(np.count_nonzero(zero))
+        plen = self.reader.pending if f.payload is None else f.payload.nbytes
         if (n == 0 or (zero is not None and len(zero) != n) or int(tps.max()) >= self.cfg.npages
-                or f.payload.nbytes != (n - nzero) * TARGET_PAGE):
+                or plen != (n - nzero) * TARGET_PAGE):
             raise ProtocolError(f"{self.channel} channel: inconsistent PAGES frame ({n} pages,"
-                                f" {nzero} zero, {f.payload.nbytes} payload bytes)")
-        data = np.frombuffer(f.payload, np.uint8).reshape(-1, TARGET_PAGE)
+                                f" {nzero} zero, {plen} payload bytes)")
         self.stats["pages"] += n
         self.stats["zero_pages"] += nzero
         if not self.in_postcopy:
-            self.write(tps, zero, data)
+            self.write(f, tps, zero)
             self.received[tps] = 1  # ram_load_precopy: receivedmap per target page
             return
         k = self.k
@@ -83,15 +89,19 @@ class Receiver(Child):
             fresh = self.received[tps] == 0
             if not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
                 self.stats["duplicate_pages"] += int(n - np.count_nonzero(fresh))
+                data = self.payload_pages(f)
                 if zero is not None:
-                    keep_nz = fresh[~zero]
-                    data, zero = data[keep_nz], zero[fresh]
+                    data, zero = data[fresh[~zero]], zero[fresh]
                 else:
                     data = data[fresh]
                 tps = tps[fresh]
                 if not tps.size:
                     return
-            self.write(tps, zero, data)
+                self.scatter(tps if zero is None else tps[~zero], data)
+                if zero is not None:
+                    self.dst_pages[tps[zero]] = 0
+            else:
+                self.write(f, tps, zero)
             self.received[tps] = 1
             self.wake(tps)
             return
@@ -103,8 +113,9 @@ class Receiver(Child):
                                 f" host page {self.asm_hp} was complete")
         if self.received[hp * k]:
             self.stats["duplicate_pages"] += n
+            self.payload_pages(f)
             return
-        self.write(tps, zero, data)
+        self.write(f, tps, zero)
         self.asm_hp = hp
         self.asm_count += n
         if self.asm_count >= k:
@@ -115,18 +126,38 @@ class Receiver(Child):
             self.asm_hp, self.asm_count = -1, 0
             self.wake(np.array([hp]))
 
-    def write(self, tps: np.ndarray, zero: np.ndarray | None, data: np.ndarray) -> None:
-        dst = self.dst_pages
+    def payload_pages(self, f: Frame) -> np.ndarray:
+        """The frame's non-zero pages as a [n, 4096] view (read off the pipe if still there)."""
+        payload = self.reader.read_payload() if f.payload is None else f.payload
+        return np.frombuffer(payload, np.uint8).reshape(-1, TARGET_PAGE)
+
+    def write(self, f: Frame, tps: np.ndarray, zero: np.ndarray | None) -> None:
+        """Zero pages are cleared; the others come from the payload, straight off the pipe if it is
+        still there (one readv into runs of destination pages), else from the receive buffer."""
         if zero is not None:
-            dst[tps[zero]] = 0
+            self.dst_pages[tps[zero]] = 0
             tps = tps[~zero]
             if not tps.size:
                 return
+        if f.payload is None:
+            self.reader.read_payload_into(self.runs(tps))
+        else:
+            self.scatter(tps, np.frombuffer(f.payload, np.uint8).reshape(-1, TARGET_PAGE))
+
+    def scatter(self, tps: np.ndarray, data: np.ndarray) -> None:
         first = int(tps[0])
         if int(tps[-1]) - first == len(tps) - 1:  # a contiguous run: one slice copy
-            dst[first:first + len(tps)] = data
+            self.dst_pages[first:first + len(tps)] = data
         else:
-            dst[tps] = data
+            self.dst_pages[tps] = data
+
+    def runs(self, tps: np.ndarray) -> list[memoryview]:
+        """Destination RAM of these target pages as one buffer per run of consecutive pages."""
+        breaks = np.flatnonzero(np.diff(tps) != 1) + 1
+        starts = tps[np.concatenate(([0], breaks))].tolist()
+        lens = np.diff(np.concatenate(([0], breaks, [len(tps)]))).tolist()
+        mv = self.dst_mv
+        return [mv[a * TARGET_PAGE:(a + n) * TARGET_PAGE] for a, n in zip(starts, lens)]
 
     def wake(self, hps: np.ndarray) -> None:
         """Wake every vCPU waiting on one of these host pages."""

@@ -44,6 +44,9 @@ class Vcpu(Child):
         self.efd = self.efds[v]
         self.fault_w = FrameWriter(self.fds["fault"], "fault")
         self.stamps = self.mem.stamps[v]
+        if cfg.prefault and cfg.workload != "idle":
+            memory.populate(self.mem.src[:cfg.wss_bytes])
+            memory.populate(self.mem.dst[:cfg.wss_bytes])
         self.seq = 0
         self.faults: list[tuple[int, int, int]] = []
         self.fence = threading.Lock()

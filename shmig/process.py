@@ -76,10 +76,21 @@ class Child:
         self.ctrl_out = FrameWriter(self.fds["ctrl_out"], f"{self.title} control")
         self.ctrl_in = FrameReader(self.fds["ctrl_in"], f"{self.title} control", max_frame=1 << 16)
         code = 0
+        profile_dir = os.environ.get("SHMIG_PROFILE")
         try:
             self.status("starting")
             self.setup()
-            self.run()
+            if profile_dir:  # cProfile of this process, one file per process title
+                import cProfile
+
+                prof = cProfile.Profile()
+                try:
+                    prof.runcall(self.run)
+                finally:
+                    os.makedirs(profile_dir, exist_ok=True)
+                    prof.dump_stats(os.path.join(profile_dir, self.title.replace("/", "_") + ".prof"))
+            else:
+                self.run()
             self.status("exited")
         except BaseException as e:  # every failure is reported, then the process exits non-zero
             code = 1

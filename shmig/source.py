@@ -79,6 +79,8 @@ class Source(Child):
         self.k = cfg.tp_per_hp
         self.nhost = cfg.nhost
         self.src_pages = self.mem.pages(self.mem.src)
+        if cfg.prefault:
+            memory.populate(self.mem.src, write=False)
         self.dirty = np.ones(cfg.npages, dtype=bool)  # the migration bitmap: starts all-dirty
         self.remaining = cfg.npages
         self.last_log = self.mem.dirty.copy()
@@ -106,19 +108,30 @@ class Source(Child):
     # -- sending ------------------------------------------------------------
     def send_pages(self, writer: FrameWriter, tps: np.ndarray, urgent: bool,
                    buf: np.ndarray | None = None) -> int:
-        """One PAGES frame: gather into a reused buffer, zero pages as flags only. Returns bytes."""
+        """One PAGES frame; zero pages go as flags only. A run of consecutive pages is written
+        straight out of guest RAM; scattered pages are gathered into a reused buffer first."""
         n = len(tps)
-        buf = self.buf if buf is None else buf
-        pages = buf[:n]
-        np.take(self.src_pages, tps, axis=0, out=pages)
-        nz = pages.view(np.uint64).any(axis=1)
-        nzero = n - int(np.count_nonzero(nz))
+        first = int(tps[0])
+        if int(tps[-1]) - first == n - 1:
+            pages = self.src_pages[first:first + n]
+        else:
+            buf = self.buf if buf is None else buf
+            pages = buf[:n]
+            np.take(self.src_pages, tps, axis=0, out=pages)
+        words = pages.view(np.uint64)
+        maybe = np.flatnonzero(words[:, 0] == 0)  # buffer_is_zero: most pages fail on word 0
+        if maybe.size:
+            zero = np.zeros(n, dtype=bool)
+            zero[maybe] = ~words[maybe].any(axis=1)
+            nzero = int(np.count_nonzero(zero))
+        else:
+            nzero = 0
         if nzero == 0:
             payload = [pages]
             zflags = None
         else:
-            payload = [pages[nz]] if nzero < n else []
-            zflags = (~nz).astype(np.uint8).tobytes()
+            payload = [pages[~zero]] if nzero < n else []
+            zflags = zero.view(np.uint8).tobytes()
         sent = writer.send(Msg.PAGES, (tps.astype(np.uint32).tobytes(), zflags, urgent), payload)
         st = self.stats
         st["normal_pages"] += n - nzero

@@ -111,7 +111,7 @@ class Frame:
 
     __slots__ = ("kind", "send_ns", "fields", "payload", "size")
 
-    def __init__(self, kind: int, send_ns: int, fields: list, payload: memoryview, size: int):
+    def __init__(self, kind: int, send_ns: int, fields: list, payload: memoryview | None, size: int):
         self.kind = kind
         self.send_ns = send_ns
         self.fields = fields
@@ -119,7 +119,8 @@ class Frame:
         self.size = size
 
     def __repr__(self) -> str:
-        return f"Frame({Msg(self.kind).name}, fields={len(self.fields)}, payload={self.payload.nbytes})"
+        plen = "pending" if self.payload is None else self.payload.nbytes
+        return f"Frame({Msg(self.kind).name}, fields={len(self.fields)}, payload={plen})"
 
 
 class FrameReader:
@@ -128,12 +129,19 @@ class FrameReader:
     ``readahead`` bytes may be drained from the pipe ahead of the frame being applied: that is how a
     socket buffer larger than a pipe can hold is emulated (what is in this buffer is still "in the
     socket": the receiver has not taken it off the wire yet).
+
+    In ``direct`` mode (no read-ahead) only the prefix and header are read into the buffer; a
+    frame's payload is then left in the pipe for the caller to read straight into its destination
+    (``read_payload_into``), saving a copy on the data path.
     """
 
-    def __init__(self, fd: int, name: str, readahead: int = 65536, max_frame: int = 1 << 16):
+    def __init__(self, fd: int, name: str, readahead: int = 65536, max_frame: int = 1 << 16,
+                 direct: bool = False):
         self.fd = fd
         self.name = name
-        self.readahead = readahead
+        self.direct = direct
+        self.readahead = 0 if direct else readahead
+        self.pending = 0  # direct mode: payload bytes of the last frame still in the pipe
         self.cap = readahead + max_frame + 65536
         self.buf = bytearray(self.cap)
         self.mv = memoryview(self.buf)
@@ -157,7 +165,7 @@ class FrameReader:
         if hlen > MAX_HEADER or plen > MAX_PAYLOAD or hlen == 0:
             raise ProtocolError(f"{self.name} channel: malformed frame prefix (header {hlen} bytes,"
                                 f" payload {plen} bytes)")
-        return PREFIX.size + hlen + plen
+        return PREFIX.size + hlen + (0 if self.direct else plen)
 
     def fill(self) -> int:
         """Non-blocking: read what the pipe has, up to the read-ahead limit. Returns bytes read."""
@@ -237,6 +245,8 @@ class FrameReader:
         return PREFIX.size + hlen + plen, send_ns
 
     def _take(self) -> Frame:
+        if self.pending:
+            raise RuntimeError(f"{self.name}: the previous frame's payload was not read")
         hlen, plen = PREFIX.unpack_from(self.buf, self.start)
         h0 = self.start + PREFIX.size
         try:
@@ -248,12 +258,52 @@ class FrameReader:
                 or header[0] not in KINDS or not isinstance(header[1], int)):
             raise ProtocolError(f"{self.name} channel: unknown frame {str(header)[:80]}")
         size = PREFIX.size + hlen + plen
-        payload = self.mv[h0 + hlen:h0 + hlen + plen]
-        self.start += size
+        if self.direct:
+            payload = None if plen else self.mv[0:0]
+            self.pending = plen
+            self.start += PREFIX.size + hlen
+        else:
+            payload = self.mv[h0 + hlen:h0 + hlen + plen]
+            self.start += size
         if self.start == self.end:
             self.start = self.end = 0
         self.frames_in += 1
         return Frame(header[0], header[1], header[2:], payload, size)
+
+    def read_payload_into(self, views: list) -> None:
+        """Direct mode: read the pending payload straight into ``views`` (which add up to it)."""
+        views = [memoryview(v).cast("B") for v in views]
+        if sum(v.nbytes for v in views) != self.pending:
+            raise ProtocolError(f"{self.name} channel: payload of {self.pending} bytes does not match"
+                                f" its header")
+        while views:
+            try:
+                n = os.readv(self.fd, views[:1024])
+            except BlockingIOError:
+                select.select([self.fd], [], [])
+                continue
+            if n == 0:
+                raise ProtocolError(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
+                                    f" missing when the pipe closed)")
+            self.pending -= n
+            self.bytes_in += n
+            while views and n >= views[0].nbytes:
+                n -= views[0].nbytes
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+
+    def read_payload(self) -> memoryview:
+        """Direct mode: the pending payload, read into the buffer; valid until the next frame."""
+        n = self.pending
+        if self.cap < n:
+            self.cap = n + 65536
+            self.buf = bytearray(self.cap)
+            self.mv = memoryview(self.buf)
+        self.start = self.end = 0
+        view = self.mv[:n]
+        self.read_payload_into([view])
+        return view
 
     def has_frame(self) -> bool:
         """True if a whole frame is buffered (after a non-blocking read)."""

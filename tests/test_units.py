@@ -1,0 +1,178 @@
+"""shmig.units: sizes, rates and durations with units, and their printing."""
+
+import pytest
+
+from shmig.units import UnitError, fmt_rate, fmt_size, parse_rate, parse_size, parse_time
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+# --- parse_size -------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("64MiB", 64 * MiB),
+    ("1GiB", GiB),
+    ("2MiB", 2 * MiB),
+    ("4KiB", 4 * KiB),
+    ("1TiB", 1024 * GiB),
+    ("2M", 2_000_000),          # M is 10^6, Mi is 2^20
+    ("2MB", 2_000_000),
+    ("3k", 3000),
+    ("1G", 10**9),
+    ("4096", 4096),
+    ("4096B", 4096),
+    ("1.5KiB", 1536),
+    ("64 MiB", 64 * MiB),       # a space between number and unit
+    (" 7 ", 7),
+    ("1e3", 1000),
+    ("64mib", 64 * MiB),        # units are case-insensitive
+    ("64MIB", 64 * MiB),
+])
+def test_parse_size(text, expected):
+    got = parse_size(text)
+    assert got == expected
+    assert isinstance(got, int)
+
+
+@pytest.mark.parametrize("value", [0, 4096, 128 * MiB])
+def test_parse_size_passes_numbers_through(value):
+    assert parse_size(value) == value
+    assert parse_size(float(value)) == value
+
+
+@pytest.mark.parametrize("text", ["abc", "12XB", "-", "", "-5MiB", "MiB", "1.2.3", "5 Mi B", "0x10"])
+def test_parse_size_garbage(text):
+    with pytest.raises(UnitError) as ei:
+        parse_size(text)
+    msg = str(ei.value)
+    assert repr(text) in msg            # says what it could not read
+    assert "MiB" in msg                 # and gives an example of what it wants
+    assert "\n" not in msg
+
+
+def test_parse_size_unknown_unit_lists_units():
+    with pytest.raises(UnitError, match="unknown size unit 'XB'"):
+        parse_size("12XB")
+
+
+def test_parse_size_rejects_bool():
+    with pytest.raises(UnitError):
+        parse_size(True)
+
+
+# --- parse_rate -------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("100MiB/s", 100 * MiB),
+    ("100MiB", 100 * MiB),
+    ("1GB/s", 1e9),
+    ("10Gbit/s", 1.25e9),
+    ("10gbit/s", 1.25e9),
+    ("10Gbit", 1.25e9),
+    ("1Gbps", 1.25e8),
+    ("100Mbps", 1.25e7),
+    ("8bps", 1.0),
+    ("8bit/s", 1.0),
+    ("1Mibit/s", MiB / 8),
+    ("1e9", 1e9),
+    ("1e9/s", 1e9),
+    ("4096", 4096.0),
+    ("100MiB/S", 100 * MiB),
+])
+def test_parse_rate(text, expected):
+    assert parse_rate(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("value", ["unlimited", "Unlimited", "UNLIMITED", "inf", "none", "0", " 0 ", "0MiB/s",
+                                   0, 0.0, None])
+def test_parse_rate_unlimited(value):
+    assert parse_rate(value) is None
+
+
+def test_parse_rate_numbers():
+    assert parse_rate(1e9) == 1e9
+    assert parse_rate(5) == 5.0
+    assert isinstance(parse_rate(5), float)
+
+
+@pytest.mark.parametrize("text", ["abc", "12XB/s", "-", "", "-5MiB/s", "fast", "10Gbit/h", "/s"])
+def test_parse_rate_garbage(text):
+    with pytest.raises(UnitError) as ei:
+        parse_rate(text)
+    msg = str(ei.value)
+    assert "MiB/s" in msg or "Gbit/s" in msg   # an example of a valid rate
+    assert "\n" not in msg
+
+
+@pytest.mark.xfail(strict=True, reason="bug: 'GBps' (gigabytes/s) is lower-cased into 'gbps' and read as"
+                   " Gbit/s, silently 8x too slow; only the bit forms ('Gbps') should be bits")
+def test_parse_rate_bytes_per_second_abbreviation():
+    assert parse_rate("1GBps") == pytest.approx(1e9)
+    assert parse_rate("1Gbps") == pytest.approx(1.25e8)
+
+
+# --- parse_time -------------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [
+    ("50us", 50e-6),
+    ("50US", 50e-6),
+    ("50\u00b5s", 50e-6),       # MICRO SIGN, what most keyboards give for µ
+    ("2ms", 2e-3),
+    ("1.5s", 1.5),
+    (".5s", 0.5),
+    ("300", 300.0),
+    ("100ns", 100e-9),
+    ("2min", 120.0),
+    ("0", 0.0),
+    ("1e-3s", 1e-3),
+])
+def test_parse_time(text, expected):
+    assert parse_time(text) == pytest.approx(expected)
+
+
+def test_parse_time_numbers_are_seconds():
+    assert parse_time(2) == 2.0
+    assert parse_time(0.25) == 0.25
+
+
+@pytest.mark.parametrize("text", ["abc", "12XB", "-", "", "-1ms", "µs", "5 hours", "1.5sec"])
+def test_parse_time_garbage(text):
+    with pytest.raises(UnitError) as ei:
+        parse_time(text)
+    msg = str(ei.value)
+    assert "ms" in msg and "\n" not in msg
+
+
+@pytest.mark.xfail(strict=True, reason="minor: GREEK SMALL LETTER MU (U+03BC, e.g. from a Greek keyboard or"
+                   " NFKC-normalised text) is not accepted as the micro prefix")
+def test_parse_time_greek_mu():
+    assert parse_time("50\u03bcs") == pytest.approx(50e-6)
+
+
+# --- printing ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n,text", [
+    (0, "0B"),
+    (100, "100B"),
+    (4096, "4KiB"),
+    (1536, "1.5KiB"),
+    (2 * MiB, "2MiB"),
+    (256 * MiB, "256MiB"),
+    (268435456, "256MiB"),
+    (GiB, "1GiB"),
+    (4 * GiB, "4GiB"),
+    (1.5 * GiB, "1.5GiB"),
+])
+def test_fmt_size(n, text):
+    assert fmt_size(n) == text
+
+
+@pytest.mark.parametrize("n", [1, 4096, 2 * MiB, 3 * MiB, GiB, 64 * GiB, 1536])
+def test_fmt_size_round_trips(n):
+    assert parse_size(fmt_size(n)) == n
+
+
+def test_fmt_rate():
+    assert fmt_rate(None) == "unlimited"
+    assert fmt_rate(100 * MiB) == "100MiB/s"
+    assert parse_rate(fmt_rate(100 * MiB)) == 100 * MiB
