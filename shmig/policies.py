@@ -69,7 +69,6 @@ class Policy:
                 return False
             src.send_host_batch(hps, src.pre, urgent=False)
             src.scan_hp = int(hps[-1]) + 1
-            src.limiter.wait(self.rate_wake)
             return True
         hps = src.next_dirty_hosts(1)
         if not hps.size:
@@ -83,11 +82,15 @@ class Policy:
         self.src.send_host_page(hp, self.src.pre, urgent=False)
 
     def run_postcopy(self) -> None:
+        """ram_save_iterate in postcopy: requests first; the background within the rate limit."""
         src = self.src
         while True:
             self.serve_requests()
             if src.return_error is not None:
                 raise src.return_error
+            if src.limiter.exceeded():
+                src.limiter.wait(self.rate_wake)  # a queued request ends the sleep early
+                continue
             if not self.background() and not src.requests:
                 return
 
@@ -168,6 +171,9 @@ class PreemptFull(Policy):
     def rate_wake(self) -> threading.Event | None:
         return None  # the return thread sends by itself; nothing to wake
 
+    def serve_requests(self) -> None:
+        pass  # the return thread serves them (on_request)
+
     def on_request(self, hp: int) -> None:
         src = self.src
         with src.bitmap_lock:
@@ -203,7 +209,6 @@ class PreemptFull(Policy):
             n = src.send_pages(src.pre, hps, False)
             src.limiter.account(n)
             src.scan_hp = int(hps[-1]) + 1
-            src.limiter.wait(None)
             return True
         with src.bitmap_lock:
             hps = src.next_dirty_hosts(1)
@@ -214,12 +219,6 @@ class PreemptFull(Policy):
         src.send_host_page(self.bg_hp, src.pre, urgent=False, lock=True)
         self.bg_hp = -1
         return True
-
-    def run_postcopy(self) -> None:
-        src = self.src
-        while self.background():
-            if src.return_error is not None:
-                raise src.return_error
 
 
 POLICIES: dict[str, type[Policy]] = {"vanilla": Policy, "preempt": Preempt, "preempt-full": PreemptFull}

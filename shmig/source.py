@@ -67,6 +67,7 @@ class RateLimiter:
             if wake is None:
                 time.sleep(left)
             elif wake.wait(left):
+                wake.clear()  # consumed, like QEMU's rate_limit_sem: the next wait sleeps again
                 return
 
 
