@@ -1,10 +1,22 @@
 """shmig.units: sizes, rates and durations with units, and their printing."""
 
+import multiprocessing
+import os
+
 import pytest
 
+from shmig.memory import leftovers
 from shmig.units import UnitError, fmt_rate, fmt_size, parse_rate, parse_size, parse_time
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """conftest's check, limited to this process's segments: other runs may share /dev/shm."""
+    yield
+    assert not multiprocessing.active_children()
+    assert not [n for n in leftovers() if n.startswith(f"shmig-{os.getpid()}-")]
 
 
 # --- parse_size -------------------------------------------------------------
