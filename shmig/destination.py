@@ -87,7 +87,7 @@ class Receiver(Child):
         k = self.k
         if k == 1:
             fresh = self.received[tps] == 0
-            if not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
+            if not (fresh[0] if n == 1 else fresh.all()):  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
                 self.stats["duplicate_pages"] += int(n - np.count_nonzero(fresh))
                 data = self.payload_pages(f)
                 if zero is not None:
@@ -153,6 +153,9 @@ class Receiver(Child):
 
     def runs(self, tps: np.ndarray) -> list[memoryview]:
         """Destination RAM of these target pages as one buffer per run of consecutive pages."""
+        first, n = int(tps[0]), len(tps)
+        if int(tps[-1]) - first == n - 1:  # one run (always so for a requested host page)
+            return [self.dst_mv[first * TARGET_PAGE:(first + n) * TARGET_PAGE]]
         breaks = np.flatnonzero(np.diff(tps) != 1) + 1
         starts = tps[np.concatenate(([0], breaks))].tolist()
         lens = np.diff(np.concatenate(([0], breaks, [len(tps)]))).tolist()
@@ -163,11 +166,8 @@ class Receiver(Child):
         """Wake every vCPU waiting on one of these host pages."""
         with self.fence:  # a locked instruction: receivedmap stores before wait-slot loads
             pass
-        waits = self.mem.wait[:, 0]
-        if waits.max() < 0:
-            return
-        for v in np.flatnonzero(waits >= 0):  # a handful of vCPUs at most
-            if (hps == waits[v]).any():
+        for v, hp in enumerate(self.mem.wait[:, 0].tolist()):  # a handful of vCPUs at most
+            if hp >= 0 and (hps == hp).any():
                 os.eventfd_write(self.efds[v], 1)
 
     def final_stats(self) -> dict[str, Any]:

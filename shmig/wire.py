@@ -91,10 +91,14 @@ class FrameWriter:
     def send(self, kind: int, fields: Sequence[Any] = (), payload: Sequence[Any] = (),
              send_ns: int | None = None) -> int:
         h = pack_header(kind, fields, send_ns)
-        plen = sum(memoryview(p).nbytes for p in payload)
-        bufs = [PREFIX.pack(len(h), plen) + h, *payload]
+        plen = sum(memoryview(p).nbytes for p in payload) if payload else 0
+        head = PREFIX.pack(len(h), plen) + h
         try:
-            writev_all(self.fd, bufs)
+            if plen == 0 and len(head) <= PIPE_BUF:  # the common small message: one atomic write
+                if os.write(self.fd, head) != len(head):
+                    raise ProtocolError(f"{self.name} channel: short write of a small frame")
+            else:
+                writev_all(self.fd, [head, *payload])
         except BrokenPipeError:
             raise ChannelClosed(f"{self.name} channel: the receiver has gone") from None
         n = PREFIX.size + len(h) + plen
