@@ -80,7 +80,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     cfg = Config.from_strings(**_config_kwargs(ns)).validate()
     progress = Progress(sys.stderr.isatty() and not ns.quiet)
     try:
-        report = Migration(cfg, on_sample=progress).start().wait()
+        report = Migration(cfg, on_sample=progress, trace=ns.trace).start().wait()
     finally:
         progress.done()
     if ns.json:
@@ -141,6 +141,7 @@ def parser() -> argparse.ArgumentParser:
     _config_args(r)
     r.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     r.add_argument("--dist", action="store_true", help="print the fault-latency distribution")
+    r.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace (phases, faults, counters)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run several modes (and host page sizes) and print one table")

@@ -27,6 +27,7 @@ from .pattern import fill_initial
 from .process import Child
 from .report import Report, build_report
 from .source import Source
+from .trace import write_trace
 from .wire import FrameReader, FrameWriter, ProtocolError
 
 F_SETPIPE_SZ = 1031
@@ -73,9 +74,11 @@ class _Proc:
 class Migration:
     """One migration. ``run()`` is ``start()`` then ``wait()``; ``start_postcopy()`` may come between."""
 
-    def __init__(self, config: Config, on_sample: Callable[[dict[str, Any]], None] | None = None):
+    def __init__(self, config: Config, on_sample: Callable[[dict[str, Any]], None] | None = None,
+                 trace: str | None = None):
         self.cfg = config.validate()
         self.on_sample = on_sample
+        self.trace = trace  # path of a Chrome/Perfetto trace to write at the end
         self.mem: GuestMemory | None = None
         self.procs: list[_Proc] = []
         self.fds: list[int] = []
@@ -155,6 +158,8 @@ class Migration:
         try:
             self._loop()
             report = self._report()
+            if self.trace:
+                write_trace(self.trace, self)
         except KeyboardInterrupt:
             self.error = f"interrupted (SIGINT) during {self.phase}"
             report = self._report()
@@ -306,6 +311,7 @@ class Migration:
             self.mem.close()
 
 
-def run(config: Config, on_sample: Callable[[dict[str, Any]], None] | None = None) -> Report:
+def run(config: Config, on_sample: Callable[[dict[str, Any]], None] | None = None,
+        trace: str | None = None) -> Report:
     """Perform one migration and return its report (the CLI's ``shmig run``)."""
-    return Migration(config, on_sample).start().wait()
+    return Migration(config, on_sample, trace).start().wait()
