@@ -108,7 +108,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     modes = ns.modes.split(",") if ns.modes else base.pop("modes", list(MODE_VARIANTS))
     base.pop("modes", None)
     pages = ([parse_size(x) for x in ns.host_pages.split(",")] if ns.host_pages
-             else base.pop("host_pages", [base.pop("host_page", 4096)]))
+             else base.pop("host_pages", [parse_size(base.pop("host_page", 4096))]))
     base.pop("host_pages", None)
     base.pop("host_page", None)
     for m in modes:

@@ -119,23 +119,23 @@ class Config:
             bad("--wss must hold at least one 4KiB page per vCPU")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             bad(f"--vcpus must be between 1 and {MAX_VCPUS}")
-        if not 0.0 <= self.zero_fraction <= 1.0:
+        if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
         for name in ("bandwidth", "max_bandwidth", "max_postcopy_bandwidth", "dirty_rate"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
+            if v is not None and not v > 0:  # also catches NaN
                 bad(f"--{name.replace('_', '-')} must be positive (or 'unlimited'), got {v}")
-        if self.latency < 0:
+        if not self.latency >= 0:
             bad("--latency must not be negative")
         if self.socket_buffer < 64 * 1024:
             bad("--socket-buffer must be at least 64KiB")
-        if self.downtime_limit <= 0:
+        if not self.downtime_limit > 0:
             bad("--downtime-limit must be positive")
         if self.max_rounds < 1:
             bad("--max-rounds must be at least 1")
         if self.precopy_rounds is not None and self.precopy_rounds < 0:
             bad("--precopy-rounds must be 0 or more")
-        if self.deadline <= 0:
+        if not self.deadline > 0:
             bad("--deadline must be positive")
         if self.page_hint and self.mode != "preempt-full":
             bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")

@@ -12,8 +12,8 @@ _SIZE = {
 }
 _BITS = {"bit": 1, "kbit": 1000, "mbit": 1000**2, "gbit": 1000**3, "tbit": 1000**4,
          "kibit": 1024, "mibit": 1024**2, "gibit": 1024**3}
-_TIME = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9, "m": 60.0, "min": 60.0}
-_NUM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµ]*)\s*$")
+_TIME = {"": 1.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9, "m": 60.0, "min": 60.0}
+_NUM = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-zµμ]*)\s*$")
 
 
 class UnitError(ValueError):
@@ -52,8 +52,10 @@ def parse_rate(value: str | int | float | None) -> float | None:
     u = unit.lower()
     if u in _BITS:
         rate = num * _BITS[u] / 8
-    elif u.endswith("bps") and u[:-3] in ("", "k", "m", "g", "t"):
+    elif unit.endswith("bps") and u[:-3] in ("", "k", "m", "g", "t"):  # Gbps: bits
         rate = num * _BITS[(u[:-3] + "bit") if u[:-3] else "bit"] / 8
+    elif unit.endswith("Bps") and u[:-3] in _SIZE:  # GBps, MiBps: bytes
+        rate = num * _SIZE[u[:-3]]
     elif u in _SIZE:
         rate = num * _SIZE[u]
     else:
@@ -66,7 +68,7 @@ def parse_time(value: str | int | float) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     num, unit = _split(value, "a duration", "2ms or 50us")
-    factor = _TIME.get(unit.lower() if unit != "µs" else unit)
+    factor = _TIME.get(unit if unit in ("µs", "μs") else unit.lower())
     if factor is None:
         raise UnitError(f"unknown time unit {unit!r} in {value!r} (use ns, us, ms, s)")
     return num * factor
@@ -74,7 +76,7 @@ def parse_time(value: str | int | float) -> float:
 
 def fmt_size(n: float) -> str:
     """``268435456`` -> ``256MiB``; exact binary multiples print without decimals."""
-    for unit, factor in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if n >= factor:
             v = n / factor
             return f"{v:.0f}{unit}" if v == int(v) else f"{v:.1f}{unit}"

@@ -202,9 +202,9 @@ class FrameReader:
         return got
 
     def wait(self, timeout: float | None) -> None:
-        """Block until the pipe is readable (and read) or the timeout passes."""
-        if self.eof:
-            if timeout:
+        """Sleep up to ``timeout``, reading ahead whatever arrives meanwhile (up to the limit)."""
+        if self.eof or self.pending or max(self.readahead, self._need()) <= self.buffered:
+            if timeout:  # nothing may be read now: a readable pipe must not turn this into a spin
                 time.sleep(timeout)
             return
         r, _, _ = select.select([self.fd], [], [], timeout)
@@ -216,6 +216,8 @@ class FrameReader:
 
     def next_frame(self, timeout: float | None = None, take: bool = True) -> Frame | None:
         """The next whole frame; None on timeout. Raises ChannelClosed at EOF between frames."""
+        if self.pending:
+            raise RuntimeError(f"{self.name}: the previous frame's payload was not read")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._complete():
             if self.fill():
@@ -249,8 +251,6 @@ class FrameReader:
         return PREFIX.size + hlen + plen, send_ns
 
     def _take(self) -> Frame:
-        if self.pending:
-            raise RuntimeError(f"{self.name}: the previous frame's payload was not read")
         hlen, plen = PREFIX.unpack_from(self.buf, self.start)
         h0 = self.start + PREFIX.size
         try:

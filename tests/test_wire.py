@@ -6,7 +6,6 @@ import fcntl
 import multiprocessing
 import os
 import random
-import struct
 import threading
 import time
 
@@ -553,9 +552,6 @@ def test_wait_reads_what_arrives(pipe):
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(strict=True, reason="bug: FrameReader.wait() returns at once when the read-ahead is full and"
-                   " the pipe still holds data (select says readable, fill() reads nothing), so Link._until"
-                   " busy-spins a receiver at 100% CPU for the whole pacing delay")
 def test_wait_sleeps_when_readahead_is_full(pipe):
     r, w = pipe
     wr = FrameWriter(w, "precopy")
@@ -657,10 +653,6 @@ def test_direct_mode_truncated_payload(pipe):
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.xfail(strict=True, reason="bug: in direct mode, next_frame() while the previous payload is still"
-                   " pending reads the payload bytes as the next frame's prefix; the RuntimeError guard in"
-                   " _take() comes too late, so the caller gets a bogus 'malformed frame prefix' ProtocolError"
-                   " (or a misparsed frame) and the stream is desynchronised")
 def test_direct_mode_unread_payload_is_reported(pipe):
     r, w = pipe
     wr = FrameWriter(w, "precopy")

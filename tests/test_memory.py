@@ -1,0 +1,313 @@
+"""shmig.memory: segments in /dev/shm, their cleanup, the status rows and the dirty log."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+import pytest
+
+from shmig import memory
+from shmig.config import Config
+from shmig.memory import STATUS_LEN, GuestMemory, leftovers, sweep_stale
+
+MiB = 1024**2
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """conftest's check, limited to this process's segments: other runs may share /dev/shm."""
+    yield
+    for p in multiprocessing.active_children():
+        p.join(5)
+    assert not multiprocessing.active_children()
+    assert not mine()
+
+
+def mine() -> list[str]:
+    return [n for n in leftovers() if n.startswith(f"shmig-{os.getpid()}-")]
+
+
+@pytest.fixture
+def mem():
+    m = GuestMemory(Config(ram=1 * MiB, vcpus=2, prefault=False))
+    yield m
+    m.close()
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def make_segment(name: str) -> None:
+    """A segment as a killed run would leave it: created, never unlinked, not tracked by us."""
+    shm = shared_memory.SharedMemory(name=name, create=True, size=4096)
+    resource_tracker.unregister(shm._name, "shared_memory")
+    shm.close()
+
+
+def remove_segment(name: str) -> None:
+    try:
+        os.unlink(os.path.join(memory.SHM_DIR, name))
+    except FileNotFoundError:
+        pass
+
+
+# --- segments -----------------------------------------------------------------------
+
+def test_segments_are_visible_with_the_owner_prefix(mem):
+    names = mine()
+    assert len(names) == 3
+    assert all(n.startswith(mem.token) for n in names)
+    assert mem.token.startswith(f"shmig-{os.getpid()}-")
+    assert sorted(n.rsplit("-", 1)[1] for n in names) == ["dst", "src", "state"]
+    assert os.path.getsize(os.path.join(memory.SHM_DIR, f"{mem.token}-src")) == MiB
+    assert os.path.getsize(os.path.join(memory.SHM_DIR, f"{mem.token}-dst")) == MiB
+
+
+def test_two_runs_do_not_collide():
+    a = GuestMemory(Config(ram=MiB, prefault=False))
+    try:
+        b = GuestMemory(Config(ram=MiB, prefault=False))
+        try:
+            assert a.token != b.token
+            assert len(mine()) == 6
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_unlink_removes_names_but_arrays_stay_usable(mem):
+    mem.src[:] = 7
+    mem.unlink()
+    assert mine() == []
+    mem.src[::4096] = 9
+    mem.dst[:] = mem.src
+    assert mem.dst[0] == 9 and mem.dst[1] == 7 and int(mem.dst.sum()) == 7 * MiB + 2 * 256
+    mem.dirty[3] += 1
+    assert mem.dirty[3] == 1
+    mem.unlink()  # twice is fine
+    mem.close()
+    assert mine() == []
+
+
+def test_close_leaves_nothing_and_is_idempotent():
+    m = GuestMemory(Config(ram=MiB, prefault=False))
+    assert len(mine()) == 3
+    m.close()
+    assert mine() == []
+    assert not hasattr(m, "src") and not hasattr(m, "dirty")
+    m.close()
+
+
+def test_prefault_populates_and_zeroes():
+    m = GuestMemory(Config(ram=4 * MiB, prefault=True))
+    try:
+        assert not m.src.any() and not m.dst.any()
+        m.dst[-1] = 1
+    finally:
+        m.close()
+
+
+def test_failed_creation_cleans_up(monkeypatch):
+    real = shared_memory.SharedMemory
+    calls = []
+
+    def flaky(name, create, size):
+        calls.append(name)
+        if name.endswith("-state"):
+            raise OSError(28, "No space left on device")
+        return real(name, create=create, size=size)
+
+    monkeypatch.setattr(memory.shared_memory, "SharedMemory", flaky)
+    with pytest.raises(OSError):
+        GuestMemory(Config(ram=MiB, prefault=False))
+    assert len(calls) == 3
+    assert mine() == []
+
+
+def test_layout(mem):
+    cfg = mem.cfg
+    n = cfg.npages
+    assert mem.src.shape == mem.dst.shape == (cfg.ram,)
+    assert mem.pages(mem.src).shape == (n, 4096)
+    assert np.shares_memory(mem.pages(mem.src), mem.src)
+    assert mem.dirty.shape == (n,) and mem.dirty.dtype == np.uint32
+    assert mem.received.shape == (n,) and mem.received.dtype == np.uint8
+    assert mem.stamps.shape == (cfg.vcpus, n) and mem.stamps.dtype == np.uint64
+    assert mem.wait.shape == (cfg.vcpus, 2) and (mem.wait[:, 0] == -1).all()
+    assert mem.status.shape == (mem.nprocs, STATUS_LEN)
+    assert mem.counters.shape == (memory.NCOUNTERS,)
+    # the state arrays do not overlap: each keeps its own pattern
+    arrays = ["ctl", "counters", "wait", "link", "status", "stamps", "dirty", "received"]
+    for i, name in enumerate(arrays):
+        getattr(mem, name)[...] = i + 1
+    for i, name in enumerate(arrays):
+        assert (getattr(mem, name) == i + 1).all(), name
+        assert getattr(mem, name).ctypes.data % getattr(mem, name).itemsize == 0, f"{name} misaligned"
+    # and the two RAM copies are separate
+    mem.src[:] = 1
+    assert not mem.dst.any()
+
+
+# --- stale segments -------------------------------------------------------------------
+
+def test_sweep_stale_removes_dead_owners_and_keeps_live_ones():
+    dead = f"shmig-{dead_pid()}-test-x"
+    live_proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = f"shmig-{live_proc.pid}-test-y"
+    own = f"shmig-{os.getpid()}-test-z"
+    odd = "shmig-notapid-test-w"
+    try:
+        for name in (dead, live, own, odd):
+            make_segment(name)
+        removed = sweep_stale()
+        assert dead in removed
+        assert live not in removed and own not in removed and odd not in removed
+        present = set(leftovers())
+        assert dead not in present
+        assert {live, own, odd} <= present
+        # once its owner is gone, the next sweep takes it
+        live_proc.kill()
+        live_proc.wait()
+        assert live in sweep_stale()
+        assert live not in leftovers()
+    finally:
+        live_proc.kill()
+        live_proc.wait()
+        for name in (dead, live, own, odd):
+            remove_segment(name)
+    assert not {dead, live, own, odd} & set(leftovers())
+
+
+def test_sweep_stale_ignores_other_names():
+    name = f"notshmig-{dead_pid()}-x"
+    make_segment(name)
+    try:
+        assert name not in sweep_stale()
+        assert os.path.exists(os.path.join(memory.SHM_DIR, name))
+    finally:
+        remove_segment(name)
+
+
+def test_sweep_stale_spares_a_live_run(mem):
+    assert not any(n.startswith(mem.token) for n in sweep_stale())
+    assert len(mine()) == 3
+
+
+# --- status rows ------------------------------------------------------------------------
+
+def test_status_round_trip(mem):
+    for proc in range(mem.nprocs):
+        assert mem.get_status(proc) == ""
+    mem.set_status(0, "waiting for the return path (REQ)")
+    mem.set_status(1, "placing host page 12 — µ")
+    assert mem.get_status(0) == "waiting for the return path (REQ)"
+    assert mem.get_status(1) == "placing host page 12 — µ"
+    mem.set_status(0, "short")  # a shorter text clears the rest of the row
+    assert mem.get_status(0) == "short"
+    mem.set_status(2, "x" * 500)
+    assert mem.get_status(2) == "x" * STATUS_LEN
+    mem.set_status(2, "")
+    assert mem.get_status(2) == ""
+
+
+def test_status_visible_from_a_forked_child(mem):
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=mem.set_status, args=(3, "vcpu 1 faulted on host page 5"))
+    p.start()
+    p.join(10)
+    assert p.exitcode == 0
+    assert mem.get_status(3) == "vcpu 1 faulted on host page 5"
+
+
+# --- the dirty log ---------------------------------------------------------------------
+
+STARTED, COMPLETED, STOP = 0, 1, 2
+
+
+def writer(mem: GuestMemory, seed: int, nwrites: int) -> None:
+    """A guest: write a page (stamp = its new counter value), then bump its dirty counter."""
+    pages = np.random.default_rng(seed).integers(0, mem.cfg.npages, nwrites)
+    src = mem.pages(mem.src).view(np.uint64)
+    ctl = mem.ctl
+    for j, p in enumerate(pages):
+        if ctl[STOP]:
+            break
+        ctl[STARTED] = j + 1
+        stamp = int(mem.dirty[p]) + 1
+        src[p, :] = stamp  # data first ...
+        mem.dirty[p] += 1  # ... then the counter
+        ctl[COMPLETED] = j + 1
+
+
+def check_sync(mem: GuestMemory, seed: int, nwrites: int, done, pause=lambda: None) -> int:
+    """Snapshot the dirty log repeatedly; return how many writes were checked."""
+    pages = np.random.default_rng(seed).integers(0, mem.cfg.npages, nwrites)
+    src = mem.pages(mem.src).view(np.uint64)
+    ctl = mem.ctl
+    prev = mem.dirty.copy()
+    started_after_prev = int(ctl[STARTED])  # writes with index >= this began after `prev` was taken
+    checked = 0
+    while True:
+        finished = done()
+        completed = int(ctl[COMPLETED])  # writes with index < this ended before the next snapshot
+        snap = mem.dirty.copy()
+        # the counter never runs ahead of the data: a page's content is at least as new as its counter
+        changed = np.flatnonzero(snap != prev)
+        assert (src[changed, 0] >= snap[changed]).all()
+        # no lost write: every page written between the two snapshots shows a changed counter
+        between = pages[started_after_prev:completed]
+        if between.size:
+            lost = between[snap[between] == prev[between]]
+            assert lost.size == 0, f"writes to pages {lost[:10]} not seen by the sync"
+            checked += between.size
+        prev = snap
+        started_after_prev = int(ctl[STARTED])
+        if finished:
+            return checked
+        pause()
+
+
+@pytest.mark.timeout(30)
+def test_dirty_log_sync_loses_no_write_thread(mem):
+    nwrites = 5_000
+    t = threading.Thread(target=writer, args=(mem, 1, nwrites), daemon=True)
+    t.start()
+    checked = check_sync(mem, 1, nwrites, lambda: not t.is_alive(), pause=lambda: time.sleep(0.0002))
+    t.join()
+    assert int(mem.ctl[COMPLETED]) == nwrites
+    assert int(mem.dirty.sum()) == nwrites
+    assert checked > 0
+
+
+@pytest.mark.timeout(30)
+def test_dirty_log_sync_loses_no_write_process(mem):
+    nwrites = 100_000
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=writer, args=(mem, 2, nwrites), daemon=True)
+    p.start()
+    try:
+        checked = check_sync(mem, 2, nwrites, lambda: not p.is_alive())
+    finally:
+        mem.ctl[STOP] = 1
+        p.join(10)
+    assert p.exitcode == 0
+    assert int(mem.ctl[COMPLETED]) == nwrites
+    assert int(mem.dirty.sum()) == nwrites
+    # the final counters say exactly how often each page was written, and the data agrees
+    pages = np.random.default_rng(2).integers(0, mem.cfg.npages, nwrites)
+    counts = np.bincount(pages, minlength=mem.cfg.npages)
+    assert np.array_equal(mem.dirty, counts)
+    src = mem.pages(mem.src).view(np.uint64)
+    assert np.array_equal(src[:, 0], counts)
+    assert checked > 0
