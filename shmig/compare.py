@@ -69,7 +69,7 @@ def format_table(results: dict[tuple[str, int], Report], modes: Sequence[str],
             lat = r.postcopy_latency_us if r else {}
             row.append(_ms(lat.get("mean")) if r and r.ok and lat.get("count") else ("FAILED" if r and not r.ok else "-"))
         rows.append(row)
-    lines += _grid(head, rows)
+    lines += markdown_table(head, rows)
     lines += ["", "Every run:", ""]
     head = ["mode", "host page", "faults", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests",
             "blocktime ms", "guest accesses", "preempts", "total s", "integrity"]
@@ -86,11 +86,11 @@ def format_table(results: dict[tuple[str, int], Report], modes: Sequence[str],
                          str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions),
                          f"{r.total_time_ms / 1e3:.1f}" if r.total_time_ms else "-",
                          "ok" if r.ok else f"FAILED ({r.error})"])
-    lines += _grid(head, rows)
+    lines += markdown_table(head, rows)
     return "\n".join(lines)
 
 
-def _grid(head: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown table, so it pastes into the README as it is."""
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     fmt = lambda cells: "| " + " | ".join(str(c).rjust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
