@@ -23,7 +23,7 @@ from .policies import make_policy
 from .process import Child
 from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, expect
 
-FRAME_PAGES_PRECOPY = 64  # 256 KiB frames while nothing waits on the channel: throughput
+FRAME_PAGES_PRECOPY = 256  # up to 1 MiB frames while nothing waits on the channel: throughput
 FRAME_PAGES_POSTCOPY = 16  # 64 KiB frames once faults wait: the granularity of preemption checks
 BUFFER_DELAY = 0.1  # QEMU's rate-limit window
 MAX_DISCARDS = 4096  # host page runs per DISCARD frame
@@ -96,13 +96,16 @@ class Source(Child):
         self.phase = "setup"
         self.in_postcopy = False
         self.limiter = RateLimiter(cfg.max_bandwidth)
-        self.buf = np.empty((max(FRAME_PAGES_PRECOPY, FRAME_PAGES_POSTCOPY), TARGET_PAGE), np.uint8)
+        # a frame is at most a quarter of the socket buffer, so a queue always holds several
+        self.precopy_frame_pages = max(FRAME_PAGES_POSTCOPY,
+                                       min(FRAME_PAGES_PRECOPY, cfg.socket_buffer // TARGET_PAGE // 4))
+        self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)
         self.stats: dict[str, Any] = collections.defaultdict(int)
         self.stats["channel_bytes"] = {"precopy": 0, "postcopy": 0}
         self.rounds = 0
         self.start_postcopy_requested = False
         self.policy = make_policy(cfg, self)
-        self.frame_pages = FRAME_PAGES_PRECOPY
+        self.frame_pages = self.precopy_frame_pages
         self.events: dict[str, int] = {}
         sys.setswitchinterval(0.0005)  # the return thread must not wait 5 ms for the GIL
 
