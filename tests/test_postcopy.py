@@ -1,0 +1,325 @@
+"""End-to-end postcopy migrations: every request-servicing mode on small RAM, the discard path, the
+preemption/overlap paths, the start_postcopy() API, and the one ratio that matters (preempt vs
+vanilla fault latency)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+import shmig
+
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+TIMEOUT = 60
+
+MODES = {
+    "vanilla": dict(mode="vanilla"),
+    "preempt": dict(mode="preempt"),
+    "preempt-nobreak": dict(mode="preempt", break_huge=False),
+    "preempt-full": dict(mode="preempt-full"),
+    "preempt-full-hint": dict(mode="preempt-full", page_hint=True),
+}
+
+
+def cfg(**kw) -> shmig.Config:
+    base = dict(mode="preempt", ram=16 * MiB, host_page=4 * KiB, deadline=60, workload="random")
+    base.update(kw)
+    if "ram" not in kw and base["host_page"] == 2 * MiB:
+        base["ram"] = 32 * MiB
+    return shmig.Config(**base)
+
+
+def assert_ok(r: shmig.Report) -> None:
+    assert r.ok, f"status={r.status} error={r.error!r} integrity={r.integrity}"
+    assert r.to_json()
+
+
+def assert_postcopy_report(r: shmig.Report, c: shmig.Config) -> None:
+    """What every completed postcopy report must satisfy, whatever the timing."""
+    assert_ok(r)
+    lat = r.postcopy_latency_us
+    assert sum(r.postcopy_latency_dist) == lat["count"], (r.postcopy_latency_dist, lat)
+    assert len(r.postcopy_latency_dist) == 24
+    assert len(r.postcopy_vcpu_blocktime_ms) == c.vcpus, r.postcopy_vcpu_blocktime_ms
+    assert all(b >= 0 for b in r.postcopy_vcpu_blocktime_ms)
+    # all vCPUs blocked at once can last no longer than any one vCPU was blocked
+    assert r.postcopy_blocktime_ms <= min(r.postcopy_vcpu_blocktime_ms) + 1e-3, (
+        r.postcopy_blocktime_ms, r.postcopy_vcpu_blocktime_ms)
+    if lat["count"]:
+        assert 0 <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"], lat
+    assert r.integrity["pages_checked"] == c.ram // 4096, r.integrity
+    assert r.ram["total"] == c.ram
+    assert r.downtime_ms is not None and r.downtime_ms > 0, r.downtime_ms
+    assert r.postcopy_phase_ms is not None and r.postcopy_phase_ms >= 0
+    # every page sent was received, and every request the fault thread sent reached the source
+    dst = r.destination
+    assert sum(d["pages"] for d in dst.values()) == r.ram["normal_pages"] + r.ram["zero_pages"], (dst, r.ram)
+    assert r.postcopy_requests == dst["mig/dst/listen"]["requests_sent"], (r.postcopy_requests, dst)
+    assert ("mig/dst/preempt" in dst) == c.uses_preempt_channel
+    ch = r.ram["channel_bytes"]
+    if c.mode == "vanilla":
+        assert ch["postcopy"] == 0, ch  # one channel only
+        assert r.preemptions == 0 and r.urgent_on_precopy == 0
+    if c.mode != "preempt" or not c.break_huge or c.host_page == 4 * KiB:
+        assert r.preemptions == 0, "only break-huge preempt interrupts a huge page"
+        assert r.urgent_on_precopy == 0
+    if c.precopy_rounds == 0:
+        # nothing was sent before switchover: every page travels in postcopy
+        assert r.ram["discarded_host_pages"] == c.ram // c.host_page, r.ram
+        assert r.postcopy_bytes > 0
+        assert r.ram["normal_pages"] + r.ram["zero_pages"] == c.ram // 4096, r.ram
+
+
+# the matrix: every mode x 4KiB/2MiB x random/sequential x 0/1 precopy rounds; random runs on one vCPU,
+# sequential on two (one sequential vCPU: test_single_vcpu_sequential_wake_race).
+MATRIX = [(m, hp, w, pr) for m in MODES for hp in (4 * KiB, 2 * MiB) for w in ("random", "sequential")
+          for pr in (0, 1)]
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("variant,host_page,workload,precopy_rounds", MATRIX,
+                         ids=[f"{m}-{'4K' if hp == 4096 else '2M'}-{w}-r{pr}" for m, hp, w, pr in MATRIX])
+def test_postcopy_modes(variant, host_page, workload, precopy_rounds):
+    vcpus = 2 if workload == "sequential" else 1
+    c = cfg(host_page=host_page, workload=workload, precopy_rounds=precopy_rounds, vcpus=vcpus,
+            **MODES[variant])
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    lat = r.postcopy_latency_us
+    if workload == "random" and precopy_rounds == 0:
+        # the guest writes all over RAM right after switchover: it must fault, and faults make requests
+        assert lat["count"] > 0, lat
+        assert r.postcopy_requests > 0, (r.postcopy_requests, lat)
+        if c.uses_preempt_channel and r.postcopy_requests >= 3:
+            # at least one request was for a page neither sent nor in flight: it went on the
+            # postcopy channel
+            assert r.ram["channel_bytes"]["postcopy"] > 0, r.ram
+    if r.postcopy_requests >= 3 and c.uses_preempt_channel and host_page == 4 * KiB and workload == "random":
+        assert r.ram["channel_bytes"]["postcopy"] > 0, r.ram
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.skipif(os.environ.get("SHMIG_BIG") != "1", reason="1GiB host pages need 2GiB of /dev/shm:"
+                    " set SHMIG_BIG=1")
+@pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
+def test_postcopy_1gib_host_page(variant):
+    c = cfg(host_page=GiB, ram=GiB, precopy_rounds=0, bandwidth=2 * GiB, **MODES[variant])
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    assert r.postcopy_latency_us["count"] > 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("host_page", [4 * KiB, 2 * MiB], ids=["4K", "2M"])
+@pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
+def test_discard_path(variant, host_page):
+    """One precopy round while a random guest re-dirties pages: those pages are discarded on the
+    destination at switchover and must be re-sent; a stale page would fail the integrity check."""
+    c = cfg(host_page=host_page, precopy_rounds=1, workload="random", bandwidth=100 * MiB,
+            **MODES[variant])
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    disc = r.ram["discarded_host_pages"]
+    assert disc > 0, r.ram
+    assert r.destination["mig/dst/listen"].get("discarded_host_pages") == disc, r.destination
+    assert r.precopy_rounds == 1
+    assert r.guest_progress["precopy_accesses"] > 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_preempt_interrupts_huge_pages():
+    """2MiB pages through a slow link and a small socket buffer, random guest: the migration thread
+    breaks background huge pages to serve requests, and the destination still ends up exact."""
+    c = cfg(mode="preempt", host_page=2 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
+            workload="random", precopy_rounds=0)
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    assert r.preemptions > 0, (r.preemptions, r.postcopy_requests)
+    assert r.preemptions <= r.postcopy_requests
+    assert r.ram["channel_bytes"]["postcopy"] > 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_preempt_urgent_on_precopy():
+    """A sequential guest faults on exactly the huge page the background is sending: the request is
+    for the interrupted page itself, which 7.1 finishes on the precopy channel. This happens on
+    (nearly) every fault, so it is asserted, not just allowed."""
+    c = cfg(mode="preempt", host_page=2 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
+            workload="sequential", vcpus=2, precopy_rounds=0)
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    assert r.urgent_on_precopy > 0, (r.urgent_on_precopy, r.preemptions, r.postcopy_requests)
+    assert r.urgent_on_precopy <= r.preemptions
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_preempt_no_break_huge_never_interrupts():
+    c = cfg(mode="preempt", break_huge=False, host_page=2 * MiB, bandwidth=100 * MiB,
+            socket_buffer=1 * MiB, workload="sequential", vcpus=2, precopy_rounds=0)
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    assert r.preemptions == 0 and r.urgent_on_precopy == 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("page_hint", [False, True], ids=["nohint", "hint"])
+def test_preempt_full_request_for_page_in_flight(page_hint):
+    """preempt-full: a sequential guest asks for the huge page the background thread is in the
+    middle of; the return thread leaves it to the background. No torn or lost page."""
+    c = cfg(mode="preempt-full", page_hint=page_hint, host_page=2 * MiB, bandwidth=100 * MiB,
+            socket_buffer=1 * MiB, workload="sequential", vcpus=2, precopy_rounds=0)
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    assert r.postcopy_requests > 0
+    assert r.destination["mig/dst/listen"]["duplicate_pages"] == 0
+    assert r.destination["mig/dst/preempt"]["duplicate_pages"] == 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
+def test_postcopy_with_latency_and_limits(variant):
+    """One-way latency on every channel plus QEMU's postcopy rate limit, several vCPUs, hotset."""
+    c = cfg(latency=0.0005, max_postcopy_bandwidth=300 * MiB, workload="hotset", vcpus=3,
+            precopy_rounds=1, **MODES[variant])
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("workload", ["idle", "ab"])
+def test_postcopy_other_workloads(workload):
+    c = cfg(mode="preempt", workload=workload, vcpus=2, precopy_rounds=0, zero_fraction=0.5)
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    if workload == "idle":
+        assert r.postcopy_latency_us["count"] == 0 and r.postcopy_requests == 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
+def test_start_postcopy_api(variant):
+    """QMP-style: precopy runs until start_postcopy(); the random guest and a slow link keep it from
+    converging on its own."""
+    c = cfg(ram=32 * MiB, bandwidth=50 * MiB, precopy_rounds=None, workload="random", **MODES[variant])
+    m = shmig.Migration(c).start()
+    try:
+        time.sleep(0.3)
+        m.start_postcopy()
+    finally:
+        r = m.wait()
+    assert_postcopy_report(r, c)
+    assert r.postcopy_bytes > 0, r.ram
+    assert r.ram["discarded_host_pages"] > 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_preempt_latency_far_below_vanilla():
+    """The point of preemption: a requested page does not wait behind the full precopy channel.
+    QEMU's cover letter saw 18x on p50; demand at least 5x."""
+    base = dict(host_page=4 * KiB, ram=64 * MiB, bandwidth=100 * MiB, precopy_rounds=1,
+                workload="random")
+    van = shmig.run(cfg(mode="vanilla", **base))
+    pre = shmig.run(cfg(mode="preempt", **base))
+    assert_ok(van)
+    assert_ok(pre)
+    v50, p50 = van.postcopy_latency_us["p50"], pre.postcopy_latency_us["p50"]
+    assert van.postcopy_latency_us["count"] > 0 and pre.postcopy_latency_us["count"] > 0
+    assert p50 * 5 <= v50, f"preempt p50 {p50} us vs vanilla p50 {v50} us"
+
+
+# -- bugs ------------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("variant", ["vanilla", "preempt"])
+def test_single_vcpu_sequential_wake_race(variant):
+    """Regression: one sequential vCPU faults at the frontier of the background scan, so its wait
+    slot changes while the receiver that just placed a frame looks for vCPUs to wake. Receiver.wake()
+    used to run np.isin on the live shared view, which reads it twice and could index out of bounds
+    ('mig/dst/listen: IndexError: index 16 is out of bounds'), killing about one run in five."""
+    for i in range(12):
+        c = cfg(workload="sequential", vcpus=1, precopy_rounds=0, deadline=20, **MODES[variant])
+        r = shmig.run(c)
+        assert r.ok, f"run {i}: status={r.status} error={r.error!r}"
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.xfail(strict=True, reason="postcopy modes with a preempt channel hang when precopy converges"
+                   " before start_postcopy(): stop_and_copy() sends EOS on the precopy channel only, so"
+                   " mig/dst/preempt never sees EOS and the controller waits for its eos until the deadline")
+@pytest.mark.parametrize("variant", ["preempt", "preempt-full"])
+def test_postcopy_mode_converging_in_precopy(variant):
+    """Postcopy enabled but never started (precopy_rounds=None, no start_postcopy()): an idle guest
+    converges after one round and the migration completes as a precopy one, as in QEMU."""
+    c = cfg(ram=8 * MiB, workload="idle", precopy_rounds=None, deadline=2.5, **MODES[variant])
+    r = shmig.run(c)
+    assert_ok(r)
+    assert r.postcopy_bytes == 0
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.xfail(strict=True, reason="report.downtime_ms is None when a postcopy-mode migration completes"
+                   " in precopy: build_report takes downtime from stop_vm to 'running', which never comes")
+def test_vanilla_converging_in_precopy_reports_downtime():
+    c = cfg(mode="vanilla", ram=8 * MiB, workload="idle", precopy_rounds=None)
+    r = shmig.run(c)
+    assert_ok(r)
+    assert r.postcopy_bytes == 0
+    assert r.downtime_ms is not None and r.downtime_ms > 0, r.downtime_ms
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.xfail(strict=True, reason="start_postcopy() on a mode='precopy' migration is obeyed: the source"
+                   " switches to postcopy (discards, page requests, postcopy bytes) although the mode"
+                   " promises 'no postcopy at all' (QEMU refuses migrate-start-postcopy without the"
+                   " postcopy-ram capability)")
+def test_start_postcopy_refused_in_precopy_mode():
+    c = cfg(mode="precopy", ram=32 * MiB, bandwidth=50 * MiB, workload="random", max_rounds=3)
+    m = shmig.Migration(c).start()
+    try:
+        time.sleep(0.3)
+        try:
+            m.start_postcopy()
+        except Exception:
+            pass  # refusing it loudly is fine too
+    finally:
+        r = m.wait()
+    assert_ok(r)
+    assert r.postcopy_requests == 0, r.postcopy_requests
+    assert r.ram["discarded_host_pages"] == 0, r.ram
+    assert r.ram["postcopy_bytes"] == 0, r.ram
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.xfail(strict=True, reason="Migration.start_postcopy() after wait() writes to the closed control"
+                   " fd of the finished run; the number is reused by the next Migration's mig/src control"
+                   " pipe, so the old handle silently starts postcopy in the new, unrelated migration")
+def test_start_postcopy_after_wait_does_not_leak_into_next_run():
+    first = shmig.Migration(cfg(mode="vanilla", ram=8 * MiB, workload="idle", precopy_rounds=0)).start()
+    assert_ok(first.wait())
+    # postcopy enabled but not started: an idle guest converges in precopy, nothing goes in postcopy
+    second = shmig.Migration(cfg(mode="vanilla", ram=16 * MiB, workload="idle", precopy_rounds=None)).start()
+    try:
+        try:
+            first.start_postcopy()  # a finished migration: refusing loudly is fine, acting on another is not
+        except Exception:
+            pass
+    finally:
+        r = second.wait()
+    assert_ok(r)
+    assert r.postcopy_bytes == 0 and r.ram["discarded_host_pages"] == 0, r.ram
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="Report.summary() formats switchover_pause_ms with"
+                   " :.2f, but it is None when the guest never reported 'resumed' (the run went from"
+                   " switchover to completion before the paused vCPU woke up, so it saw QUIT, not RUN_DST):"
+                   " 'shmig run' then dies with a TypeError after a completed migration")
+def test_summary_of_a_quick_postcopy():
+    """An idle guest and one precopy round leave nothing for postcopy: it ends at once. About one
+    run in four hits it; 20 runs make it certain."""
+    for i in range(20):
+        r = shmig.run(cfg(ram=4 * MiB, workload="idle", precopy_rounds=1))
+        assert_ok(r)
+        assert "downtime" in r.summary()
