@@ -3,18 +3,21 @@
 * ``pipe_throughput``: one forked process writes N bytes in 1 MiB writes into one pipe enlarged to
   1 MiB (``F_SETPIPE_SZ``); this process reads them with ``os.readv`` into one preallocated 1 MiB
   buffer. The fastest a byte can cross between two processes here, i.e. the ceiling of shmig's
-  data path.
+  data path. Where the scheduler puts the two matters a lot on a VM (same CPU: cache-hot and no
+  cross-CPU wake-ups; measured here ~45-50 Gbit/s against ~13 on two CPUs), so it can be pinned.
 * ``pipe_rtt_us``: two forked processes ping-pong one byte over two pipes; the median of many round
   trips. The floor of shmig's fault path, which crosses four processes and four pipes/eventfds.
+  Optionally pinned to two different CPUs, to show what a cross-CPU wake-up costs here.
 * ``memcpy_seconds``: numpy copy of N bytes between two already touched arrays.
 * ``numpy_first_touch_seconds``: ``np.empty`` plus a write to every 4 KiB page, the cost shmig's
-  shared-memory prefault is compared with.
+  shared-memory prefault is compared with (optionally without transparent huge pages).
 
 Rates are in Gbit/s (10^9 bits per second), like the report's ``throughput_mbps`` (Mbit/s).
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import statistics
@@ -26,6 +29,8 @@ from typing import Callable
 import numpy as np
 
 F_SETPIPE_SZ = 1031
+MADV_NOHUGEPAGE = 15
+_libc = ctypes.CDLL(None, use_errno=True)
 CHUNK = 1 << 20
 PAGE = 4096
 
@@ -67,8 +72,19 @@ def pipe_max() -> int:
         return CHUNK
 
 
-def pipe_throughput(nbytes: int, chunk: int = CHUNK) -> float:
-    """Seconds to move ``nbytes`` from a forked writer to this process through one pipe."""
+def pipe_throughput(nbytes: int, chunk: int = CHUNK, cpus: tuple[int, int] | None = None) -> float:
+    """Seconds to move ``nbytes`` from a forked writer to this process through one pipe.
+
+    ``cpus`` pins (writer, reader) to these CPUs for the transfer (this process's affinity is
+    restored afterwards); by default the scheduler places them.
+    """
+    if cpus is not None:
+        with pinned(cpus[1]):
+            return _pipe_throughput(nbytes, chunk, cpus[0])
+    return _pipe_throughput(nbytes, chunk, None)
+
+
+def _pipe_throughput(nbytes: int, chunk: int, writer_cpu: int | None) -> float:
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     try:
@@ -77,6 +93,8 @@ def pipe_throughput(nbytes: int, chunk: int = CHUNK) -> float:
         pass
 
     def writer() -> None:
+        if writer_cpu is not None:
+            os.sched_setaffinity(0, {writer_cpu})
         os.close(r)
         os.close(go_w)
         src = memoryview(bytearray(b"\x5a" * chunk))
@@ -108,19 +126,29 @@ def pipe_throughput(nbytes: int, chunk: int = CHUNK) -> float:
     return t1 - t0
 
 
-def pipe_rtt_us(n: int = 2000, warmup: int = 100) -> dict[str, float]:
-    """One-byte round trips between two forked processes over two pipes: median (and p90) in us."""
+def pipe_rtt_us(n: int = 2000, warmup: int = 100, cpus: tuple[int, int] | None = None) -> dict[str, float]:
+    """One-byte round trips between two forked processes over two pipes: median (and p90) in us.
+
+    ``cpus`` pins the two processes to these CPUs (e.g. (0, 1): every wake-up crosses CPUs);
+    by default the scheduler places them, usually on one CPU, as a sync wake-up invites it to.
+    """
     ping_r, ping_w = os.pipe()
     pong_r, pong_w = os.pipe()
     res_r, res_w = os.pipe()
     total = n + warmup
 
+    def pin(i: int) -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, {cpus[i]})
+
     def echo() -> None:
+        pin(0)
         for _ in range(total):
             os.read(ping_r, 1)
             os.write(pong_w, b"o")
 
     def pinger() -> None:
+        pin(1)
         t = np.empty(total, np.int64)
         clock = time.perf_counter_ns
         for i in range(total):
@@ -167,10 +195,17 @@ def memcpy_seconds(nbytes: int, repeat: int = 3) -> float:
     return best
 
 
-def numpy_first_touch_seconds(nbytes: int) -> float:
-    """A plain allocation of ``nbytes`` and one write per 4 KiB page (the first touch), then freed."""
+def numpy_first_touch_seconds(nbytes: int, huge: bool = True) -> float:
+    """A plain allocation of ``nbytes`` and one write per 4 KiB page (the first touch), then freed.
+
+    ``huge=False`` forbids transparent huge pages on it first (MADV_NOHUGEPAGE), so every 4 KiB
+    page faults on its own, as in tmpfs without huge pages.
+    """
     t0 = time.perf_counter()
     a = np.empty(nbytes, np.uint8)
+    if not huge:
+        lo = a.ctypes.data & ~(PAGE - 1)
+        _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(a.ctypes.data + nbytes - lo), MADV_NOHUGEPAGE)
     a[::PAGE] = 1
     dt = time.perf_counter() - t0
     del a
@@ -189,3 +224,24 @@ def thp_setting(which: str) -> str:
         return s[s.index("[") + 1:s.index("]")]
     except (OSError, ValueError):
         return "?"
+
+
+def cpu_pair() -> tuple[int, int] | None:
+    """Two CPUs this process may run on, or None on a one-CPU machine."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+class pinned:
+    """``with pinned(cpu):`` this process (and every child it forks meanwhile) runs on one CPU."""
+
+    def __init__(self, cpu: int):
+        self.cpu = cpu
+
+    def __enter__(self) -> "pinned":
+        self.old = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {self.cpu})
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.sched_setaffinity(0, self.old)

@@ -87,6 +87,7 @@ class Migration:
         self.phase = "setup"
         self.error: str | None = None
         self.samples: list[dict[str, Any]] = []
+        self.ready: set[int] = set()
         self.paused: dict[int, int] = {}
         self.resumed: dict[int, int] = {}
         self.eos: set[str] = set()
@@ -100,7 +101,7 @@ class Migration:
         try:
             self.mem = mem = GuestMemory(cfg)
             fill_initial(mem.src, cfg.seed, cfg.zero_fraction)  # the guest as it booted
-            self.t0 = time.monotonic_ns()  # the migration starts here
+            self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
             pre_r, pre_w = self._pipe(cfg.socket_buffer)
             ret_r, ret_w = self._pipe(1 << 16)
             fault_r, fault_w = self._pipe(1 << 16)
@@ -151,6 +152,10 @@ class Migration:
     # -- API while running ----------------------------------------------------
     def start_postcopy(self) -> None:
         """QMP migrate-start-postcopy."""
+        if not self.cfg.postcopy:
+            raise RuntimeError("postcopy is not enabled in mode 'precopy' (QEMU: postcopy-ram is off)")
+        if self.closed or not self.procs:
+            raise RuntimeError("the migration is not running")
         self.procs[0].ctrl_out.ctrl("start_postcopy")
 
     # -- the event loop -------------------------------------------------------
@@ -170,7 +175,13 @@ class Migration:
         return report
 
     def _fail(self, msg: str) -> None:
+        """The first failure wins, except that a child killed by a signal is the cause of whatever
+        its peers then report (a closed channel, a broken pipe)."""
         if self.error is None:
+            killed = [p for p in self.procs if (p.process.exitcode or 0) < 0]
+            if killed and not msg.startswith(killed[0].title + " was killed"):
+                p = killed[0]
+                msg = f"{p.title} was killed by signal {-p.process.exitcode} during {self.phase} ({msg})"
             self.error = msg
         raise RunFailed(msg)
 
@@ -241,6 +252,7 @@ class Migration:
             elif ev == "running":
                 self.phase = "postcopy"
                 self._set_guest_phase(memory.RUN_DST)
+                self.events["guest_resume_requested"] = time.monotonic_ns()
             elif ev == "eos":
                 self.eos.add(p.title)
                 want = {"mig/dst/listen"} | ({"mig/dst/preempt"} if cfg.uses_preempt_channel else set())
@@ -253,6 +265,11 @@ class Migration:
                     self.phase = "completion"
                     self._send(self.procs[1], "shut")
                     self._set_guest_phase(memory.QUIT)
+        elif name == "ready":
+            self.ready.add(p.child.vcpu)
+            if len(self.ready) == cfg.vcpus:
+                self.t0 = time.monotonic_ns()  # the guest runs: the migration starts
+                self._send(self.procs[0], "start")
         elif name == "paused":
             self.paused[p.child.vcpu] = obj
             if len(self.paused) == cfg.vcpus:

@@ -125,6 +125,7 @@ class Vcpu(Child):
         counter = memory.C_GUEST0 + self.vcpu
         idle = self.cfg.workload == "idle"
         ran = None
+        self.ctrl_out.ctrl("ready", time.monotonic_ns())
         while True:
             phase = int(ctl[memory.PHASE])
             if phase == memory.QUIT:

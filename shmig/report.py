@@ -68,10 +68,9 @@ class Report:
         lat = self.postcopy_latency_us
         rows = [
             ("RAM", f"{fmt_size(c['ram'])}, host page {fmt_size(c['host_page'])}, workload {c['workload']}"),
-            ("total time", f"{self.total_time_ms:.1f} ms (setup {self.setup_time_ms:.1f} ms)"),
-            ("downtime", f"{self.downtime_ms:.2f} ms (guest paused {self.switchover_pause_ms:.2f} ms)"
-             if self.downtime_ms is not None else "-"),
-            ("transferred", f"{fmt_size(ram.get('transferred', 0))} at {self.throughput_mbps:.0f} Mbps,"
+            ("total time", f"{_n(self.total_time_ms, '.1f')} ms (setup {_n(self.setup_time_ms, '.1f')} ms)"),
+            ("downtime", f"{_n(self.downtime_ms, '.2f')} ms (guest paused {_n(self.switchover_pause_ms, '.2f')} ms)"),
+            ("transferred", f"{fmt_size(ram.get('transferred', 0))} at {_n(self.throughput_mbps, '.0f')} Mbps,"
              f" {ram.get('normal_pages', 0)} normal + {ram.get('zero_pages', 0)} zero pages"),
             ("channels", ", ".join(f"{k} {fmt_size(v)}" for k, v in ram.get("channel_bytes", {}).items())),
             ("dirty syncs", f"{self.dirty_sync_count} ({self.precopy_rounds} precopy rounds)"),
@@ -101,6 +100,10 @@ class Report:
         return "\n".join(lines)
 
 
+def _n(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def _ms(a: int | None, b: int | None) -> float | None:
     return None if a is None or b is None else round((b - a) / 1e6, 3)
 
@@ -118,9 +121,11 @@ def build_report(m: Migration) -> Report:
     rep.total_time_ms = _ms(m.t0, t_end)
     rep.setup_time_ms = _ms(m.t0, ev.get("setup_done"))
     t_stop = ev.get("stop_vm")
-    if cfg.postcopy:
+    if ev.get("running") is not None:  # postcopy happened
         rep.downtime_ms = _ms(t_stop, ev.get("running"))
-        rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), ev.get("guest_resumed"))
+        # every vCPU acknowledged running again, or (it quit before it could) the resume itself
+        resumed = ev.get("guest_resumed", ev.get("guest_resume_requested"))
+        rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), resumed)
         rep.postcopy_phase_ms = _ms(ev.get("running"), t_end)
     else:
         rep.downtime_ms = _ms(t_stop, ev.get("eos_mig/dst/listen"))

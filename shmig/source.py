@@ -225,10 +225,13 @@ class Source(Child):
 
     # -- control ------------------------------------------------------------
     def poll_control(self) -> None:
+        """Between frames: a QMP-like command, or an error the return thread ran into."""
+        if self.return_error is not None:
+            raise self.return_error
         while self.ctrl_in.has_frame():
             name, _ = self.read_ctrl_frame()
             if name == "start_postcopy":
-                self.start_postcopy_requested = True
+                self.start_postcopy_requested = self.cfg.postcopy  # refused without postcopy
             else:
                 raise ProtocolError(f"control channel: unexpected {name!r} for mig/src")
 
@@ -244,7 +247,7 @@ class Source(Child):
             if name == want:
                 return obj
             if name == "start_postcopy":
-                self.start_postcopy_requested = True
+                self.start_postcopy_requested = self.cfg.postcopy
                 continue
             raise ProtocolError(f"control channel: expected {want!r}, got {name!r}")
 
@@ -267,6 +270,7 @@ class Source(Child):
     def run(self) -> None:
         cfg = self.cfg
         self.mem.counters[memory.C_REMAINING] = self.remaining
+        self.wait_ctrl("start")  # the guest is up and running: the migration starts
         # setup: the main channel first; the postcopy channel only once the main one is confirmed
         self.status("setup: PING on the main channel, waiting for PONG on the return path")
         self.pre.send(Msg.PING, (1,))
@@ -282,9 +286,9 @@ class Source(Child):
             self.switchover_postcopy()
             self.status("postcopy: background scan and page requests")
             self.policy.run_postcopy()
-            self.finish_postcopy()
         else:
             self.stop_and_copy()
+        self.finish_postcopy()
         self.pre.send(Msg.EOS, ())
         self.event("completed")
         self.status("completed: waiting for the destination's SHUT on the return path")

@@ -125,10 +125,6 @@ def test_precopy_seed_and_several_vcpus():
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.xfail(strict=True, reason="the migration starts before the guest runs: vCPU processes are forked"
-                   " together with the migration processes and first populate their mappings, so a small"
-                   " precopy can finish before the guest has written a single page (in QEMU the guest runs"
-                   " before and during precopy); about half of 1MiB runs, a quarter of 8MiB runs")
 def test_guest_runs_during_precopy():
     """A guest writing at random as fast as it can must have written something during precopy."""
     for i in range(20):

@@ -245,9 +245,6 @@ def test_single_vcpu_sequential_wake_race(variant):
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.xfail(strict=True, reason="postcopy modes with a preempt channel hang when precopy converges"
-                   " before start_postcopy(): stop_and_copy() sends EOS on the precopy channel only, so"
-                   " mig/dst/preempt never sees EOS and the controller waits for its eos until the deadline")
 @pytest.mark.parametrize("variant", ["preempt", "preempt-full"])
 def test_postcopy_mode_converging_in_precopy(variant):
     """Postcopy enabled but never started (precopy_rounds=None, no start_postcopy()): an idle guest
@@ -259,8 +256,6 @@ def test_postcopy_mode_converging_in_precopy(variant):
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.xfail(strict=True, reason="report.downtime_ms is None when a postcopy-mode migration completes"
-                   " in precopy: build_report takes downtime from stop_vm to 'running', which never comes")
 def test_vanilla_converging_in_precopy_reports_downtime():
     c = cfg(mode="vanilla", ram=8 * MiB, workload="idle", precopy_rounds=None)
     r = shmig.run(c)
@@ -270,10 +265,6 @@ def test_vanilla_converging_in_precopy_reports_downtime():
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.xfail(strict=True, reason="start_postcopy() on a mode='precopy' migration is obeyed: the source"
-                   " switches to postcopy (discards, page requests, postcopy bytes) although the mode"
-                   " promises 'no postcopy at all' (QEMU refuses migrate-start-postcopy without the"
-                   " postcopy-ram capability)")
 def test_start_postcopy_refused_in_precopy_mode():
     c = cfg(mode="precopy", ram=32 * MiB, bandwidth=50 * MiB, workload="random", max_rounds=3)
     m = shmig.Migration(c).start()
@@ -292,9 +283,6 @@ def test_start_postcopy_refused_in_precopy_mode():
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.xfail(strict=True, reason="Migration.start_postcopy() after wait() writes to the closed control"
-                   " fd of the finished run; the number is reused by the next Migration's mig/src control"
-                   " pipe, so the old handle silently starts postcopy in the new, unrelated migration")
 def test_start_postcopy_after_wait_does_not_leak_into_next_run():
     first = shmig.Migration(cfg(mode="vanilla", ram=8 * MiB, workload="idle", precopy_rounds=0)).start()
     assert_ok(first.wait())
@@ -312,10 +300,6 @@ def test_start_postcopy_after_wait_does_not_leak_into_next_run():
 
 
 @pytest.mark.timeout(TIMEOUT)
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="Report.summary() formats switchover_pause_ms with"
-                   " :.2f, but it is None when the guest never reported 'resumed' (the run went from"
-                   " switchover to completion before the paused vCPU woke up, so it saw QUIT, not RUN_DST):"
-                   " 'shmig run' then dies with a TypeError after a completed migration")
 def test_summary_of_a_quick_postcopy():
     """An idle guest and one precopy round leave nothing for postcopy: it ends at once. About one
     run in four hits it; 20 runs make it certain."""
