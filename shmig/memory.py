@@ -143,6 +143,7 @@ class GuestMemory:
             self.close()
             raise
         self.src = np.ndarray((cfg.ram,), np.uint8, ram_src.buf)
+        self.src_fd = ram_src._fd  # the stdlib keeps the segment's fd open; splice reads from it
         self.dst = np.ndarray((cfg.ram,), np.uint8, ram_dst.buf)
         off = 0
         for name, t, s in layout:

@@ -116,7 +116,7 @@ def build_report(m: Migration) -> Report:
     ev = m.events
     by_title = {p.title: p.stats or {} for p in m.procs}
     src = by_title.get("mig/src", {})
-    src_ev = src.get("events", {})
+    src.get("events", {})
     t_end = ev.get("complete")
     rep.total_time_ms = _ms(m.t0, t_end)
     rep.setup_time_ms = _ms(m.t0, ev.get("setup_done"))

@@ -9,7 +9,6 @@ which channel.
 from __future__ import annotations
 
 import collections
-import os
 import sys
 import threading
 import time
@@ -18,13 +17,14 @@ from typing import Any
 import numpy as np
 
 from . import memory
-from .config import TARGET_PAGE, Config
+from .config import TARGET_PAGE
 from .policies import make_policy
 from .process import Child
 from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, expect
 
 FRAME_PAGES_PRECOPY = 256  # up to 1 MiB frames while nothing waits on the channel: throughput
 FRAME_PAGES_POSTCOPY = 16  # 64 KiB frames once faults wait: the granularity of preemption checks
+SPLICE_PAGES = 16  # runs at least this long are spliced rather than copied
 BUFFER_DELAY = 0.1  # QEMU's rate-limit window
 MAX_DISCARDS = 4096  # host page runs per DISCARD frame
 
@@ -80,6 +80,7 @@ class Source(Child):
         self.k = cfg.tp_per_hp
         self.nhost = cfg.nhost
         self.src_pages = self.mem.pages(self.mem.src)
+        self.src_fd = self.mem.src_fd
         if cfg.prefault:
             memory.populate(self.mem.src, write=False)
         self.dirty = np.ones(cfg.npages, dtype=bool)  # the migration bitmap: starts all-dirty
@@ -112,31 +113,31 @@ class Source(Child):
     # -- sending ------------------------------------------------------------
     def send_pages(self, writer: FrameWriter, tps: np.ndarray, urgent: bool,
                    buf: np.ndarray | None = None) -> int:
-        """One PAGES frame; zero pages go as flags only. A run of consecutive pages is written
-        straight out of guest RAM; scattered pages are gathered into a reused buffer first."""
+        """One PAGES frame; zero pages go as flags only (QEMU's save_zero_page).
+
+        A long run of consecutive non-zero pages is spliced from the guest RAM segment into the
+        pipe (no copy in this process); other pages are written straight out of guest RAM, or
+        gathered into a reused buffer when scattered.
+        """
         n = len(tps)
         first = int(tps[0])
-        if int(tps[-1]) - first == n - 1:
+        run = int(tps[-1]) - first == n - 1
+        if run:
             pages = self.src_pages[first:first + n]
         else:
-            buf = self.buf if buf is None else buf
-            pages = buf[:n]
+            pages = (self.buf if buf is None else buf)[:n]
             np.take(self.src_pages, tps, axis=0, out=pages)
         words = pages.view(np.uint64)
         maybe = np.flatnonzero(words[:, 0] == 0)  # buffer_is_zero: most pages fail on word 0
+        zero = np.zeros(n, dtype=bool)
         if maybe.size:
-            zero = np.zeros(n, dtype=bool)
             zero[maybe] = ~words[maybe].any(axis=1)
-            nzero = int(np.count_nonzero(zero))
+        nzero = int(np.count_nonzero(zero))
+        fields = (tps.astype(np.uint32).tobytes(), zero.view(np.uint8).tobytes() if nzero else None, urgent)
+        if nzero == 0 and run and n >= SPLICE_PAGES and self.src_fd is not None:
+            sent = writer.send_file(Msg.PAGES, fields, self.src_fd, first * TARGET_PAGE, n * TARGET_PAGE)
         else:
-            nzero = 0
-        if nzero == 0:
-            payload = [pages]
-            zflags = None
-        else:
-            payload = [pages[~zero]] if nzero < n else []
-            zflags = zero.view(np.uint8).tobytes()
-        sent = writer.send(Msg.PAGES, (tps.astype(np.uint32).tobytes(), zflags, urgent), payload)
+            sent = writer.send(Msg.PAGES, fields, [pages[~zero]] if nzero else [pages])
         st = self.stats
         st["normal_pages"] += n - nzero
         st["zero_pages"] += nzero
@@ -268,7 +269,6 @@ class Source(Child):
         self.dirty_sync_count += 1
 
     def run(self) -> None:
-        cfg = self.cfg
         self.mem.counters[memory.C_REMAINING] = self.remaining
         self.wait_ctrl("start")  # the guest is up and running: the migration starts
         # setup: the main channel first; the postcopy channel only once the main one is confirmed

@@ -106,6 +106,23 @@ class FrameWriter:
         self.frames_out += 1
         return n
 
+    def send_file(self, kind: int, fields: Sequence[Any], fd: int, offset: int, nbytes: int) -> int:
+        """A frame whose payload is ``nbytes`` of file ``fd`` at ``offset``, spliced into the pipe:
+        the kernel moves page references instead of copying the bytes."""
+        h = pack_header(kind, fields)
+        head = PREFIX.pack(len(h), nbytes) + h
+        try:
+            writev_all(self.fd, [head])
+            end = offset + nbytes
+            while offset < end:
+                offset += os.splice(fd, self.fd, end - offset, offset_src=offset)
+        except BrokenPipeError:
+            raise ChannelClosed(f"{self.name} channel: the receiver has gone") from None
+        n = len(head) + nbytes
+        self.bytes_out += n
+        self.frames_out += 1
+        return n
+
     def ctrl(self, name: str, obj: Any = None) -> None:
         self.send(Msg.CTRL, (name, obj))
 
