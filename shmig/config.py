@@ -90,7 +90,9 @@ class Config:
 
     @property
     def uses_preempt_channel(self) -> bool:
-        return self.mode in ("preempt", "preempt-full")
+        from .policies import POLICIES
+
+        return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
@@ -100,8 +102,11 @@ class Config:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
-        if self.mode not in MODES:
-            bad(f"unknown mode {self.mode!r}: use one of {', '.join(MODES)}")
+        from .policies import POLICIES
+
+        modes = ("precopy", *POLICIES)  # the built-in ones plus any registered policy
+        if self.mode not in modes:
+            bad(f"unknown mode {self.mode!r}: use one of {', '.join(modes)}")
         if self.workload not in WORKLOADS:
             bad(f"unknown workload {self.workload!r}: use one of {', '.join(WORKLOADS)}")
         if self.host_page not in HOST_PAGES:

@@ -163,6 +163,7 @@ class FrameReader:
         self.direct = direct
         self.readahead = 0 if direct else readahead
         self.pending = 0  # direct mode: payload bytes of the last frame still in the pipe
+        self._peeked: tuple[int, tuple[list, int, int]] | None = None
         self.cap = readahead + max_frame + 65536
         self.buf = bytearray(self.cap)
         self.mv = memoryview(self.buf)
@@ -254,20 +255,15 @@ class FrameReader:
 
     def peek_head(self) -> tuple[int, int]:
         """(size, send_ns) of the next frame, waiting until it is whole, without taking it."""
-        while not self._complete():
-            if self.next_frame(timeout=None, take=False) is None:
-                continue
-        hlen, plen = PREFIX.unpack_from(self.buf, self.start)
-        h0 = self.start + PREFIX.size
-        try:
-            header = msgpack.unpackb(self.mv[h0:h0 + hlen], use_list=True, raw=False)
-            send_ns = int(header[1])
-        except Exception as e:
-            raise ProtocolError(f"{self.name} channel: undecodable frame header ({type(e).__name__}:"
-                                f" {e})") from None
-        return PREFIX.size + hlen + plen, send_ns
+        if not self._complete():
+            self.next_frame(timeout=None, take=False)
+        header, hlen, plen = self._header()
+        return PREFIX.size + hlen + plen, header[1]
 
-    def _take(self) -> Frame:
+    def _header(self) -> tuple[list, int, int]:
+        """The decoded header at the head of the buffer (decoded once, however often asked)."""
+        if self._peeked is not None and self._peeked[0] == self.start:
+            return self._peeked[1]
         hlen, plen = PREFIX.unpack_from(self.buf, self.start)
         h0 = self.start + PREFIX.size
         try:
@@ -278,6 +274,13 @@ class FrameReader:
         if (not isinstance(header, list) or len(header) < 2 or not isinstance(header[0], int)
                 or header[0] not in KINDS or not isinstance(header[1], int)):
             raise ProtocolError(f"{self.name} channel: unknown frame {str(header)[:80]}")
+        self._peeked = (self.start, (header, hlen, plen))
+        return header, hlen, plen
+
+    def _take(self) -> Frame:
+        header, hlen, plen = self._header()
+        self._peeked = None
+        h0 = self.start + PREFIX.size
         size = PREFIX.size + hlen + plen
         if self.direct:
             payload = None if plen else self.mv[0:0]
