@@ -84,6 +84,7 @@ class Receiver(Child):
             self.write(f, tps, zero)
             self.received[tps] = 1  # ram_load_precopy: receivedmap per target page
             return
+        self.stats["last_place_ns"] = time.monotonic_ns()  # the last one ends the postcopy phase
         k = self.k
         if k == 1:
             fresh = self.received[tps] == 0

@@ -55,6 +55,7 @@ class Vcpu(Child):
         self.next_t = time.monotonic()
         self.acc = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
         self.run_ns = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
+        self.progress: list[tuple[int, int]] = []  # (t, accesses on the destination), every ms
 
     def ram(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
         ram = self.mem.src if phase == memory.RUN_SRC else self.mem.dst
@@ -148,6 +149,10 @@ class Vcpu(Child):
             n = self.run_chunk(phase)
             self.acc[phase] += n
             self.mem.counters[counter] += n
+            if phase == memory.RUN_DST:
+                now = time.monotonic_ns()
+                if not self.progress or now - self.progress[-1][0] >= 1_000_000:
+                    self.progress.append((now, self.acc[phase]))
             if self.interval is not None:
                 self.next_t = max(self.next_t, time.monotonic()) + n * self.interval
                 left = self.next_t - time.monotonic()
@@ -158,7 +163,9 @@ class Vcpu(Child):
 
     def final_stats(self) -> dict[str, Any]:
         f = np.array(self.faults, dtype=np.int64).reshape(-1, 3)
+        self.progress.append((time.monotonic_ns(), self.acc[memory.RUN_DST]))
         return {
+            "progress": np.array(self.progress, dtype=np.int64).tobytes(),
             "vcpu": self.vcpu,
             "faults": f.tobytes(),
             "accesses_src": self.acc[memory.RUN_SRC],

@@ -108,6 +108,15 @@ def _ms(a: int | None, b: int | None) -> float | None:
     return None if a is None or b is None else round((b - a) / 1e6, 3)
 
 
+def _accesses_until(vcpu: dict[str, Any], t_run: int | None, phase_ms: float | None) -> int:
+    """A vCPU's accesses on the destination during the postcopy phase only: once every page is
+    there it runs unhindered until it is told to stop, which says nothing about the migration."""
+    log = np.frombuffer(vcpu.get("progress", b""), np.int64).reshape(-1, 2)
+    if t_run is None or phase_ms is None or not len(log):
+        return int(vcpu["accesses_dst"])
+    return int(round(np.interp(t_run + phase_ms * 1e6, log[:, 0], log[:, 1], left=0)))
+
+
 def build_report(m: Migration) -> Report:
     cfg = m.cfg
     rep = Report(config=cfg.to_dict(), error=m.error, timeline=m.samples)
@@ -126,7 +135,10 @@ def build_report(m: Migration) -> Report:
         # every vCPU acknowledged running again, or (it quit before it could) the resume itself
         resumed = ev.get("guest_resumed", ev.get("guest_resume_requested"))
         rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), resumed)
-        rep.postcopy_phase_ms = _ms(ev.get("running"), t_end)
+        # postcopy ends when the last page is placed (the EOS and the controller come after)
+        placed = [s.get("last_place_ns") for k, s in by_title.items() if k.startswith("mig/dst")]
+        t_placed = max((t for t in placed if t), default=None)
+        rep.postcopy_phase_ms = _ms(ev.get("running"), t_placed or t_end)
     else:
         rep.downtime_ms = _ms(t_stop, ev.get("eos_mig/dst/listen"))
         rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), ev.get("eos_mig/dst/listen"))
@@ -165,7 +177,8 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_blocktime_ms = round(rep.postcopy_blocktime_ms, 3)
 
     acc_src = sum(s["accesses_src"] for s in vcpus)
-    acc_dst = sum(s["accesses_dst"] for s in vcpus)
+    per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms) for s in vcpus]
+    acc_dst = sum(per_vcpu)
     run_src = sum(s["run_src_ns"] for s in vcpus) / 1e9
     postcopy_s = (rep.postcopy_phase_ms or 0) / 1e3
     rate_src = acc_src / run_src if run_src > 0 else None
@@ -174,7 +187,7 @@ def build_report(m: Migration) -> Report:
         "precopy_accesses": acc_src,
         "postcopy_accesses": acc_dst,
         "postcopy_bytes_accessed": acc_dst * 4096,
-        "per_vcpu_postcopy_accesses": [s["accesses_dst"] for s in vcpus],
+        "per_vcpu_postcopy_accesses": per_vcpu,
         "precopy_rate_per_vcpu": None if rate_src is None else round(rate_src, 1),
         "postcopy_rate_per_vcpu": None if rate_dst is None else round(rate_dst, 1),
     }

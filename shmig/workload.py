@@ -28,6 +28,8 @@ class AccessStream:
         self.hot_pages = max(1, wss_pages // HOT_REGION_DIVISOR)
         self._rng = np.random.Generator(np.random.PCG64([seed, vcpu]))
         self._pos = 0  # sequential/ab: accesses made so far
+        # a sequential guest is somewhere in its sweep when the migration starts, not at its start
+        self._start = int(self._rng.integers(0, max(1, self.hi - self.lo))) if workload == "sequential" else 0
         self._empty = np.empty(0, dtype=np.int64)
 
     @property
@@ -49,7 +51,7 @@ class AccessStream:
                             self._rng.integers(0, self.wss_pages, n, dtype=np.int64))
         if slen == 0:  # more vCPUs than pages: this vCPU has nothing to sweep
             return self._empty
-        off = self._pos % slen
+        off = (self._start + self._pos) % slen
         if w == "ab":
             n = min(n, slen - off)  # never span two passes: no duplicates in a chunk
         idx = np.arange(off, off + n, dtype=np.int64)
