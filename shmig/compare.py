@@ -29,6 +29,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "modes": ["vanilla", "preempt-nobreak", "preempt", "preempt-full"],
         "host_pages": [4096, 2 << 20, 1 << 30],
     },
+    # Locality (QEMU 10.1's page hint): a guest streaming through its working set more slowly than
+    # the source's postcopy rate limit, everything still to come when it resumes. Vanilla's scan
+    # restarts after each request and runs ahead of it; preempt-full's does not, unless hinted.
+    "stream": {
+        "ram": "256MiB", "wss": "128MiB", "workload": "sequential", "dirty_rate": "64MiB/s",
+        "max_bandwidth": "100MiB/s", "max_postcopy_bandwidth": "100MiB/s", "precopy_rounds": 0,
+        "modes": ["vanilla", "preempt", "preempt-full", "preempt-full-hint"],
+    },
 }
 
 

@@ -33,7 +33,15 @@ C_GUEST0 = 16  # + vcpu: accesses so far
 NCOUNTERS = C_GUEST0 + 64
 
 
-def _alive(pid: int) -> bool:
+def segment_owner(name: str) -> int | None:
+    """The pid a segment name carries (``shmig-<pid>-...``), or None for a foreign name."""
+    try:
+        return int(name.split("-")[1]) if name.startswith(PREFIX) else None
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -51,13 +59,8 @@ def sweep_stale() -> list[str]:
     except OSError:
         return removed
     for name in names:
-        if not name.startswith(PREFIX):
-            continue
-        try:
-            pid = int(name.split("-")[1])
-        except (IndexError, ValueError):
-            continue
-        if pid != os.getpid() and not _alive(pid):
+        pid = segment_owner(name)
+        if pid is not None and pid != os.getpid() and not pid_alive(pid):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
                 removed.append(name)

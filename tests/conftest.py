@@ -21,19 +21,8 @@ def _reap_children(timeout: float = 5.0) -> list[str]:
 def _owner_alive_elsewhere(name: str) -> bool:
     """A segment of a run still going in another live process (someone else's test run on the same
     machine): not something this test left behind."""
-    try:
-        pid = int(name.split("-")[1])
-    except (IndexError, ValueError):
-        return False
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    pid = shmig.memory.segment_owner(name)
+    return pid is not None and pid != os.getpid() and shmig.memory.pid_alive(pid)
 
 
 def our_leftovers() -> list[str]:

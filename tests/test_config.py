@@ -15,15 +15,6 @@ from shmig.units import fmt_size
 KiB, MiB, GiB, TiB = 1024, 1024**2, 1024**3, 1024**4
 
 
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """conftest's check, limited to this process's segments: other runs may share /dev/shm."""
-    yield
-    for p in multiprocessing.active_children():
-        p.join(5)
-    assert not multiprocessing.active_children()
-    assert not mine()
-
 
 def mine() -> list[str]:
     return [n for n in leftovers() if n.startswith(f"shmig-{os.getpid()}-")]
