@@ -220,9 +220,9 @@ class Listen(Receiver):
                 raise self.fault_error
         self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
         self.status("EOS: waiting for the controller's 'shut' (every page placed)")
-        msg = self.recv_ctrl()
-        if msg is None or msg[0] != "shut":
-            raise ProtocolError(f"control channel: expected 'shut', got {msg!r}")
+        name, _ = self.recv_ctrl()
+        if name != "shut":
+            raise ProtocolError(f"control channel: expected 'shut', got {name!r}")
         self.stopping.set()
         fault.join(timeout=5)
         self.rp.send(Msg.SHUT, ())

@@ -225,32 +225,26 @@ class Source(Child):
             self.limiter.account(n)
 
     # -- control ------------------------------------------------------------
+    def on_ctrl(self, name: str) -> None:
+        """A QMP-like command from the controller."""
+        if name != "start_postcopy":
+            raise ProtocolError(f"control channel: unexpected {name!r} for mig/src")
+        self.start_postcopy_requested = self.cfg.postcopy  # refused without postcopy
+
     def poll_control(self) -> None:
-        """Between frames: a QMP-like command, or an error the return thread ran into."""
+        """Between frames: a command, or an error the return thread ran into."""
         if self.return_error is not None:
             raise self.return_error
         while self.ctrl_in.has_frame():
-            name, _ = self.read_ctrl_frame()
-            if name == "start_postcopy":
-                self.start_postcopy_requested = self.cfg.postcopy  # refused without postcopy
-            else:
-                raise ProtocolError(f"control channel: unexpected {name!r} for mig/src")
-
-    def read_ctrl_frame(self) -> tuple[str, Any]:
-        msg = self.recv_ctrl()
-        assert msg is not None
-        return msg
+            self.on_ctrl(self.recv_ctrl()[0])
 
     def wait_ctrl(self, want: str) -> Any:
         self.status(f"waiting for the controller's {want!r}")
         while True:
-            name, obj = self.read_ctrl_frame()
+            name, obj = self.recv_ctrl()
             if name == want:
                 return obj
-            if name == "start_postcopy":
-                self.start_postcopy_requested = self.cfg.postcopy
-                continue
-            raise ProtocolError(f"control channel: expected {want!r}, got {name!r}")
+            self.on_ctrl(name)
 
     def event(self, name: str) -> None:
         self.events[name] = time.monotonic_ns()

@@ -255,8 +255,7 @@ class FrameReader:
 
     def peek_head(self) -> tuple[int, int]:
         """(size, send_ns) of the next frame, waiting until it is whole, without taking it."""
-        if not self._complete():
-            self.next_frame(timeout=None, take=False)
+        self.next_frame(timeout=None, take=False)  # returns once a whole frame is buffered
         header, hlen, plen = self._header()
         return PREFIX.size + hlen + plen, header[1]
 
