@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 import threading
 import time
 from typing import Any
@@ -191,6 +192,7 @@ class Listen(Receiver):
         self.stopping = threading.Event()
         self.stats.update({"requests_sent": 0, "faults_seen": 0, "faults_deduplicated": 0})
         self.fault_error: BaseException | None = None
+        sys.setswitchinterval(0.0005)  # the fault thread must not wait 5 ms for the listen thread's GIL
 
     def run(self) -> None:
         self.status("waiting for PING on the main channel")
