@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import shmig
+from helpers import assert_ok
 from shmig.config import WORKLOADS
 
 KiB, MiB = 1024, 1024**2
@@ -16,11 +17,6 @@ def cfg(**kw) -> shmig.Config:
     base = dict(mode="precopy", ram=16 * MiB, host_page=4 * KiB, deadline=60, workload="random", max_rounds=5)
     base.update(kw)
     return shmig.Config(**base)
-
-
-def assert_ok(r: shmig.Report) -> None:
-    assert r.ok, f"status={r.status} error={r.error!r} integrity={r.integrity}"
-    assert r.to_json()
 
 
 def assert_precopy_fields(r: shmig.Report, c: shmig.Config) -> None:

@@ -10,17 +10,13 @@ import time
 import pytest
 
 import shmig
+from helpers import assert_ok
+from shmig.compare import MODE_VARIANTS
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 TIMEOUT = 60
 
-MODES = {
-    "vanilla": dict(mode="vanilla"),
-    "preempt": dict(mode="preempt"),
-    "preempt-nobreak": dict(mode="preempt", break_huge=False),
-    "preempt-full": dict(mode="preempt-full"),
-    "preempt-full-hint": dict(mode="preempt-full", page_hint=True),
-}
+MODES = MODE_VARIANTS  # the modes of `shmig compare`
 
 
 def cfg(**kw) -> shmig.Config:
@@ -29,11 +25,6 @@ def cfg(**kw) -> shmig.Config:
     if "ram" not in kw and base["host_page"] == 2 * MiB:
         base["ram"] = 32 * MiB
     return shmig.Config(**base)
-
-
-def assert_ok(r: shmig.Report) -> None:
-    assert r.ok, f"status={r.status} error={r.error!r} integrity={r.integrity}"
-    assert r.to_json()
 
 
 def assert_postcopy_report(r: shmig.Report, c: shmig.Config) -> None:

@@ -142,11 +142,9 @@ GARBAGE = {
 }
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("case", list(GARBAGE))
-def test_malformed_frame_stops_the_run(case):
-    title, channel, data, words = GARBAGE[case]
-    m = shmig.Migration(slow_cfg(precopy_rounds=None)).start()
+def run_injecting(cfg: shmig.Config, title: str, channel: str, data: bytes) -> tuple[shmig.Report, float]:
+    """Run ``cfg`` and, 0.3 s in, write ``data`` into ``title``'s ``channel``: (report, seconds)."""
+    m = shmig.Migration(cfg).start()
     timer = threading.Timer(0.3, inject, (m, title, channel, data))
     timer.start()
     t0 = time.monotonic()
@@ -154,38 +152,32 @@ def test_malformed_frame_stops_the_run(case):
         r = m.wait()
     finally:
         timer.cancel()
-    assert time.monotonic() - t0 < 10
+    assert_all_reaped(m)
+    return r, time.monotonic() - t0
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", list(GARBAGE))
+def test_malformed_frame_stops_the_run(case):
+    title, channel, data, words = GARBAGE[case]
+    r, seconds = run_injecting(slow_cfg(precopy_rounds=None), title, channel, data)
+    assert seconds < 10
     assert r.status == "failed"
     assert title in r.error and channel in r.error and words in r.error, r.error
-    assert_all_reaped(m)
 
 
 @pytest.mark.timeout(30)
 def test_bad_request_on_return_path_during_postcopy():
-    m = shmig.Migration(slow_cfg(precopy_rounds=0)).start()
-    timer = threading.Timer(0.3, inject, (m, "mig/src", "return", pack_frame(Msg.REQ, (10**9, 4096))))
-    timer.start()
-    t0 = time.monotonic()
-    try:
-        r = m.wait()
-    finally:
-        timer.cancel()
-    assert time.monotonic() - t0 < 10
+    r, seconds = run_injecting(slow_cfg(precopy_rounds=0), "mig/src", "return", pack_frame(Msg.REQ, (10**9, 4096)))
+    assert seconds < 10
     assert r.status == "failed"
     assert "mig/src" in r.error and "return path" in r.error and "outside RAM" in r.error, r.error
 
 
 @pytest.mark.timeout(30)
 def test_bad_request_on_return_path_during_precopy():
-    m = shmig.Migration(slow_cfg(precopy_rounds=None, deadline=4)).start()
-    timer = threading.Timer(0.3, inject, (m, "mig/src", "return", pack_frame(Msg.REQ, (10**9, 4096))))
-    timer.start()
-    t0 = time.monotonic()
-    try:
-        r = m.wait()
-    finally:
-        timer.cancel()
-    elapsed = time.monotonic() - t0
+    r, elapsed = run_injecting(slow_cfg(precopy_rounds=None, deadline=4), "mig/src", "return",
+                               pack_frame(Msg.REQ, (10**9, 4096)))
     assert r.status == "failed"
     assert "return path" in r.error, r.error
     assert elapsed < 3, f"took {elapsed:.1f}s"
