@@ -11,6 +11,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from .config import Config
     from .source import Source
@@ -166,6 +168,7 @@ class PreemptFull(Policy):
         super().__init__(cfg, src)
         self.bg_hp = -1  # the host page the background thread is in the middle of
         self.hint: int | None = None
+        self.rp_buf = np.empty_like(src.buf)  # the return thread's own gather buffer
 
     @property
     def rate_wake(self) -> threading.Event | None:
@@ -183,18 +186,9 @@ class PreemptFull(Policy):
             src.clear(tps)
             fp = src.frame_pages
             for i in range(0, len(tps), fp):
-                n = src.send_pages(src.post, tps[i:i + fp], True, buf=self.rp_buf)
-                if self.shared_rate_counter:
-                    src.limiter.account(n)
+                src.account(src.post, src.send_pages(src.post, tps[i:i + fp], True, buf=self.rp_buf), True)
         if self.cfg.page_hint and self.hint is None:
             self.hint = hp + 1  # only if the previous hint was consumed
-
-    @property
-    def rp_buf(self):
-        buf = getattr(self, "_rp_buf", None)
-        if buf is None:
-            buf = self._rp_buf = self.src.buf.copy()
-        return buf
 
     def background(self) -> bool:
         src = self.src
@@ -206,8 +200,7 @@ class PreemptFull(Policy):
                 if not hps.size:
                     return False
                 src.clear(hps)
-            n = src.send_pages(src.pre, hps, False)
-            src.limiter.account(n)
+            src.account(src.pre, src.send_pages(src.pre, hps, False), False)
             src.scan_hp = int(hps[-1]) + 1
             return True
         with src.bitmap_lock:

@@ -9,6 +9,7 @@ which channel.
 from __future__ import annotations
 
 import collections
+import contextlib
 import sys
 import threading
 import time
@@ -95,7 +96,6 @@ class Source(Child):
         self.urgent = threading.Event()  # migration_make_urgent_request
         self.scan_hp = 0  # last_seen_block/last_page, in host pages
         self.phase = "setup"
-        self.in_postcopy = False
         self.limiter = RateLimiter(cfg.max_bandwidth)
         # a frame is at most a quarter of the socket buffer, so a queue always holds several
         self.precopy_frame_pages = max(FRAME_PAGES_POSTCOPY,
@@ -198,11 +198,7 @@ class Source(Child):
         while off < k:
             if may_preempt and self.requests:
                 return off
-            if lock:
-                with self.bitmap_lock:
-                    tps = np.flatnonzero(self.dirty[base + off:base + min(off + fp, k)]) + base + off
-                    self.clear(tps)
-            else:
+            with self.bitmap_lock if lock else contextlib.nullcontext():
                 tps = np.flatnonzero(self.dirty[base + off:base + min(off + fp, k)]) + base + off
                 self.clear(tps)
             off = min(off + fp, k)
@@ -370,7 +366,6 @@ class Source(Child):
         self.pre.send(Msg.PACKAGED, ())
         self.event("postcopy_start")
         self.phase = "postcopy"
-        self.in_postcopy = True
         self.frame_pages = FRAME_PAGES_POSTCOPY
         self.scan_hp = 0  # last_seen_block reset
         self.limiter.set_rate(self.cfg.max_postcopy_bandwidth)
