@@ -298,3 +298,26 @@ def test_summary_of_a_quick_postcopy():
         r = shmig.run(cfg(ram=4 * MiB, workload="idle", precopy_rounds=1))
         assert_ok(r)
         assert "downtime" in r.summary()
+
+
+@pytest.mark.timeout(TIMEOUT)
+def test_registered_policy_runs_end_to_end():
+    """A user's policy (here: prefetch the neighbours of a requested page) is a mode like any other."""
+    from shmig import policies
+
+    class Prefetch(policies.PreemptFull):
+        def on_request(self, hp: int) -> None:
+            for p in range(hp, min(hp + 4, self.src.nhost)):
+                super().on_request(p)
+
+    policies.register("test-prefetch", Prefetch)
+    try:
+        c = cfg(mode="test-prefetch", workload="sequential", precopy_rounds=0)
+        assert c.validate().uses_preempt_channel
+        r = shmig.run(c)
+    finally:
+        del policies.POLICIES["test-prefetch"]
+    assert_ok(r)
+    assert r.ram["channel_bytes"]["postcopy"] > 0
+    with pytest.raises(shmig.ConfigError):
+        cfg(mode="test-prefetch").validate()
