@@ -100,6 +100,9 @@ class Report:
         return "\n".join(lines)
 
 
+MIN_BASELINE_S = 0.2
+
+
 def _n(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -181,7 +184,14 @@ def build_report(m: Migration) -> Report:
     acc_dst = sum(per_vcpu)
     run_src = sum(s["run_src_ns"] for s in vcpus) / 1e9
     postcopy_s = (rep.postcopy_phase_ms or 0) / 1e3
-    rate_src = acc_src / run_src if run_src > 0 else None
+    # the guest's normal speed: measured on the source when it ran there long enough to tell,
+    # else the rate it is paced at; a few ms of running (postcopy right after setup) say nothing
+    if run_src / max(len(vcpus), 1) >= MIN_BASELINE_S:
+        rate_src: float | None = acc_src / run_src
+    elif cfg.dirty_rate is not None:
+        rate_src = cfg.dirty_rate / 4096 / cfg.vcpus
+    else:
+        rate_src = None
     rate_dst = acc_dst / (postcopy_s * len(vcpus)) if postcopy_s > 0 and vcpus else None
     rep.guest_progress = {
         "precopy_accesses": acc_src,
