@@ -312,7 +312,9 @@ def test_registered_policy_runs_end_to_end():
 
     policies.register("test-prefetch", Prefetch)
     try:
-        c = cfg(mode="test-prefetch", workload="sequential", precopy_rounds=0)
+        # a slow background, so that the guest's faults are what moves pages
+        c = cfg(mode="test-prefetch", ram=8 * MiB, workload="sequential", precopy_rounds=0,
+                max_postcopy_bandwidth=16 * MiB)
         assert c.validate().uses_preempt_channel
         r = shmig.run(c)
     finally:
