@@ -126,7 +126,10 @@ class Vcpu(Child):
         counter = memory.C_GUEST0 + self.vcpu
         idle = self.cfg.workload == "idle"
         ran = None
-        self.ctrl_out.ctrl("ready", time.monotonic_ns())
+        ready = False  # told the controller the guest runs (after its first chunk, if it writes)
+        if idle:
+            self.ctrl_out.ctrl("ready", time.monotonic_ns())
+            ready = True
         while True:
             phase = int(ctl[memory.PHASE])
             if phase == memory.QUIT:
@@ -149,6 +152,9 @@ class Vcpu(Child):
             n = self.run_chunk(phase)
             self.acc[phase] += n
             self.mem.counters[counter] += n
+            if not ready:
+                self.ctrl_out.ctrl("ready", time.monotonic_ns())
+                ready = True
             if phase == memory.RUN_DST:
                 now = time.monotonic_ns()
                 if not self.progress or now - self.progress[-1][0] >= 1_000_000:
