@@ -178,7 +178,7 @@ class Migration:
         """The first failure wins, except that a child killed by a signal is the cause of whatever
         its peers then report (a closed channel, a broken pipe)."""
         if self.error is None:
-            killed = [p for p in self.procs if (p.process.exitcode or 0) < 0]
+            killed = self._killed(wait=0.5 if ("closed" in msg or "gone" in msg) else 0.0)
             if killed and not msg.startswith(killed[0].title + " was killed"):
                 p = killed[0]
                 msg = f"{p.title} was killed by signal {-p.process.exitcode} during {self.phase} ({msg})"
@@ -213,6 +213,16 @@ class Migration:
                         how = f"was killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
                         self._fail(f"{p.title} {how} during {self.phase}")
         self._sample()
+
+    def _killed(self, wait: float) -> list[_Proc]:
+        """Children killed by a signal. A peer sees the pipe close while the kernel is still
+        tearing the killed process down, so give it ``wait`` seconds to become reapable."""
+        end = time.monotonic() + wait
+        while True:
+            killed = [p for p in self.procs if (p.process.exitcode or 0) < 0]
+            if killed or time.monotonic() >= end:
+                return killed
+            time.sleep(0.01)
 
     def _drain(self, p: _Proc) -> None:
         try:
