@@ -241,13 +241,14 @@ def writer(mem: GuestMemory, seed: int, nwrites: int) -> None:
         ctl[COMPLETED] = j + 1
 
 
-def check_sync(mem: GuestMemory, seed: int, nwrites: int, done, pause=lambda: None) -> int:
-    """Snapshot the dirty log repeatedly; return how many writes were checked."""
+def check_sync(mem: GuestMemory, seed: int, nwrites: int, start, done, pause=lambda: None) -> int:
+    """Start the writer, snapshot the dirty log repeatedly; return how many writes were checked."""
     pages = np.random.default_rng(seed).integers(0, mem.cfg.npages, nwrites)
     src = mem.pages(mem.src).view(np.uint64)
     ctl = mem.ctl
     prev = mem.dirty.copy()
     started_after_prev = int(ctl[STARTED])  # writes with index >= this began after `prev` was taken
+    start()  # only now: every write happens after the first snapshot, so some are always checked
     checked = 0
     while True:
         finished = done()
@@ -273,8 +274,7 @@ def check_sync(mem: GuestMemory, seed: int, nwrites: int, done, pause=lambda: No
 def test_dirty_log_sync_loses_no_write_thread(mem):
     nwrites = 5_000
     t = threading.Thread(target=writer, args=(mem, 1, nwrites), daemon=True)
-    t.start()
-    checked = check_sync(mem, 1, nwrites, lambda: not t.is_alive(), pause=lambda: time.sleep(0.0002))
+    checked = check_sync(mem, 1, nwrites, t.start, lambda: not t.is_alive(), pause=lambda: time.sleep(0.0002))
     t.join()
     assert int(mem.ctl[COMPLETED]) == nwrites
     assert int(mem.dirty.sum()) == nwrites
@@ -286,9 +286,8 @@ def test_dirty_log_sync_loses_no_write_process(mem):
     nwrites = 100_000
     ctx = multiprocessing.get_context("fork")
     p = ctx.Process(target=writer, args=(mem, 2, nwrites), daemon=True)
-    p.start()
     try:
-        checked = check_sync(mem, 2, nwrites, lambda: not p.is_alive())
+        checked = check_sync(mem, 2, nwrites, p.start, lambda: not p.is_alive())
     finally:
         mem.ctl[STOP] = 1
         p.join(10)
