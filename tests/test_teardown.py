@@ -79,20 +79,25 @@ KILLS = ([(r, signal.SIGKILL, 0.5) for r in ROLES] + [(r, signal.SIGKILL, 0.0) f
          + [("mig/src", signal.SIGTERM, 0.5), ("guest/vcpu0", signal.SIGTERM, 0.5)])
 
 
-@pytest.mark.timeout(30)
-@pytest.mark.parametrize("role,sig,delay", KILLS,
-                         ids=[f"{r}-{s.name}-{'setup' if d == 0 else 'running'}" for r, s, d in KILLS])
-def test_child_killed(role, sig, delay, shm_leftovers):
-    m = shmig.Migration(slow_cfg()).start()
-    pid = proc_of(m, role).process.pid
-    timer = threading.Timer(delay, os.kill, (pid, sig))
+def wait_doing(m: shmig.Migration, delay: float, action, *args) -> tuple[shmig.Report, float]:
+    """``m.wait()`` while ``action(*args)`` runs ``delay`` s in: (report, seconds waited); every
+    child must be reaped afterwards."""
+    timer = threading.Timer(delay, action, args)
     timer.start()
     t0 = time.monotonic()
     try:
         r = m.wait()
     finally:
         timer.cancel()
-    elapsed = time.monotonic() - t0
+    assert_all_reaped(m)
+    return r, time.monotonic() - t0
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("role,sig,delay", KILLS,
+                         ids=[f"{r}-{s.name}-{'setup' if d == 0 else 'running'}" for r, s, d in KILLS])
+def test_child_killed(role, sig, delay, shm_leftovers):
+    m = shmig.Migration(slow_cfg()).start()
+    r, elapsed = wait_doing(m, delay, os.kill, proc_of(m, role).process.pid, sig)
     assert elapsed < 10, f"wait() took {elapsed:.1f}s after {role} was killed"
     assert r.status == "failed" and not r.ok
     assert r.error, r
@@ -145,15 +150,7 @@ GARBAGE = {
 def run_injecting(cfg: shmig.Config, title: str, channel: str, data: bytes) -> tuple[shmig.Report, float]:
     """Run ``cfg`` and, 0.3 s in, write ``data`` into ``title``'s ``channel``: (report, seconds)."""
     m = shmig.Migration(cfg).start()
-    timer = threading.Timer(0.3, inject, (m, title, channel, data))
-    timer.start()
-    t0 = time.monotonic()
-    try:
-        r = m.wait()
-    finally:
-        timer.cancel()
-    assert_all_reaped(m)
-    return r, time.monotonic() - t0
+    return wait_doing(m, 0.3, inject, m, title, channel, data)
 
 
 @pytest.mark.timeout(30)
