@@ -10,12 +10,13 @@ through msgpack's buffer, and a malformed length is caught before a byte of payl
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import select
 import struct
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import msgpack
 
@@ -58,8 +59,13 @@ def pack_header(kind: int, fields: Sequence[Any], send_ns: int | None = None) ->
 def pack_frame(kind: int, fields: Sequence[Any] = (), payload: bytes | memoryview = b"",
                send_ns: int | None = None) -> bytes:
     """One whole frame as bytes (control messages, tests)."""
+    return frame_head(kind, fields, len(payload), send_ns) + bytes(payload)
+
+
+def frame_head(kind: int, fields: Sequence[Any], plen: int, send_ns: int | None = None) -> bytes:
+    """Prefix and header of a frame whose payload (``plen`` bytes) follows."""
     h = pack_header(kind, fields, send_ns)
-    return PREFIX.pack(len(h), len(payload)) + h + bytes(payload)
+    return PREFIX.pack(len(h), plen) + h
 
 
 def writev_all(fd: int, bufs: list) -> int:
@@ -90,38 +96,36 @@ class FrameWriter:
 
     def send(self, kind: int, fields: Sequence[Any] = (), payload: Sequence[Any] = (),
              send_ns: int | None = None) -> int:
-        h = pack_header(kind, fields, send_ns)
         plen = sum(memoryview(p).nbytes for p in payload) if payload else 0
-        head = PREFIX.pack(len(h), plen) + h
-        try:
+        head = frame_head(kind, fields, plen, send_ns)
+        with self._sending(head, plen):
             if plen == 0 and len(head) <= PIPE_BUF:  # the common small message: one atomic write
                 if os.write(self.fd, head) != len(head):
                     raise ProtocolError(f"{self.name} channel: short write of a small frame")
             else:
                 writev_all(self.fd, [head, *payload])
-        except BrokenPipeError:
-            raise ChannelClosed(f"{self.name} channel: the receiver has gone") from None
-        n = PREFIX.size + len(h) + plen
-        self.bytes_out += n
-        self.frames_out += 1
-        return n
+        return len(head) + plen
 
     def send_file(self, kind: int, fields: Sequence[Any], fd: int, offset: int, nbytes: int) -> int:
         """A frame whose payload is ``nbytes`` of file ``fd`` at ``offset``, spliced into the pipe:
         the kernel moves page references instead of copying the bytes."""
-        h = pack_header(kind, fields)
-        head = PREFIX.pack(len(h), nbytes) + h
-        try:
+        head = frame_head(kind, fields, nbytes)
+        with self._sending(head, nbytes):
             writev_all(self.fd, [head])
             end = offset + nbytes
             while offset < end:
                 offset += os.splice(fd, self.fd, end - offset, offset_src=offset)
+        return len(head) + nbytes
+
+    @contextlib.contextmanager
+    def _sending(self, head: bytes, plen: int) -> Iterator[None]:
+        """A vanished receiver is a closed channel; a frame sent is counted."""
+        try:
+            yield
         except BrokenPipeError:
             raise ChannelClosed(f"{self.name} channel: the receiver has gone") from None
-        n = len(head) + nbytes
-        self.bytes_out += n
+        self.bytes_out += len(head) + plen
         self.frames_out += 1
-        return n
 
     def ctrl(self, name: str, obj: Any = None) -> None:
         self.send(Msg.CTRL, (name, obj))
