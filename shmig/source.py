@@ -314,19 +314,22 @@ class Source(Child):
                         self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e3, 3)
                     return "complete"
 
-    def precopy_round(self) -> None:
+    def precopy_round(self, final: bool = False) -> None:
+        """One pass over the dirty pages. The ``final`` one (stop-and-copy, QEMU's
+        ram_save_complete) is neither rate limited nor interrupted by a command."""
         idx = np.flatnonzero(self.dirty)
         fp = self.frame_pages
         for i in range(0, len(idx), fp):
-            if i % (fp * 16) == 0:
+            if not final and i % (fp * 16) == 0:
                 self.poll_control()
                 if self.start_postcopy_requested:
                     return
             tps = idx[i:i + fp]
             self.clear(tps)
             n = self.send_pages(self.pre, tps, False)
-            self.limiter.account(n)
-            self.limiter.wait(None)
+            if not final:
+                self.limiter.account(n)
+                self.limiter.wait(None)
 
     def stop_vm(self) -> None:
         """Ask the controller to pause the guest; downtime runs from here."""
@@ -338,11 +341,7 @@ class Source(Child):
         self.status("stop-and-copy")
         self.stop_vm()
         self.sync()
-        idx = np.flatnonzero(self.dirty)
-        for i in range(0, len(idx), self.frame_pages):
-            tps = idx[i:i + self.frame_pages]
-            self.clear(tps)
-            self.send_pages(self.pre, tps, False)
+        self.precopy_round(final=True)
 
     def switchover_postcopy(self) -> None:
         """postcopy_start: stop, last sync, whole host pages, discard, package; the guest resumes."""
