@@ -99,9 +99,7 @@ class Receiver(Child):
                 tps = tps[fresh]
                 if not tps.size:
                     return
-                self.scatter(tps if zero is None else tps[~zero], data)
-                if zero is not None:
-                    self.dst_pages[tps[zero]] = 0
+                self.write(f, tps, zero, data)
             else:
                 self.write(f, tps, zero)
             self.received[tps] = 1
@@ -133,18 +131,20 @@ class Receiver(Child):
         payload = self.reader.read_payload() if f.payload is None else f.payload
         return np.frombuffer(payload, np.uint8).reshape(-1, TARGET_PAGE)
 
-    def write(self, f: Frame, tps: np.ndarray, zero: np.ndarray | None) -> None:
-        """Zero pages are cleared; the others come from the payload, straight off the pipe if it is
-        still there (one readv into runs of destination pages), else from the receive buffer."""
+    def write(self, f: Frame, tps: np.ndarray, zero: np.ndarray | None,
+              data: np.ndarray | None = None) -> None:
+        """Zero pages are cleared; the others come from ``data`` if given, else from the payload:
+        straight off the pipe if it is still there (one readv into runs of destination pages),
+        else from the receive buffer."""
         if zero is not None:
             self.dst_pages[tps[zero]] = 0
             tps = tps[~zero]
             if not tps.size:
                 return
-        if f.payload is None:
+        if data is None and f.payload is None:
             self.reader.read_payload_into(self.runs(tps))
         else:
-            self.scatter(tps, np.frombuffer(f.payload, np.uint8).reshape(-1, TARGET_PAGE))
+            self.scatter(tps, self.payload_pages(f) if data is None else data)
 
     def scatter(self, tps: np.ndarray, data: np.ndarray) -> None:
         first = int(tps[0])
