@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .clock import Clock
 from .units import UnitError, fmt_size, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
@@ -14,11 +15,22 @@ HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
 MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
 MAX_VCPUS = 64  # each vCPU stamps its own 8-byte slot of a 4 KiB page: 512 slots, 64 is plenty
+MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 
 
 class ConfigError(ValueError):
     """Bad input: one line that says what to change."""
+
+
+def parse_dilation(value: str | float) -> float | str:
+    """``--time-dilation``: a factor (``4``, ``2.5``) or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UnitError(f"cannot read {value!r} as a dilation factor (e.g. 4, or auto)") from None
 
 
 @dataclass
@@ -44,7 +56,8 @@ class Config:
     precopy_rounds: int | None = 1  # postcopy modes: full rounds before switching; None = wait for start_postcopy()
     break_huge: bool = True  # x-postcopy-preempt-break-huge
     page_hint: bool = False  # QEMU 10.1 spatial locality hint (preempt-full)
-    deadline: float = 300.0  # the whole run; a hang fails with who waited for what
+    deadline: float = 300.0  # the whole run (emulated time); a hang fails with who waited for what
+    time_dilation: float | str = 1.0  # N: the emulated world runs N times slower; "auto" calibrates
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
@@ -55,7 +68,7 @@ class Config:
             "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
             "dirty_rate": parse_rate, "bandwidth": parse_rate, "max_bandwidth": parse_rate,
             "max_postcopy_bandwidth": parse_rate, "latency": parse_time, "downtime_limit": parse_time,
-            "deadline": parse_time,
+            "deadline": parse_time, "time_dilation": parse_dilation,
         }
         args = {}
         for k, v in kw.items():
@@ -93,6 +106,13 @@ class Config:
         from .policies import POLICIES
 
         return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
+
+    @property
+    def clock(self) -> Clock:
+        """The run's one clock; "auto" must have been resolved (``calibrate``) before it is used."""
+        if isinstance(self.time_dilation, str):
+            raise ConfigError("time_dilation 'auto' is resolved when the migration starts")
+        return Clock(float(self.time_dilation))
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
@@ -142,6 +162,11 @@ class Config:
             bad("--precopy-rounds must be 0 or more")
         if not self.deadline > 0:
             bad("--deadline must be positive")
+        if isinstance(self.time_dilation, str):
+            if self.time_dilation != "auto":
+                bad(f"--time-dilation {self.time_dilation!r}: use a number of at least 1, or auto")
+        elif not 1 <= self.time_dilation <= MAX_DILATION:  # also catches NaN
+            bad(f"--time-dilation must be between 1 and {MAX_DILATION:g} (or auto), got {self.time_dilation}")
         if self.page_hint and self.mode != "preempt-full":
             bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")
         if not self.break_huge and self.mode != "preempt":

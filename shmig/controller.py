@@ -8,6 +8,7 @@ the run's deadline with a message naming who was waiting for what.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import memory
-from .config import Config
+from .config import Config, ConfigError
 from .destination import Listen, PreemptReceiver
 from .guest import Vcpu
 from .link import Link
@@ -31,7 +32,10 @@ from .trace import write_trace
 from .wire import FrameReader, FrameWriter, ProtocolError
 
 F_SETPIPE_SZ = 1031
-SAMPLE_EVERY = 0.1
+SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
+CALIBRATION_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CALIBRATION_S = 0.25  # emulated seconds of link time a calibration run takes
+SUSTAINED = 0.97  # utilisation at which the machine keeps up with the emulated link
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
 
 
@@ -92,9 +96,13 @@ class Migration:
         self.resumed: dict[int, int] = {}
         self.eos: set[str] = set()
         self.closed = False
+        self.link: Link | None = None
+        self.calibration: list[dict[str, Any]] = []  # --time-dilation auto: what each factor carried
 
     # -- start ----------------------------------------------------------------
     def start(self) -> "Migration":
+        if self.cfg.time_dilation == "auto":
+            self.cfg.time_dilation, self.calibration = calibrate_dilation(self.cfg)
         cfg = self.cfg
         ctx = multiprocessing.get_context(START_METHOD)
         memory.sweep_stale()
@@ -124,7 +132,8 @@ class Migration:
                 up_r, up_w = self._pipe()
                 ctrl.append((down_r, down_w, up_r, up_w))
             all_fds = set(self.fds) | set(self.efds)
-            link = Link(mem.link, cfg.bandwidth, cfg.latency, ctx.Lock())
+            self.link = link = Link(mem.link, cfg.bandwidth, cfg.latency, cfg.socket_buffer, ctx.Lock(),
+                                    cfg.clock)
             for (cls, fds, v), (down_r, down_w, up_r, up_w) in zip(roles, ctrl):
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)
@@ -141,7 +150,7 @@ class Migration:
         except BaseException:
             self.close()
             raise
-        self.deadline = time.monotonic() + cfg.deadline
+        self.deadline = time.monotonic() + cfg.clock.real(cfg.deadline)
         return self
 
     def _pipe(self, size: int | None = None) -> tuple[int, int]:
@@ -187,6 +196,7 @@ class Migration:
 
     def _loop(self) -> None:
         next_sample = time.monotonic()
+        sample_every = self.cfg.clock.real(SAMPLE_EVERY)
         while not all(p.exited for p in self.procs):
             now = time.monotonic()
             if now >= self.deadline:
@@ -195,7 +205,7 @@ class Migration:
                 self._fail(f"deadline of {self.cfg.deadline:g}s passed during {self.phase}: {waits}")
             if now >= next_sample:
                 self._sample()
-                next_sample = now + SAMPLE_EVERY
+                next_sample = now + sample_every
             live = [p for p in self.procs if not p.exited]
             fds = [p.ctrl_in.fd for p in live] + [p.process.sentinel for p in live]
             r, _, _ = select.select(fds, [], [], max(0.0, min(next_sample, self.deadline) - now))
@@ -298,7 +308,7 @@ class Migration:
             return
         c = mem.counters
         s = {
-            "t_ms": round((time.monotonic_ns() - self.t0) / 1e6, 1),
+            "t_ms": round(self.cfg.clock.emulated_ms(time.monotonic_ns() - self.t0), 1),
             "phase": self.phase,
             "precopy_bytes": int(c[memory.C_PRECOPY_BYTES]),
             "postcopy_bytes": int(c[memory.C_POSTCOPY_BYTES]),
@@ -334,8 +344,33 @@ class Migration:
             except OSError:
                 pass
         self.fds, self.efds = [], []
+        if self.link is not None:
+            self.link.close()
         if self.mem is not None:
             self.mem.close()
+
+
+def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:
+    """``--time-dilation auto``: the smallest factor at which a short precopy run of this link,
+    with the same guest busy beside it, carries at least 97% of the link's rate."""
+    if cfg.bandwidth is None:
+        return 1.0, []  # an unlimited link is whatever the machine does: nothing to sustain
+    mib = 1024**2
+    ram = int(min(max(cfg.bandwidth * CALIBRATION_S, 32 * mib), 512 * mib, cfg.ram)) // cfg.host_page * cfg.host_page
+    ram = max(ram, cfg.host_page)
+    tried: list[dict[str, Any]] = []
+    for n in CALIBRATION_FACTORS:
+        probe = dataclasses.replace(
+            cfg, mode="precopy", ram=ram, wss=None if cfg.wss is None else min(cfg.wss, ram),
+            max_rounds=1, precopy_rounds=None, break_huge=True, page_hint=False, time_dilation=float(n),
+            max_bandwidth=None, deadline=60.0 / n, extra={})  # a minute of real time at most
+        rep = Migration(probe).start().wait()
+        util = rep.link.get("utilisation") if rep.ok else None
+        tried.append({"time_dilation": n, "utilisation": util})
+        if util is not None and util >= SUSTAINED:
+            return float(n), tried
+    raise ConfigError(f"--time-dilation auto: the machine does not sustain the link even {n}x slowed"
+                    f" down ({tried}); lower --bandwidth")
 
 
 def run(config: Config, on_sample: Callable[[dict[str, Any]], None] | None = None,

@@ -40,10 +40,14 @@ class Receiver(Child):
         self.received = self.mem.received
         fd = self.fds[self.channel]
         pipe_cap = fcntl.fcntl(fd, F_GETPIPE_SZ)
-        # with a limited link the queue is pipe + read-ahead; with an unlimited one nothing waits
-        # for the link, so payloads go straight from the pipe into destination RAM
-        self.reader = FrameReader(fd, self.channel, readahead=max(0, cfg.socket_buffer - pipe_cap),
-                                  max_frame=MAX_FRAME, direct=cfg.bandwidth is None)
+        # The queue is the pipe plus a read-ahead buffer, on every link: on loopback QEMU's queue
+        # is still the socket buffers, draining as fast as the destination places pages. Only when
+        # the pipe alone holds the whole socket buffer and no link paces it do payloads go
+        # straight from the pipe into destination RAM (one copy fewer).
+        readahead = max(0, cfg.socket_buffer - pipe_cap)
+        self.reader = FrameReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME,
+                                  direct=cfg.bandwidth is None and readahead == 0)
+        self.ch = 0 if self.channel == "precopy" else 1
         self.dst_mv = memoryview(self.mem.dst)
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
         self.asm_hp = -1  # the host page being assembled on this channel
@@ -55,9 +59,13 @@ class Receiver(Child):
 
     def next(self) -> Frame:
         """The next frame, once the link has carried it and its latency has passed."""
+        if not self.reader.direct:
+            self.reader.fill()  # take what the pipe holds into the read-ahead buffer (the socket)
         size, send_ns = self.reader.peek_head()
-        self.wait_ns += self.link.carry(size, self.reader.wait)
-        self.link.arrive(send_ns, self.reader.wait)
+        t0 = time.monotonic_ns()
+        carried = self.link.carry(self.ch, size, send_ns, self.reader.wait)
+        self.link.deliver(carried, self.reader.wait)
+        self.wait_ns += time.monotonic_ns() - t0
         f = self.reader.next_frame()
         assert f is not None
         self.stats["frames"] += 1

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from . import memory
+from .clock import Clock
 from .config import TARGET_PAGE
 from .policies import make_policy
 from .process import Child
@@ -26,50 +27,54 @@ from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, e
 FRAME_PAGES_PRECOPY = 256  # up to 1 MiB frames while nothing waits on the channel: throughput
 FRAME_PAGES_POSTCOPY = 16  # 64 KiB frames once faults wait: the granularity of preemption checks
 SPLICE_PAGES = 16  # runs at least this long are spliced rather than copied
-BUFFER_DELAY = 0.1  # QEMU's rate-limit window
+BUFFER_DELAY = 0.1  # QEMU's rate-limit window (emulated seconds)
 MAX_DISCARDS = 4096  # host page runs per DISCARD frame
 
 
 class RateLimiter:
-    """QEMU's migration rate limit: a budget of ``rate * BUFFER_DELAY`` bytes per 100 ms window."""
+    """QEMU's migration rate limit: a budget of ``rate * BUFFER_DELAY`` bytes per 100 ms window.
 
-    def __init__(self, rate: float | None):
-        self.rate = rate
-        self.window = time.monotonic()
-        self.used = 0
+    Windows and rates are emulated time (``Clock``): dilated N times, a window lasts N times longer
+    in real time and holds the same budget.
+    """
+
+    def __init__(self, rate: float | None, clock: Clock):
+        self.window_s = clock.real(BUFFER_DELAY)
+        self.set_rate(rate)
 
     def set_rate(self, rate: float | None) -> None:
-        self.rate = rate
+        self.budget = None if rate is None else rate * BUFFER_DELAY
         self.window = time.monotonic()
         self.used = 0
 
     def account(self, n: int) -> None:
         self.used += n
 
-    def _roll(self) -> float:
+    def exceeded(self) -> bool:
+        """migration_rate_exceeded; a window that has ended starts a new one (migration_update_counters)."""
+        if self.budget is None:
+            return False
         now = time.monotonic()
-        if now - self.window >= BUFFER_DELAY:
+        if now - self.window >= self.window_s:
             self.window = now
             self.used = 0
-        return now
+        return self.used >= self.budget
 
-    def exceeded(self) -> bool:
-        if self.rate is None:
+    def sleep(self, wake: threading.Event | None = None) -> bool:
+        """migration_rate_limit: with the budget spent, sleep until the window ends; a queued page
+        request (``wake``, QEMU's rate_limit_sem) ends the sleep early. The event is left set, as
+        QEMU posts the semaphore back: until the request is served, every later sleep returns at
+        once. Returns True if a request ended the sleep."""
+        if not self.exceeded():
             return False
-        self._roll()
-        return self.used >= self.rate * BUFFER_DELAY
-
-    def wait(self, wake: threading.Event | None) -> None:
-        """Sleep until the window ends; a queued page request (``wake``) ends the sleep early."""
-        while self.exceeded():
-            left = self.window + BUFFER_DELAY - time.monotonic()
-            if left <= 0:
-                continue
-            if wake is None:
-                time.sleep(left)
-            elif wake.wait(left):
-                wake.clear()  # consumed, like QEMU's rate_limit_sem: the next wait sleeps again
-                return
+        left = self.window + self.window_s - time.monotonic()
+        if left <= 0:
+            return False
+        woken = wake.wait(left) if wake is not None else time.sleep(left)
+        if woken:
+            return True
+        self.exceeded()  # the window has ended: a new one starts before anything else is sent
+        return False
 
 
 class Source(Child):
@@ -88,15 +93,16 @@ class Source(Child):
         self.remaining = cfg.npages
         self.last_log = self.mem.dirty.copy()
         self.dirty_sync_count = 1  # ram_init_bitmaps syncs once
-        self.pre = FrameWriter(self.fds["precopy"], "precopy")
-        self.post = FrameWriter(self.fds["postcopy"], "postcopy") if "postcopy" in self.fds else None
+        self.pre = FrameWriter(self.fds["precopy"], "precopy", self.link, 0)
+        self.post = FrameWriter(self.fds["postcopy"], "postcopy", self.link, 1) if "postcopy" in self.fds else None
         self.return_reader = FrameReader(self.fds["return"], "return path", max_frame=1 << 16)
         self.bitmap_lock = threading.Lock()
         self.requests: collections.deque[int] = collections.deque()
         self.urgent = threading.Event()  # migration_make_urgent_request
         self.scan_hp = 0  # last_seen_block/last_page, in host pages
         self.phase = "setup"
-        self.limiter = RateLimiter(cfg.max_bandwidth)
+        self.clock = cfg.clock
+        self.limiter = RateLimiter(cfg.max_bandwidth, self.clock)
         # a frame is at most a quarter of the socket buffer, so a queue always holds several
         self.precopy_frame_pages = max(FRAME_PAGES_POSTCOPY,
                                        min(FRAME_PAGES_PRECOPY, cfg.socket_buffer // TARGET_PAGE // 4))
@@ -205,8 +211,8 @@ class Source(Child):
             if tps.size:
                 n = self.send_pages(writer, tps, urgent)
                 self.account(writer, n, urgent)
-                if not urgent and k > 1:
-                    self.limiter.wait(self.policy.rate_wake)
+                if k > 1:  # rate limiting in the middle of a huge page, urgent or not, as QEMU
+                    self.limiter.sleep(self.policy.rate_wake)
         return None
 
     def send_host_batch(self, hps: np.ndarray, writer: FrameWriter, urgent: bool) -> None:
@@ -291,6 +297,7 @@ class Source(Child):
         """Rounds until the switch condition. Returns 'postcopy' or 'complete'."""
         cfg = self.cfg
         postcopy_rounds = cfg.precopy_rounds if cfg.postcopy else None
+        self.limiter.set_rate(cfg.max_bandwidth)  # the first window starts with the migration
         while True:
             self.poll_control()
             if cfg.postcopy and (self.start_postcopy_requested or
@@ -305,13 +312,13 @@ class Source(Child):
             elapsed = max(time.monotonic() - t0, 1e-6)
             self.rounds += 1
             self.sync()
-            bw = (self.stats["transferred"] - before) / elapsed
-            threshold = bw * cfg.downtime_limit
+            bw = (self.stats["transferred"] - before) / elapsed  # real bytes per real second
+            threshold = bw * self.clock.real(cfg.downtime_limit)
             self.pre.send(Msg.ROUND, (self.rounds,))
             if not cfg.postcopy or postcopy_rounds is None:
                 if self.remaining * TARGET_PAGE <= threshold or self.rounds >= cfg.max_rounds:
                     self.stats["expected_downtime_ms"] = round(
-                        self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e3, 3)
+                        self.clock.emulated_ms(self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e9), 3)
                     return "complete"
 
     def precopy_round(self, final: bool = False) -> None:
@@ -329,7 +336,7 @@ class Source(Child):
             n = self.send_pages(self.pre, tps, False)
             if not final:
                 self.limiter.account(n)
-                self.limiter.wait(None)
+                self.limiter.sleep()
 
     def stop_vm(self) -> None:
         """Ask the controller to pause the guest; downtime runs from here."""
@@ -390,7 +397,7 @@ class Source(Child):
                 hp = f.fields[0]
                 if not isinstance(hp, int) or not 0 <= hp < self.nhost:
                     raise ProtocolError(f"return path: request for host page {hp!r} outside RAM")
-                self.link.arrive(f.send_ns, rp.wait)
+                self.link.deliver(f.send_ns, rp.wait)
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU
                 self.policy.on_request(hp)
         except ChannelClosed as e:
