@@ -48,12 +48,16 @@ def pipe_max() -> int:
 
 
 def make_pipe(size: int | None = None) -> tuple[int, int]:
+    """A pipe holding ``size`` bytes if the kernel lets us (beyond pipe-max-size needs
+    CAP_SYS_RESOURCE), else as much as it allows; a receiver reads ahead for the rest."""
     r, w = os.pipe()
     if size:
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, min(size, pipe_max()))
-        except OSError:
-            pass
+        for want in (size, min(size, pipe_max())):
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, want)
+                break
+            except OSError:
+                continue
     return r, w
 
 

@@ -40,13 +40,13 @@ class Receiver(Child):
         self.received = self.mem.received
         fd = self.fds[self.channel]
         pipe_cap = fcntl.fcntl(fd, F_GETPIPE_SZ)
-        # The queue is the pipe plus a read-ahead buffer, on every link: on loopback QEMU's queue
-        # is still the socket buffers, draining as fast as the destination places pages. Only when
-        # the pipe alone holds the whole socket buffer and no link paces it do payloads go
-        # straight from the pipe into destination RAM (one copy fewer).
+        # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
+        # as the destination places pages). The kernel holds it when the pipe could be made that
+        # large: payloads then go straight from the pipe into destination RAM. Otherwise the
+        # receiver reads ahead into a buffer of its own for the part the pipe cannot hold.
         readahead = max(0, cfg.socket_buffer - pipe_cap)
         self.reader = FrameReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME,
-                                  direct=cfg.bandwidth is None and readahead == 0)
+                                  direct=readahead == 0)
         self.ch = 0 if self.channel == "precopy" else 1
         self.dst_mv = memoryview(self.mem.dst)
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
