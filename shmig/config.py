@@ -48,7 +48,9 @@ class Config:
     vcpus: int = 1
     bandwidth: float | None = None  # emulated link, shared by both data channels
     latency: float = 0.0  # one-way, on every channel
-    socket_buffer: int = 4 * 1024**2  # per channel: what may be queued before the sender blocks
+    # per channel: what may be queued before the sender blocks. Linux autotunes a TCP connection's
+    # buffers up to tcp_wmem max (4MiB) + tcp_rmem max (6MiB), on loopback as on a NIC
+    socket_buffer: int = 10 * 1024**2
     max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
     max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
     downtime_limit: float = 0.3  # QEMU downtime-limit
