@@ -46,11 +46,16 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     w.add_argument("--seed", type=int, help="initial content and access streams (default 1)")
     w.add_argument("--zero-fraction", type=float, help="share of all-zero pages (default 0.1)")
     p.add_argument("--deadline", help="the run fails after this long, naming who waited for what (default 300s)")
+    p.add_argument("--time-dilation", metavar="N|auto",
+                   help="run the emulated world N times slower (links faster than this machine);"
+                        " auto picks the smallest N that sustains the link; every time reported is"
+                        " emulated time (default 1)")
 
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
-               "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline")
+               "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
+               "time_dilation")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:

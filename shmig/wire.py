@@ -191,7 +191,9 @@ class FrameReader:
         self.readahead = 0 if direct else readahead
         self.pending = 0  # direct mode: payload bytes of the last frame still in the pipe
         self._peeked: tuple[int, tuple[list, int, int]] | None = None
-        self.cap = readahead + max_frame + 65536
+        # twice what may be buffered at once: the buffered bytes move to the front only once the
+        # front half is free, so each byte is moved at most once however deep the read-ahead
+        self.cap = 2 * (readahead + max_frame + 65536)
         self.buf = bytearray(self.cap)
         self.mv = memoryview(self.buf)
         self.start = 0
@@ -231,10 +233,13 @@ class FrameReader:
                 buf = bytearray(self.cap)
                 buf[:n] = self.mv[self.start:self.end]
                 self.buf, self.mv = buf, memoryview(buf)
-            else:
+                self.start, self.end = 0, n
+            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
                 self.mv[:n] = self.mv[self.start:self.end]
-            self.start, self.end = 0, n
+                self.start, self.end = 0, n
             want = min(want, self.cap - self.end)
+            if want <= 0:
+                return 0
         try:
             got = os.readv(self.fd, [self.mv[self.end:self.end + want]])
         except BlockingIOError:
