@@ -15,6 +15,7 @@ import enum
 import os
 import select
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -280,10 +281,14 @@ class FrameReader:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            r, _, _ = select.select([self.fd], [], [], left)
-            if not r and left is not None:
+            if not self._await(left) and left is not None:
                 return None
         return self._take() if take else None
+
+    def _await(self, timeout: float | None) -> bool:
+        """Sleep until more bytes may be read (or ``timeout``); True if they may."""
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(r)
 
     def peek_head(self) -> tuple[int, int]:
         """(size, send_ns) of the next frame, waiting until it is whole, without taking it."""
@@ -320,10 +325,13 @@ class FrameReader:
         else:
             payload = self.mv[h0 + hlen:h0 + hlen + plen]
             self.start += size
-        if self.start == self.end:
-            self.start = self.end = 0
+        self._rewind()
         self.frames_in += 1
         return Frame(header[0], header[1], header[2:], payload, size)
+
+    def _rewind(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
 
     def read_payload_into(self, views: list) -> None:
         """Direct mode: read the pending payload straight into ``views`` (which add up to it)."""
@@ -366,6 +374,100 @@ class FrameReader:
             if not self.fill():
                 return False
         return True
+
+
+class SocketReader(FrameReader):
+    """A data channel's receive side when the pipe cannot hold the whole socket buffer: a thread
+    drains the pipe into the read-ahead buffer as bytes arrive, as the kernel fills a socket's
+    receive buffer while the application is busy. So the sender's writes complete as fast as
+    memory copies them, not at the pace the receiver happens to look at its pipe.
+
+    The thread only ever writes past ``end``; the consumer moves the buffered bytes to the front
+    (or grows the buffer) only at a frame boundary and never while the thread is reading.
+    """
+
+    def __init__(self, fd: int, name: str, readahead: int, max_frame: int):
+        super().__init__(fd, name, readahead=readahead, max_frame=max_frame)
+        self._cond = threading.Condition()
+        self._reading = False
+        self._error: BaseException | None = None
+        threading.Thread(target=self._pump, name=f"{name} socket", daemon=True).start()
+
+    def _room(self) -> int:
+        """Under the lock: bytes the thread may read now at ``end``."""
+        return min(self.cap - self.end, max(self.readahead, self._need()) - self.buffered)
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                select.select([self.fd], [], [])  # readable: data, or the writer has gone
+                with self._cond:
+                    while (n := self._room()) <= 0:
+                        self._cond.wait()
+                    self._reading = True
+                    at = self.end
+                got = -1
+                try:
+                    got = os.readv(self.fd, [self.mv[at:at + n]])
+                except BlockingIOError:
+                    pass
+                finally:
+                    with self._cond:  # the bytes count where they were read, before anything moves
+                        self._reading = False
+                        if got > 0:
+                            self.end += got
+                            self.bytes_in += got
+                        elif got == 0:
+                            self.eof = True
+                        self._cond.notify_all()
+                if got == 0:
+                    return
+        except BaseException as e:  # surfaced to the consumer as a closed channel
+            with self._cond:
+                self._error = e
+                self.eof = True
+                self._cond.notify_all()
+
+    def fill(self) -> int:
+        """At a frame boundary: make room for the thread if the buffer's tail is short."""
+        need = self._need()
+        if self.cap - self.end >= max(self.readahead, need) - self.buffered and need <= self.cap:
+            return 0
+        with self._cond:
+            while self._reading:
+                self._cond.wait()
+            n = self.buffered
+            if need > self.cap:
+                self.cap = need + 65536
+                buf = bytearray(self.cap)
+                buf[:n] = self.mv[self.start:self.end]
+                self.buf, self.mv = buf, memoryview(buf)
+            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
+                self.mv[:n] = self.mv[self.start:self.end]
+            else:
+                return 0
+            self.start, self.end = 0, n
+            self._peeked = None
+            self._cond.notify_all()
+        return 0
+
+    def _await(self, timeout: float | None) -> bool:
+        if self._error is not None:
+            raise ProtocolError(f"{self.name} channel: receiving failed ({self._error})")
+        with self._cond:
+            end = self.end
+            self._cond.wait_for(lambda: self.end != end or self.eof, timeout)
+            return self.end != end
+
+    def wait(self, timeout: float | None) -> None:
+        if timeout:
+            time.sleep(timeout)  # the thread reads meanwhile
+
+    def _rewind(self) -> None:
+        # never back to the front here: the frame just taken is still being placed from there,
+        # and the thread would read new bytes over it; fill() moves bytes at the next boundary
+        with self._cond:
+            self._cond.notify_all()  # a frame was taken: room for the thread
 
 
 def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:
