@@ -52,19 +52,23 @@ def check_output(path: str) -> None:
 def plot_files(paths: Sequence[str], out: str) -> None:
     """``shmig plot``: every run of every file in one picture."""
     check_output(out)
-    runs: list[tuple[str, SavedRun]] = []
+    runs: list[SavedRun] = []
+    tags: list[str] = []
     for path in paths:
+        mine = load_runs(path)
         stem = os.path.splitext(os.path.basename(path))[0]
-        runs += [(_label(r) + (f" [{stem}]" if len(paths) > 1 else ""), r) for r in load_runs(path)]
-    plot_runs(runs, out)
+        runs += mine
+        tags += [f" [{stem}]" if len(paths) > 1 else ""] * len(mine)
+    plot_runs(runs, out, tags)
 
 
-def plot_runs(runs: Sequence[tuple[str, SavedRun]], out: str) -> None:
-    """A sweep's figure if the runs come from a sweep, else the latency (and timeline) figure."""
-    if any(r.knob for _, r in runs):
-        plot_sweep([r for _, r in runs], out)
+def plot_runs(runs: Sequence[SavedRun], out: str, tags: Sequence[str] | None = None) -> None:
+    """A sweep's figure if the runs come from a sweep, else the latency (and, for one run, the
+    timeline) figure; ``tags`` tell runs of the same mode apart (e.g. the file they came from)."""
+    if any(r.knob for r in runs):
+        plot_sweep(runs, out)
     else:
-        plot_latency(runs, out)
+        plot_latency([(_label(r) + (tags[i] if tags else ""), r) for i, r in enumerate(runs)], out)
 
 
 def _label(r: SavedRun) -> str:

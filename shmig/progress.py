@@ -39,7 +39,8 @@ def status_text(s: dict[str, Any], rate_bps: float | None) -> str:
     parts = [f"{s['t_ms'] / 1e3:6.1f}s", f"{s['phase']:<10}"]
     if s.get("rounds") is not None and s["phase"] in ("precopy", "switchover"):
         parts.append(f"round {s['rounds'] + (s['phase'] == 'precopy')}")
-    parts.append(f"sent {fmt_size(sent)} (postcopy {fmt_size(s['postcopy_bytes'])})")
+    parts.append(f"sent {fmt_size(sent)}" + (f" ({fmt_size(s['postcopy_bytes'])} on the postcopy channel)"
+                                             if s["postcopy_bytes"] else ""))
     parts.append(f"left {fmt_size(s['remaining_pages'] * TARGET_PAGE)}")
     if rate_bps is not None:
         parts.append(f"{rate_bps * 8 / 1e6:,.0f} Mbit/s")
@@ -106,7 +107,7 @@ class LiveStatus:
         if self.total <= 1:
             return ""
         if not self.durations:
-            return "time left: after the first run"
+            return "time left: ?"
         mean = sum(self.durations) / len(self.durations)
         left = mean * (self.total - self.index + 1) - (time.monotonic() - self.t_run)
         return f"~{_duration(max(left, 0.0))} left"
@@ -120,7 +121,7 @@ class LiveStatus:
         line = status_text(s, rate)
         if self.total > 1 or self.label:
             head = f"run {self.index}/{self.total}" if self.total > 1 else ""
-            head = " ".join(x for x in (head, self.label, self.eta()) if x)
+            head = " · ".join(x for x in (head, self.label, self.eta()) if x)
             line = f"[{head}] {line}"
         self.line = line
         if self._live is not None:
