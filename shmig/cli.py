@@ -186,7 +186,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     modes = ns.modes.split(",") if ns.modes else [Config.mode]
     plan = sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes)
     _plot_check(ns.plot)
-    with LiveStatus(len(plan), enabled=_live(ns)) as ui:
+    with LiveStatus(len(plan), enabled=_live(ns), announce=not ns.quiet) as ui:
         done, interrupted = sweep.sweep(knob, plan, ui)
     if ns.json:
         with open(ns.json, "w") as f:

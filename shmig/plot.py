@@ -165,7 +165,7 @@ def _cdf(ax: Any, group: Sequence[tuple[str, SavedRun]]) -> None:
     ax.set_xlabel("fault latency (ms)")
     ax.set_ylabel("share of faults at or below")
     ax.set_ylim(0, 1.02)
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
 
 
@@ -221,7 +221,7 @@ def _timeline(ax_bytes: Any, ax_faults: Any, rep: Any) -> None:
     ax_faults.set_title(f"every fault at the time it began, at its latency ({len(f)} faults)", fontsize=10)
     ax_faults.set_ylabel("fault latency (ms)")
     ax_faults.set_xlabel("time since the migration started (s)")
-    ax_faults.grid(True, which="both", alpha=0.3)
+    ax_faults.grid(True, alpha=0.3)
 
 
 def _sweep_x(runs: Sequence[SavedRun]) -> tuple[list[float], str | None, list[str]]:

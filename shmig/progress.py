@@ -57,11 +57,13 @@ class LiveStatus:
     """A live line on stderr for one run or a series of runs ("run 2 of 6", time left).
 
     Use as a context manager; ``begin(label)`` before each run, ``sample`` as the run's
-    ``on_sample``, ``log`` for lines that must stay (printed above the live line)."""
+    ``on_sample``, ``log`` for lines that must stay (printed above the live line). With
+    ``announce``, a series without a live line says "run i/n: label" on a line of its own."""
 
-    def __init__(self, total_runs: int = 1, enabled: bool = True):
+    def __init__(self, total_runs: int = 1, enabled: bool = True, announce: bool = False):
         self.total = total_runs
         self.enabled = enabled and rich_available()
+        self.announce = announce
         self.index = 0
         self.label = ""
         self.t_series = time.monotonic()
@@ -101,6 +103,8 @@ class LiveStatus:
         self.label = label
         self.t_run = now
         self.samples.clear()
+        if self.announce and self._live is None:
+            self.log(f"run {self.index}/{self.total}: {label}")
 
     def eta(self) -> str:
         """Time left: the runs still to go at the mean duration of those done so far."""
