@@ -19,7 +19,7 @@ from .policies import load_entry_points, load_policy
 from .progress import LiveStatus
 from .report import Report, SavedRun, load_runs
 from .stats import format_dist
-from .units import UnitError, fmt_size, parse_size
+from .units import UnitError, parse_size
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 

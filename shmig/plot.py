@@ -162,11 +162,20 @@ def _cdf(ax: Any, group: Sequence[tuple[str, SavedRun]]) -> None:
         ax.text(0.5, 0.5, "no faults", ha="center", va="center", transform=ax.transAxes)
         return
     ax.set_xscale("log")
+    _plain_log_labels(ax.xaxis)
     ax.set_xlabel("fault latency (ms)")
     ax.set_ylabel("share of faults at or below")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
+
+
+def _plain_log_labels(axis: Any) -> None:
+    """0.5, 20, 300 rather than 5x10^-1: latencies are read, not computed with."""
+    from matplotlib import ticker
+
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.5)))
 
 
 def _shade_phases(ax: Any, rep: Any, labels: bool) -> None:
@@ -214,6 +223,7 @@ def _timeline(ax_bytes: Any, ax_faults: Any, rep: Any) -> None:
             ax_faults.scatter(f[sel, 0] / 1e3, f[sel, 1] / 1e3, s=6, alpha=0.6,
                               label=f"vCPU {v}" if len(vcpus) > 1 else None)
         ax_faults.set_yscale("log")
+        _plain_log_labels(ax_faults.yaxis)
         if len(vcpus) > 1:
             ax_faults.legend(fontsize=8, markerscale=2)
     else:

@@ -13,7 +13,7 @@ import sys
 import matplotlib.image
 import pytest
 
-from shmig import Report, cli
+from shmig import Report
 from shmig.stats import BUCKETS
 
 from test_cli import ENV, one_error_line, run_main
