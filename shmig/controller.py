@@ -327,7 +327,7 @@ class Migration:
         dist = mem.lat_dist.sum(axis=0)  # the faults resolved so far, in QEMU's buckets
         s["faults_done"] = int(dist.sum())
         p50 = dist_quantile(dist, 0.5)
-        s["fault_p50_us"] = None if p50 is None else round(p50, 1)
+        s["fault_p50_us"] = None if p50 is None else round(self.cfg.clock.emulated_ns(p50), 1)  # us, emulated
         self.samples.append(s)
         if self.on_sample is not None:
             self.on_sample(s)

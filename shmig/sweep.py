@@ -17,9 +17,6 @@ from .progress import LiveStatus
 from .report import SavedRun
 from .units import fmt_size
 
-# every option of `shmig run` but the mode (that is what --modes is for)
-CONVERTED = {"ram", "host_page", "wss", "socket_buffer", "dirty_rate", "bandwidth", "max_bandwidth",
-             "max_postcopy_bandwidth", "latency", "downtime_limit", "deadline"}  # units: Config.from_strings
 _TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 
 
@@ -42,9 +39,10 @@ def knob_name(knob: str, options: Sequence[str]) -> str:
 
 
 def knob_value(name: str, text: str) -> Any:
-    """One value as the option takes it: units for sizes, rates and times, on/off for flags."""
-    if name in CONVERTED:
-        return text
+    """One value as the option takes it: what Config.from_strings reads (sizes, rates, times) stays
+    text for it; flags take on/off, counts and fractions numbers; words (workload) stay words."""
+    if getattr(Config.from_strings(**{name: text}), name) != text:
+        return text  # from_strings converts it (and says what is wrong with it)
     kind = {f.name: str(f.type) for f in dataclasses.fields(Config)}[name]
     try:
         if kind == "bool":
