@@ -89,8 +89,9 @@ def _describe(cfg: dict[str, Any], skip: str | None = None) -> str:
     return ", ".join(v for k, v in words.items() if k != skip)
 
 
-def _latencies_us(rep: Any) -> np.ndarray:
-    return np.array([f[1] for f in rep.faults], dtype=np.float64)
+def _faults(rep: Any) -> np.ndarray:
+    """The per-fault list as an (n, 3) array: t_ms, latency_us, vcpu."""
+    return np.asarray(rep.faults, dtype=np.float64).reshape(-1, 3)
 
 
 def plot_latency(runs: Sequence[tuple[str, SavedRun]], out: str) -> None:
@@ -148,7 +149,7 @@ def _cdf(ax: Any, group: Sequence[tuple[str, SavedRun]]) -> None:
     drawn = False
     for lab, r in group:
         rep = r.report
-        lat = np.sort(_latencies_us(rep)) / 1e3
+        lat = np.sort(_faults(rep)[:, 1]) / 1e3
         if lat.size:
             ax.step(lat, np.arange(1, lat.size + 1) / lat.size, where="post",
                     label=f"{lab}: p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms")
@@ -215,7 +216,7 @@ def _timeline(ax_bytes: Any, ax_faults: Any, rep: Any) -> None:
         ax_bytes.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper right")
     ax_bytes.set_title(f"{rep.config.get('mode')}: bytes per channel (100 ms samples), pages remaining,"
                        f" phases shaded", fontsize=10)
-    f = np.asarray(rep.faults, dtype=np.float64).reshape(-1, 3)
+    f = _faults(rep)
     if f.size:
         vcpus = np.unique(f[:, 2]).astype(int)
         for v in vcpus:
@@ -258,24 +259,24 @@ def plot_sweep(runs: Sequence[SavedRun], out: str) -> None:
     for i, mode in enumerate(modes):
         mine = [r for r in runs if r.mode == mode]
         x = [pos[r.value] for r in mine]
-        ok = [r.report.ok for r in mine]
         col = colours[i % len(colours)]
 
         def series(get: Any) -> list[float]:
-            return [get(r.report) if good and get(r.report) is not None else math.nan for r, good in zip(mine, ok)]
+            """One figure per run; a failed run, or one without the figure, leaves a gap."""
+            vals = [get(r.report) if r.report.ok else None for r in mine]
+            return [math.nan if v is None else v for v in vals]
 
-        lat = [r.report.postcopy_latency_us for r in mine]
-        has = [bool(x.get("count")) for x in lat]
-        axes[0].plot(x, [d["p50"] / 1e3 if h and g else math.nan for d, h, g in zip(lat, has, ok)], "o-",
-                     color=col, label=f"{mode} p50")
-        axes[0].plot(x, [d["p99"] / 1e3 if h and g else math.nan for d, h, g in zip(lat, has, ok)], "s--",
-                     color=col, label=f"{mode} p99")
+        def latency_ms(q: str) -> Any:
+            return lambda rep: rep.postcopy_latency_us[q] / 1e3 if rep.postcopy_latency_us.get("count") else None
+
+        axes[0].plot(x, series(latency_ms("p50")), "o-", color=col, label=f"{mode} p50")
+        axes[0].plot(x, series(latency_ms("p99")), "s--", color=col, label=f"{mode} p99")
         axes[1].plot(x, series(lambda rep: rep.guest_progress.get("postcopy_accesses")), "o-", color=col,
                      label=mode)
-        axes[2].plot(x, series(lambda rep: rep.total_time_ms and rep.total_time_ms / 1e3), "o-", color=col,
-                     label=mode)
-        for xi, good in zip(x, ok):
-            if not good:
+        axes[2].plot(x, series(lambda rep: None if rep.total_time_ms is None else rep.total_time_ms / 1e3), "o-",
+                     color=col, label=mode)
+        for xi, r in zip(x, mine):
+            if not r.report.ok:
                 for ax in axes:
                     ax.axvline(xi, color=col, ls=":", lw=1)
     titles = ("fault latency p50 (solid) and p99 (dashed), ms", "guest progress: pages touched in postcopy",
@@ -290,6 +291,7 @@ def plot_sweep(runs: Sequence[SavedRun], out: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
+    _plain_log_labels(axes[0].yaxis)
     axes[1].set_ylim(bottom=0)
     axes[2].set_ylim(bottom=0)
     cfg = runs[0].report.config

@@ -88,7 +88,7 @@ def sweep(knob: str, runs: Sequence[tuple[str, str, Config]], ui: LiveStatus) ->
             if rep.error and rep.error.startswith("interrupted"):
                 return done, True
             done.append(SavedRun(mode, cfg.host_page, rep, knob, value))
-            if not rep.ok:
+            if not rep.ok and ui.announce:
                 ui.log(f"  {mode} {knob}={value}: {rep.status}: {rep.error}")
     except KeyboardInterrupt:
         return done, True
