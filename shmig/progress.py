@@ -66,11 +66,9 @@ class LiveStatus:
         self.announce = announce
         self.index = 0
         self.label = ""
-        self.t_series = time.monotonic()
-        self.t_run = self.t_series
+        self.t_run = time.monotonic()
         self.durations: list[float] = []
         self.samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
-        self.line = ""
         self._live: Any = None
         self._console: Any = None
 
@@ -127,7 +125,6 @@ class LiveStatus:
             head = f"run {self.index}/{self.total}" if self.total > 1 else ""
             head = " · ".join(x for x in (head, self.label, self.eta()) if x)
             line = f"[{head}] {line}"
-        self.line = line
         if self._live is not None:
             from rich.text import Text
 

@@ -288,14 +288,16 @@ def build_report(m: Migration) -> Report:
 def fault_list(intervals: list[np.ndarray], t0: int) -> list[list[float]]:
     """Every resolved fault as [t_ms, latency_us, vcpu], sorted by time: what a plot of faults over
     time needs, a few bytes per fault."""
-    cols = [(iv[iv[:, 1] >= 0], v) for v, iv in enumerate(intervals)]
-    start = np.concatenate([f[:, 0] for f, _ in cols]) if cols else np.empty(0, np.int64)
-    lat = np.concatenate([f[:, 1] - f[:, 0] for f, _ in cols]) if cols else np.empty(0, np.int64)
-    vcpu = np.concatenate([np.full(len(f), v) for f, v in cols]) if cols else np.empty(0, np.int64)
-    order = np.argsort(start, kind="stable")
-    t_ms = np.round((start[order] - t0) / 1e6, 3).tolist()
-    lat_us = np.round(lat[order] / 1e3, 1).tolist()
-    return [list(row) for row in zip(t_ms, lat_us, vcpu[order].tolist())]
+    done = [iv[iv[:, 1] >= 0] for iv in intervals]
+    if not done:
+        return []
+    f = np.concatenate(done)
+    vcpu = np.repeat(np.arange(len(done)), [len(d) for d in done])
+    order = np.argsort(f[:, 0], kind="stable")
+    f, vcpu = f[order], vcpu[order]
+    t_ms = np.round((f[:, 0] - t0) / 1e6, 3).tolist()
+    lat_us = np.round((f[:, 1] - f[:, 0]) / 1e3, 1).tolist()
+    return [list(row) for row in zip(t_ms, lat_us, vcpu.tolist())]
 
 
 PHASES = (("setup", None, "setup_done"), ("precopy", "setup_done", "stop_vm"),
@@ -305,7 +307,7 @@ PHASES = (("setup", None, "setup_done"), ("precopy", "setup_done", "stop_vm"),
 def phase_list(t0: int, events: dict[str, int]) -> list[list[Any]]:
     """[name, start_ms, end_ms] of each phase that happened (precopy mode: its stop-and-copy ends
     at the destination's end of stream)."""
-    ev = dict(events, setup=t0)
+    ev = dict(events)
     postcopy = "running" in ev
     if not postcopy:  # precopy: the downtime is the stop-and-copy, until the end of stream
         ev["running"] = ev.get("eos_mig/dst/listen", ev.get("complete"))
