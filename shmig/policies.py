@@ -247,6 +247,15 @@ def make_policy(cfg: Config, src: Source) -> Policy:
 
 
 # -- policies from outside the package (``--policy``, entry points) -------------------------------
+# (imported here rather than at the top: this section is what the command line needs, nothing above)
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from importlib.metadata import entry_points  # noqa: E402
+
+from .config import ConfigError  # noqa: E402
 
 BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 ENTRY_POINT_GROUP = "shmig.policies"
@@ -256,25 +265,22 @@ def _import_class(target: str) -> type:
     """``pkg.mod:Class`` (imported like ``python -m`` would, the current directory first on the
     path, so a module next to you works with the installed ``shmig`` script too) or
     ``path/to/file.py:Class``."""
-    import importlib
-    import importlib.util
-    import os
-    import sys
-
-    from .config import ConfigError
-
     module, sep, attr = target.rpartition(":")
     if not sep or not module or not attr:
         raise ConfigError(f"--policy {target!r}: use module:Class (e.g. examples.prefetch:PrefetchNeighbours)")
     try:
         if module.endswith(".py") or os.sep in module:
-            name = "shmig_policy_" + os.path.splitext(os.path.basename(module))[0]
-            spec = importlib.util.spec_from_file_location(name, module)
-            if spec is None or spec.loader is None or not os.path.isfile(module):
+            path = os.path.abspath(module)
+            if not os.path.isfile(path):
                 raise ConfigError(f"--policy {target!r}: no such file {module!r}")
-            mod = importlib.util.module_from_spec(spec)
-            sys.modules[name] = mod
-            spec.loader.exec_module(mod)
+            name = "shmig_policy_" + os.path.splitext(os.path.basename(path))[0]
+            mod = sys.modules.get(name)
+            if getattr(mod, "__file__", None) != path:  # loaded once per process, like an import
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[name] = mod
+                spec.loader.exec_module(mod)
         else:
             if "" not in sys.path and os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
@@ -292,8 +298,6 @@ def _import_class(target: str) -> type:
 def register_class(mode: str, cls: object, origin: str) -> str:
     """``register`` with the checks a name from the command line needs: a Policy subclass, and a
     mode name that does not shadow a built-in mode or another policy."""
-    from .config import ConfigError
-
     if not (isinstance(cls, type) and issubclass(cls, Policy)):
         raise ConfigError(f"{origin}: {cls!r} is not a subclass of shmig.policies.Policy")
     if not mode or mode in BUILTIN_MODES or POLICIES.get(mode, cls) is not cls:
@@ -318,10 +322,6 @@ def load_entry_points() -> tuple[list[str], list[str]]:
     """Register every policy that an installed package declares in the ``shmig.policies`` entry-point
     group (the entry point's name is the mode name). Returns (modes registered, one line per entry
     point that could not be loaded), so one broken plugin does not stop every other command."""
-    from importlib.metadata import entry_points
-
-    from .config import ConfigError
-
     names, problems = [], []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:
