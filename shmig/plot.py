@@ -67,8 +67,11 @@ def plot_runs(runs: Sequence[SavedRun], out: str, tags: Sequence[str] | None = N
     timeline) figure; ``tags`` tell runs of the same mode apart (e.g. the file they came from)."""
     if any(r.knob for r in runs):
         plot_sweep(runs, out)
-    else:
-        plot_latency([(_label(r) + (tags[i] if tags else ""), r) for i, r in enumerate(runs)], out)
+        return
+    labels = [_label(r) + (tags[i] if tags else "") for i, r in enumerate(runs)]
+    twice = {lab for lab in labels if labels.count(lab) > 1}  # compare --repeat: one run per seed
+    labels = [lab + (f" seed {r.report.config.get('seed')}" if lab in twice else "") for lab, r in zip(labels, runs)]
+    plot_latency(list(zip(labels, runs)), out)
 
 
 def _label(r: SavedRun) -> str:

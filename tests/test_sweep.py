@@ -16,7 +16,8 @@ import time
 import pytest
 
 from shmig import progress, sweep
-from shmig.cli import CONFIG_KEYS
+from shmig.cli import CONFIG_KEYS, _compare_log
+from shmig.compare import compare
 
 from test_cli import ENV, one_error_line, run_main
 from test_plot import png_size
@@ -158,3 +159,13 @@ def test_live_status_on_a_terminal(shm_leftovers):
     assert "postcopy" in text and "requests" in text and "faults waiting" in text and "p50 ~" in text
     assert "Mbit/s" in text
     assert out.startswith(b"shmig preempt: completed")
+
+
+@pytest.mark.timeout(60)
+def test_compare_runs_are_counted_for_the_live_line():
+    """The live line learns "run i of n" from compare()'s own log lines: pin that they match."""
+    ui = progress.LiveStatus(enabled=False)
+    compare({"ram": "16MiB", "workload": "idle", "precopy_rounds": 0}, ["vanilla"], [4096],
+            log=_compare_log(ui, quiet=True), repeat=2)
+    assert (ui.index, ui.total) == (2, 2)
+    assert ui.label.startswith("vanilla with 4KiB host pages")
