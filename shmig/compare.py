@@ -92,7 +92,8 @@ class Cell:
 
 def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
             log: Callable[[str], None] | None = None, repeat: int = 1,
-            by_host_page: dict[int, dict[str, Any]] | None = None) -> dict[tuple[str, int], Cell]:
+            by_host_page: dict[int, dict[str, Any]] | None = None,
+            on_sample: Callable[[dict[str, Any]], None] | None = None) -> dict[tuple[str, int], Cell]:
     """Run every (mode, host page) pair ``repeat`` times (seeds ``seed``, ``seed + 1``, ...; a host
     page size may override options and its own ``repeat``). Every configuration is validated before
     the first run; ``time_dilation="auto"`` is calibrated once, on the first, so every cell runs on
@@ -120,7 +121,7 @@ def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int
             if log:
                 log(f"[{done}/{total}] running {m} with {fmt_size(hp)} host pages"
                     + (f" (seed {cfg.seed + i})" if n > 1 else "") + " ...")
-            rep = run(dataclasses.replace(cfg, seed=cfg.seed + i))
+            rep = run(dataclasses.replace(cfg, seed=cfg.seed + i), on_sample)
             cell.reports.append(rep)
             if log and not rep.ok:
                 log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")
