@@ -10,7 +10,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from . import memory
-from . import sweep
+from . import sweep, trace
 from .compare import PRESETS, MODE_VARIANTS, compare, format_table
 from .compare import Cell
 from .config import MODES, WORKLOADS, Config, ConfigError
@@ -75,6 +75,8 @@ def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = Config.from_strings(**_config_kwargs(ns)).validate()
+    if ns.trace:
+        trace.check_output(ns.trace)
     with LiveStatus(enabled=_live(ns)) as ui:
         report = Migration(cfg, on_sample=ui.on_sample, trace=ns.trace).start().wait()
     if ns.json:
@@ -251,7 +253,7 @@ def parser() -> argparse.ArgumentParser:
     _config_args(r)
     r.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     r.add_argument("--dist", action="store_true", help="print the fault-latency distribution")
-    r.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace (phases, faults, counters)")
+    r.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of every process (open in ui.perfetto.dev)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
     c = sub.add_parser("compare", help="run several modes (and host page sizes) and print one table")

@@ -78,6 +78,7 @@ class _Proc:
         self.ctrl_out = ctrl_out
         self.stats: dict[str, Any] | None = None
         self.exited = False
+        self.trace: list[list] = []  # [thread id, thread name, rows] chunks (events.Recorder.chunks)
 
 
 class Migration:
@@ -142,6 +143,7 @@ class Migration:
             for (cls, fds, v), (down_r, down_w, up_r, up_w) in zip(roles, ctrl):
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)
+                child.traced = bool(self.trace)
                 p = ctx.Process(target=child.main, args=(os.getpid(),), daemon=True)
                 p.start()
                 self.procs.append(_Proc(child, p, FrameReader(up_r, f"{child.title} control", max_frame=1 << 16),
@@ -178,7 +180,7 @@ class Migration:
             self._loop()
             report = self._report()
             if self.trace:
-                write_trace(self.trace, self)
+                write_trace(self.trace, self, report)
         except KeyboardInterrupt:
             self.error = f"interrupted (SIGINT) during {self.phase}"
             report = self._report()
@@ -266,6 +268,8 @@ class Migration:
             self._fail(str(obj))
         elif name == "stats":
             p.stats = obj
+        elif name == "trace":
+            p.trace.append(obj)
         elif name == "event":
             ev, t = obj
             self.events[ev if ev != "eos" else f"eos_{p.title}"] = t

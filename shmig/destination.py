@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .config import TARGET_PAGE
+from .events import K
 from .memory import populate
 from .process import Child
 from .wire import Frame, FrameReader, FrameWriter, Msg, ProtocolError, SocketReader, expect
@@ -71,7 +72,22 @@ class Receiver(Child):
         assert f is not None
         self.stats["frames"] += 1
         self.stats["bytes"] += f.size
+        if self.tr:
+            self.trace_recv(f, t0, carried)
         return f
+
+    def trace_recv(self, f: Frame, t0: int, carried: int) -> None:
+        """The frame the link carried since ``t0``; what is placed next starts now."""
+        self.t_taken = time.monotonic_ns()
+        self.tr.put(K.RECV, t0, self.t_taken, self.ch, self.reader.frames_in, f.size, f.kind,
+                    self.link.queued(self.ch), carried)
+
+    def trace_place(self, f: Frame) -> None:
+        """The PAGES frame just placed (since ``trace_recv``)."""
+        tps = np.frombuffer(f.fields[0], np.uint32)
+        nzero = 0 if f.fields[1] is None else int(np.count_nonzero(np.frombuffer(f.fields[1], np.bool_)))
+        self.tr.put(K.PLACE_URGENT if f.fields[2] else K.PLACE, self.t_taken, time.monotonic_ns(), self.ch,
+                    self.reader.frames_in, f.size, len(tps), int(tps[0]), int(tps[-1]), nzero)
 
     def place(self, f: Frame) -> None:
         """A PAGES frame: its pages go into destination RAM without a Python loop per page."""
@@ -180,6 +196,8 @@ class Receiver(Child):
         for v, hp in enumerate(self.mem.wait[:, 0].tolist()):  # a handful of vCPUs at most
             if hp >= 0 and (hps == hp).any():
                 os.eventfd_write(self.efds[v], 1)
+                if self.tr:
+                    self.tr.instant(K.WAKE, hp, v, self.ch, self.reader.frames_in)
 
     def final_stats(self) -> dict[str, Any]:
         self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)
@@ -215,6 +233,8 @@ class Listen(Receiver):
             f = self.next()
             if f.kind == Msg.PAGES:
                 self.place(f)
+                if self.tr:
+                    self.trace_place(f)
             elif f.kind == Msg.ROUND:
                 pass
             elif f.kind == Msg.DISCARD:
@@ -222,6 +242,8 @@ class Listen(Receiver):
             elif f.kind == Msg.PACKAGED:
                 self.in_postcopy = True  # LISTEN + RUN: the guest now runs here
                 self.ctrl_out.ctrl("event", ["running", time.monotonic_ns()])
+                if self.tr:
+                    self.tr.instant(K.RUNNING)
                 self.status("postcopy: loading the precopy channel")
             elif f.kind == Msg.EOS:
                 break
@@ -241,6 +263,7 @@ class Listen(Receiver):
 
     def discard(self, f: Frame) -> None:
         """CMD_POSTCOPY_RAM_DISCARD: those host pages leave receivedmap and will fault."""
+        t0 = time.monotonic_ns()
         runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel)[0], np.uint32).reshape(-1, 2)
         nhost = self.cfg.nhost
         if runs.size and int((runs[:, 0].astype(np.int64) + runs[:, 1]).max()) > nhost:
@@ -251,6 +274,8 @@ class Listen(Receiver):
         hmask = np.cumsum(edge[:-1]) > 0
         self.received.reshape(-1, self.k)[hmask] = 0
         self.stats["discarded_host_pages"] = self.stats.get("discarded_host_pages", 0) + int(hmask.sum())
+        if self.tr:
+            self.tr.put(K.DISCARD_APPLIED, t0, time.monotonic_ns(), int(hmask.sum()))
 
     def fault_loop(self) -> None:
         """postcopy_ram_fault_thread: one request per missing host page, never twice."""
@@ -265,6 +290,8 @@ class Listen(Receiver):
                 if not isinstance(hp, int) or not 0 <= hp < self.cfg.nhost:
                     raise ProtocolError(f"fault channel: host page {hp!r} outside RAM")
                 self.stats["faults_seen"] += 1
+                if self.tr:
+                    self.tr.instant(K.FAULT_SEEN, vcpu, hp, int(self.received[hp * k]), int(self.requested[hp]))
                 if self.received[hp * k]:
                     continue
                 if self.requested[hp]:
@@ -273,6 +300,8 @@ class Listen(Receiver):
                 self.requested[hp] = True
                 self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
                 self.stats["requests_sent"] += 1
+                if self.tr:
+                    self.tr.instant(K.REQUEST_SENT, hp)
         except BaseException as e:
             self.fault_error = e
 
@@ -293,6 +322,8 @@ class PreemptReceiver(Receiver):
             f = self.next()
             if f.kind == Msg.PAGES:
                 self.place(f)
+                if self.tr:
+                    self.trace_place(f)
             elif f.kind == Msg.EOS:
                 break
             else:

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import memory
 from .config import TARGET_PAGE
+from .events import K
 from .pattern import ab_increment, stamp_pages
 from .process import Child
 from .wire import FrameWriter, Msg
@@ -49,6 +50,7 @@ class Vcpu(Child):
             memory.populate(self.mem.dst[:cfg.wss_bytes])
         self.seq = 0
         self.faults: list[tuple[int, int, int]] = []
+        self.woken_ns = 0  # when tracing: the last eventfd wake-up
         self.fence = threading.Lock()
         # pacing: the whole guest dirties at most dirty_rate bytes/s, shared by the vCPUs
         self.interval = None if cfg.dirty_rate is None else cfg.clock.real(TARGET_PAGE * cfg.vcpus / cfg.dirty_rate)
@@ -79,6 +81,8 @@ class Vcpu(Child):
         r, _, _ = select.select([self.efd], [], [], timeout)
         if r:
             os.eventfd_read(self.efd)
+            if self.tr:
+                self.woken_ns = time.monotonic_ns()  # the fault's "vCPU woken" step
 
     def fault(self, tp: int) -> None:
         """Block until the host page holding target page ``tp`` is placed."""
@@ -99,6 +103,9 @@ class Vcpu(Child):
         w[0] = -1
         t1 = time.monotonic_ns() if received[tp] else -1
         self.faults.append((hp, t0, t1))
+        if self.tr:
+            self.tr.put(K.FAULT, t0, t1 if t1 >= 0 else time.monotonic_ns(), hp, tp, t1 >= 0,
+                        self.woken_ns if self.woken_ns >= t0 else 0)
         if t1 >= 0:  # QEMU's log2 bucket, so the controller can show the latency while it runs
             self.mem.lat_dist[self.vcpu, min(max(((t1 - t0) // 1000).bit_length() - 1, 0), 23)] += 1
 
@@ -138,10 +145,13 @@ class Vcpu(Child):
             if phase == memory.QUIT:
                 break
             if phase == memory.PAUSE:
-                self.ctrl_out.ctrl("paused", time.monotonic_ns())
+                t_paused = time.monotonic_ns()
+                self.ctrl_out.ctrl("paused", t_paused)
                 self.status("paused")
                 while int(ctl[memory.PHASE]) == memory.PAUSE:
                     self.sleep_on_efd(RECHECK)
+                if self.tr:
+                    self.tr.put(K.PAUSED, t_paused, time.monotonic_ns())
                 if int(ctl[memory.PHASE]) == memory.RUN_DST:
                     self.ctrl_out.ctrl("resumed", time.monotonic_ns())
                 continue

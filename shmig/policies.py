@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .events import K
+
 MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
 
 if TYPE_CHECKING:
@@ -142,6 +144,8 @@ class Preempt(Policy):
                 _, off = self.preempted
                 self.preempted = None
                 src.stats["urgent_on_precopy"] += 1
+                if src.tr:
+                    src.tr.instant(K.RESUME, hp, off, 1)
                 src.send_host_page(hp, src.pre, urgent=True, first=off)
                 continue
             if not src.host_dirty(hp):
@@ -152,6 +156,8 @@ class Preempt(Policy):
         if self.preempted is not None:  # postcopy_preempt_restore: resume where it stopped
             hp, off = self.preempted
             self.preempted = None
+            if src.tr:
+                src.tr.instant(K.RESUME, hp, off, 0)
             self.resume(hp, off)
 
     def background(self) -> bool:
@@ -169,6 +175,8 @@ class Preempt(Policy):
         if stop is not None:
             self.preempted = (hp, stop)
             self.src.stats["preemptions"] += 1
+            if self.src.tr:
+                self.src.tr.instant(K.PREEMPT, hp, stop)
 
     def send_background_host_page(self, hp: int) -> None:
         self.resume(hp, 0)

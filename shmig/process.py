@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 from .config import Config
+from .events import Recorder
 from .link import Link
 from .memory import GuestMemory
 from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError
@@ -47,6 +48,8 @@ class Child:
 
     proc_index = 0
     title = "child"
+    traced = False  # set by the controller before the fork: record events (``shmig run --trace``)
+    tr: Recorder | None = None  # the recorder every event hook checks for
 
     def __init__(self, cfg: Config, mem: GuestMemory, link: Link, fds: dict[str, int],
                  all_fds: set[int], efds: list[int], vcpu: int = 0):
@@ -78,6 +81,8 @@ class Child:
         code = 0
         profile_dir = os.environ.get("SHMIG_PROFILE")
         try:
+            if self.traced:
+                self.tr = Recorder(self.title)
             self.status("starting")
             self.setup()
             if profile_dir:  # cProfile of this process, one file per process title
@@ -91,6 +96,9 @@ class Child:
                     prof.dump_stats(os.path.join(profile_dir, self.title.replace("/", "_") + ".prof"))
             else:
                 self.run()
+            if self.tr:
+                for chunk in self.tr.chunks():  # after the stats: the controller keeps reading until we exit
+                    self.ctrl_out.ctrl("trace", chunk)
             self.status("exited")
         except BaseException as e:  # every failure is reported, then the process exits non-zero
             code = 1

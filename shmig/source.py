@@ -20,6 +20,7 @@ import numpy as np
 from . import memory
 from .clock import Clock
 from .config import TARGET_PAGE
+from .events import MILESTONES, K, Recorder
 from .policies import make_policy
 from .process import Child
 from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, expect
@@ -38,6 +39,8 @@ class RateLimiter:
     Windows and rates are emulated time (``Clock``): dilated N times, a window lasts N times longer
     in real time and holds the same budget.
     """
+
+    tr: Recorder | None = None  # the source's event recorder, when tracing
 
     def __init__(self, rate: float | None, clock: Clock):
         self.window_s = clock.real(BUFFER_DELAY)
@@ -71,7 +74,10 @@ class RateLimiter:
         left = self.window + self.window_s - time.monotonic()
         if left <= 0:
             return False
+        t0 = time.monotonic_ns()
         woken = wake.wait(left) if wake is not None else time.sleep(left)
+        if self.tr:
+            self.tr.put(K.RATE_LIMIT, t0, time.monotonic_ns(), bool(woken), wake is not None, int(self.budget or 0))
         if woken:
             return True
         self.exceeded()  # the window has ended: a new one starts before anything else is sent
@@ -104,6 +110,7 @@ class Source(Child):
         self.phase = "setup"
         self.clock = cfg.clock
         self.limiter = RateLimiter(cfg.max_bandwidth, self.clock)
+        self.limiter.tr = self.tr
         # a frame is at most a quarter of the socket buffer, so a queue always holds several
         self.precopy_frame_pages = max(1, min(FRAME_PAGES_PRECOPY, cfg.socket_buffer // TARGET_PAGE // 4))
         self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)
@@ -140,10 +147,14 @@ class Source(Child):
             zero[maybe] = ~words[maybe].any(axis=1)
         nzero = int(np.count_nonzero(zero))
         fields = (tps.astype(np.uint32).tobytes(), zero.view(np.uint8).tobytes() if nzero else None, urgent)
+        if self.tr:
+            t0, blocked = time.monotonic_ns(), writer.blocked_ns
         if nzero == 0 and run and n >= SPLICE_PAGES and self.src_fd is not None:
             sent = writer.send_file(Msg.PAGES, fields, self.src_fd, first * TARGET_PAGE, n * TARGET_PAGE)
         else:
             sent = writer.send(Msg.PAGES, fields, [pages[~zero]] if nzero else [pages])
+        if self.tr:
+            self.trace_send(writer, t0, blocked, sent, n, first, urgent)
         st = self.stats
         st["normal_pages"] += n - nzero
         st["zero_pages"] += nzero
@@ -155,6 +166,15 @@ class Source(Child):
         else:
             self.mem.counters[memory.C_PRECOPY_BYTES] += sent
         return sent
+
+    def trace_send(self, writer: FrameWriter, t0: int, blocked: int, sent: int, n: int, first: int,
+                   urgent: bool) -> None:
+        """A PAGES frame sent since ``t0``, and the write-space wait it began with (if any)."""
+        t1 = time.monotonic_ns()
+        self.tr.put(K.SEND_URGENT if urgent else K.SEND, t0, t1, writer.ch, writer.frames_out, sent, n, first,
+                    self.link.queued(writer.ch), self.remaining)
+        if writer.blocked_ns > blocked:
+            self.tr.put(K.WRITE_SPACE, t0, min(t1, t0 + writer.blocked_ns - blocked), writer.ch)
 
     def clear(self, tps: np.ndarray) -> None:
         self.dirty[tps] = False
@@ -251,10 +271,13 @@ class Source(Child):
     def event(self, name: str) -> None:
         self.events[name] = time.monotonic_ns()
         self.ctrl_out.ctrl("event", [name, self.events[name]])
+        if self.tr:
+            self.tr.put(K.MILESTONE, self.events[name], self.events[name], MILESTONES.index(name))
 
     # -- migration flow -----------------------------------------------------
     def sync(self) -> None:
         """migration_bitmap_sync: every page whose dirty-log counter moved is dirty again."""
+        t0 = time.monotonic_ns()
         log = self.mem.dirty.copy()
         changed = log != self.last_log
         self.last_log = log
@@ -263,6 +286,9 @@ class Source(Child):
         self.remaining += int(np.count_nonzero(newly))
         self.mem.counters[memory.C_REMAINING] = self.remaining
         self.dirty_sync_count += 1
+        if self.tr:
+            self.tr.put(K.SYNC, t0, time.monotonic_ns(), int(np.count_nonzero(newly)), self.remaining,
+                        self.dirty_sync_count)
 
     def run(self) -> None:
         self.mem.counters[memory.C_REMAINING] = self.remaining
@@ -304,6 +330,7 @@ class Source(Child):
                                  (postcopy_rounds is not None and self.rounds >= postcopy_rounds)):
                 return "postcopy"
             self.status(f"precopy round {self.rounds + 1}")
+            t_round = time.monotonic_ns()
             t0 = time.monotonic()
             before = self.stats["transferred"]
             self.precopy_round()
@@ -316,6 +343,8 @@ class Source(Child):
             bw = (self.stats["transferred"] - before) / elapsed  # real bytes per real second
             threshold = bw * self.clock.real(cfg.downtime_limit)
             self.pre.send(Msg.ROUND, (self.rounds,))
+            if self.tr:
+                self.tr.put(K.ROUND, t_round, time.monotonic_ns(), self.rounds)
             if not cfg.postcopy or postcopy_rounds is None:
                 if self.remaining * TARGET_PAGE <= threshold or self.rounds >= cfg.max_rounds:
                     self.stats["expected_downtime_ms"] = round(
@@ -343,6 +372,8 @@ class Source(Child):
         """Ask the controller to pause the guest; downtime runs from here."""
         self.event("stop_vm")
         self.wait_ctrl("vm_stopped")
+        if self.tr:
+            self.tr.put(K.STOP_VM, self.events["stop_vm"], time.monotonic_ns())
         self.phase = "downtime"
 
     def stop_and_copy(self) -> None:
@@ -367,9 +398,12 @@ class Source(Child):
         starts = np.flatnonzero(d == 1)
         ends = np.flatnonzero(d == -1)
         runs = np.stack([starts, ends - starts], axis=1).astype(np.uint32)
+        t0 = time.monotonic_ns()
         for i in range(0, len(runs), MAX_DISCARDS):
             self.pre.send(Msg.DISCARD, (runs[i:i + MAX_DISCARDS].tobytes(),))
         self.stats["discarded_host_pages"] = int(hdirty.sum())
+        if self.tr:
+            self.tr.put(K.DISCARD, t0, time.monotonic_ns(), len(runs), self.stats["discarded_host_pages"])
         self.pre.send(Msg.PACKAGED, ())
         self.event("postcopy_start")
         self.phase = "postcopy"
@@ -391,6 +425,7 @@ class Source(Child):
             rp = self.return_reader
             while True:
                 f = rp.next_frame()
+                t_rx = time.monotonic_ns() if self.tr else 0
                 if f.kind == Msg.SHUT:
                     return
                 if f.kind != Msg.REQ or len(f.fields) < 1:
@@ -402,6 +437,8 @@ class Source(Child):
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU
                 self.mem.counters[memory.C_REQUESTS] += 1
                 self.policy.on_request(hp)
+                if self.tr:
+                    self.tr.put(K.REQUEST, t_rx, time.monotonic_ns(), hp, f.send_ns)
         except ChannelClosed as e:
             self.return_error = ProtocolError(f"return path closed before SHUT ({e})")
         except BaseException as e:  # surfaced by the migration thread

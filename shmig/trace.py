@@ -1,60 +1,289 @@
-"""A Chrome/Perfetto trace of one migration (``shmig run --trace PATH``; open in ui.perfetto.dev).
+"""One Chrome/Perfetto trace of a whole migration (``shmig run --trace PATH``; open it in
+ui.perfetto.dev or chrome://tracing).
 
-Tracks: the migration's phases on the controller; every vCPU fault as an async slice on its vCPU
-(faults of different vCPUs overlap, so they cannot be nested slices on one track); counters for
-bytes per channel, pages still to send, pages received, faults outstanding, guest accesses.
+Each child process records its own events (events.py) and hands them over when it exits; this
+module turns them, with the controller's phases and samples, into the Trace Event JSON format:
+
+* one process track per shmig process (real pids), one thread track per thread (real tids): the
+  controller's phases; mig/src's migration and return threads; mig/dst/listen's listen and fault
+  threads; mig/dst/preempt; each guest/vcpuN;
+* slices for what took time (frames sent, write-space and link waits, rate-limit sleeps, dirty-log
+  syncs, switchover steps, placements, faults, preempted huge pages), instants for the rest;
+* flow arrows (``ph`` s/t/f, one id per fault) that follow a fault from the vCPU through the fault
+  thread, the return thread, the frame that carried the page (its send, its trip over the link,
+  its placement) back to the vCPU being woken;
+* counters on the controller: bytes queued in each channel's socket, pages left to send, faults
+  outstanding, guest accesses.
+
+Times are emulated microseconds since the migration started, converted as the report converts
+them (report._Emulated), so a trace and its report agree.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
+import os
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .config import ConfigError
+from .events import MILESTONES, K, rows
+from .report import _Emulated
+from .wire import KINDS, Msg
+
 if TYPE_CHECKING:
     from .controller import Migration
+    from .report import Report
 
-PID = 1
-PHASES = [("setup", None, "setup_done"), ("precopy", "setup_done", "stop_vm"),
-          ("switchover (downtime)", "stop_vm", "running"), ("postcopy", "running", "complete")]
-
-
-def chrome_trace(m: Migration) -> dict[str, Any]:
-    t0 = m.t0
-    us = lambda ns: (ns - t0) / 1e3  # noqa: E731
-    ev: list[dict[str, Any]] = [
-        {"ph": "M", "pid": PID, "name": "process_name", "args": {"name": f"shmig {m.cfg.mode}"}},
-        {"ph": "M", "pid": PID, "tid": 0, "name": "thread_name", "args": {"name": "migration"}},
-    ]
-    times = dict(m.events, setup=t0)
-    for name, a, b in PHASES:
-        start = t0 if a is None else times.get(a)
-        end = times.get(b)
-        if start is not None and end is not None and end >= start:
-            ev.append({"ph": "X", "pid": PID, "tid": 0, "name": name, "ts": us(start), "dur": (end - start) / 1e3})
-    for p in m.procs:
-        st = p.stats or {}
-        if "faults" not in st:
-            continue
-        v = st["vcpu"]
-        ev.append({"ph": "M", "pid": PID, "tid": 10 + v, "name": "thread_name", "args": {"name": p.title}})
-        faults = np.frombuffer(st["faults"], np.int64).reshape(-1, 3)
-        for i, (hp, start, end) in enumerate(faults.tolist()):
-            if end < 0:
-                continue
-            common = {"pid": PID, "tid": 10 + v, "cat": "fault", "name": f"fault hp {hp}", "id": f"{v}:{i}"}
-            ev.append({**common, "ph": "b", "ts": us(start)})
-            ev.append({**common, "ph": "e", "ts": us(end)})
-    for s in m.samples:
-        ts = s["t_ms"] * 1e3
-        ev.append({"ph": "C", "pid": PID, "name": "bytes sent", "ts": ts,
-                   "args": {"precopy": s["precopy_bytes"], "postcopy": s["postcopy_bytes"]}})
-        for key in ("remaining_pages", "received_pages", "faults_outstanding", "guest_accesses"):
-            ev.append({"ph": "C", "pid": PID, "name": key, "ts": ts, "args": {key: s[key]}})
-    return {"traceEvents": ev, "displayTimeUnit": "ms"}
+CHANNELS = ("precopy", "postcopy")
+FLOW = {"cat": "fault", "name": "fault"}  # a v1 flow is (id, cat, name): every step shares them
+NS = 1e-3  # one nanosecond in microseconds: flow points sit just inside the slice they bind to
 
 
-def write_trace(path: str, m: Migration) -> None:
+def check_output(path: str) -> None:
+    """Fail before the run when the trace could not be written."""
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise ConfigError(f"--trace {path!r}: directory {d} does not exist")
+
+
+class _Flows:
+    """Where each fault's steps happened: (pid, tid, slice start µs, slice duration µs) by key."""
+
+    def __init__(self) -> None:
+        self.faults: list[tuple[int, int, int, dict[str, Any], dict[str, Any] | None]] = []
+        self.seen: dict[tuple[int, int], list[tuple[float, tuple]]] = defaultdict(list)
+        self.request: dict[int, tuple] = {}
+        self.send: dict[tuple[int, int], tuple] = {}
+        self.recv: dict[tuple[int, int], tuple] = {}
+        self.place: dict[tuple[int, int], tuple] = {}
+        self.placed: list[tuple[int, int, int, int, float]] = []  # ch, seq, first tp, last tp, end µs
+        self.wake: dict[tuple[int, int], list[tuple[float, int, int]]] = defaultdict(list)
+
+
+class _Builder:
+    def __init__(self, m: Migration, rep: Report):
+        self.m = m
+        self.rep = rep
+        self.k = m.cfg.tp_per_hp
+        self.emu = _Emulated(m.t0, m.cfg.clock)
+        self.ev: list[dict[str, Any]] = []
+        self.flows = _Flows()
+        self.queued: list[list[tuple[float, int]]] = [[], []]
+        self.remaining: list[tuple[float, int]] = []
+        self.faulting: list[tuple[float, int]] = []
+        self.pid0 = os.getpid()
+        self.latency_ns = m.link.latency_ns if m.link is not None else 0
+
+    def us(self, t: np.ndarray) -> np.ndarray:
+        """Real monotonic ns -> emulated µs since the start (the report's conversion)."""
+        return np.round((self.emu.faults(t) - self.m.t0) / 1e3, 3)
+
+    # -- output helpers ----------------------------------------------------------------------------
+    def meta(self, pid: int, tid: int, name: str, value: Any) -> None:
+        key = "sort_index" if name.endswith("sort_index") else "name"
+        self.ev.append({"ph": "M", "ts": 0, "pid": pid, "tid": tid, "name": name, "args": {key: value}})
+
+    def slice(self, pid: int, tid: int, name: str, ts: float, end: float, args: dict | None = None,
+              cat: str = "shmig") -> tuple:
+        e = {"ph": "X", "ts": ts, "dur": round(max(end - ts, 0.0), 3), "pid": pid, "tid": tid, "name": name,
+             "cat": cat}
+        if args:
+            e["args"] = args
+        self.ev.append(e)
+        return pid, tid, ts, e["dur"]
+
+    def instant(self, pid: int, tid: int, name: str, ts: float, args: dict | None = None) -> None:
+        e = {"ph": "i", "s": "t", "ts": ts, "pid": pid, "tid": tid, "name": name, "cat": "shmig"}
+        if args:
+            e["args"] = args
+        self.ev.append(e)
+
+    def counter(self, name: str, ts: float, value: float) -> None:
+        self.ev.append({"ph": "C", "ts": ts, "pid": self.pid0, "tid": self.pid0, "name": name,
+                        "args": {"value": value}})
+
+    # -- the whole trace ---------------------------------------------------------------------------
+    def build(self) -> dict[str, Any]:
+        m, pid0 = self.m, self.pid0
+        self.meta(pid0, pid0, "process_name", f"shmig controller ({m.cfg.mode})")
+        self.meta(pid0, pid0, "process_sort_index", 0)
+        self.meta(pid0, pid0, "thread_name", "phases")
+        for name, start, end in self.rep.phases:  # report.phase_list: the one source of phases
+            self.slice(pid0, pid0, name, round(start * 1e3, 3), round(end * 1e3, 3), cat="phase")
+        for i, p in enumerate(m.procs):
+            self.process(i + 1, p.process.pid, p.title, p.trace)
+        self.fault_flows()
+        self.counters()
+        return {"traceEvents": self.ev, "displayTimeUnit": "ms",
+                "otherData": {"shmig": f"mode {m.cfg.mode}; times are emulated µs since the migration"
+                                       f" started (time dilation {m.cfg.clock.dilation:g})",
+                              "config": m.cfg.to_dict()}}
+
+    def process(self, order: int, pid: int, title: str, chunks: list[list]) -> None:
+        self.meta(pid, pid, "process_name", title)
+        self.meta(pid, pid, "process_sort_index", order)
+        threads: dict[int, tuple[str, bytearray]] = {}
+        for tid, name, data in chunks:
+            threads.setdefault(tid, (name, bytearray()))[1].extend(data)
+        for j, (tid, (name, data)) in enumerate(sorted(threads.items(), key=lambda t: t[0] != pid)):
+            self.meta(pid, tid, "thread_name", name)
+            self.meta(pid, tid, "thread_sort_index", j)
+            r = rows(bytes(data))
+            r = r[np.argsort(r["t0"], kind="stable")]
+            self.thread(pid, tid, title, r, self.us(r["t0"]).tolist(), self.us(r["t1"]).tolist())
+
+    def thread(self, pid: int, tid: int, title: str, r: np.ndarray, ts0: list[float], ts1: list[float]) -> None:
+        """One thread's rows as slices, instants, flow anchors and counter samples."""
+        fl = self.flows
+        vals = r.tolist()
+        preempted: dict[int, tuple[float, int]] = {}
+        for i, (t0, t1, kind, a, b, c, d, e, f, g) in enumerate(vals):
+            s, end = ts0[i], ts1[i]
+            if kind in (K.SEND, K.SEND_URGENT):
+                urgent = kind == K.SEND_URGENT
+                fl.send[(a, b)] = self.slice(pid, tid, f"send {CHANNELS[a]}" + (" urgent" if urgent else ""), s, end, {
+                    "frame": b, "bytes": c, "pages": d, "first_page": e, "host_page": e // self.k,
+                    "queued_after": f, "pages_left": g})
+                self.queued[a].append((end, f))
+                self.remaining.append((end, g))
+            elif kind == K.WRITE_SPACE:
+                self.slice(pid, tid, f"wait for write space ({CHANNELS[a]})", s, end)
+            elif kind == K.RATE_LIMIT:
+                self.slice(pid, tid, "rate limit", s, end, {
+                    "ended_by": "page request" if a else "window end", "a_request_could_end_it": bool(b),
+                    "budget_bytes": c})
+            elif kind == K.REQUEST:
+                fl.request[a] = self.slice(pid, tid, f"REQ_PAGES hp {a}", s, end, {"host_page": a})
+                arrived = float(self.us(np.array([b + self.latency_ns]))[0])
+                if self.latency_ns and arrived > s:
+                    self.slice(pid, tid, "one-way latency", s, min(arrived, end))
+            elif kind == K.SYNC:
+                self.slice(pid, tid, "dirty-log sync", s, end, {"newly_dirty": a, "pages_left": b, "sync": c})
+                self.remaining.append((end, b))
+            elif kind == K.ROUND:
+                self.slice(pid, tid, f"precopy round {a}", s, end)
+            elif kind == K.MILESTONE:
+                self.instant(pid, tid, MILESTONES[a], s)
+            elif kind == K.STOP_VM:
+                self.slice(pid, tid, "stop the guest", s, end)
+            elif kind == K.DISCARD:
+                self.slice(pid, tid, "send discard list", s, end, {"runs": a, "host_pages": b})
+            elif kind == K.PREEMPT:
+                preempted[a] = (s, b)
+            elif kind == K.RESUME:
+                if a in preempted:
+                    start, at = preempted.pop(a)
+                    self.slice(pid, tid, f"hp {a} preempted", start, s, {
+                        "host_page": a, "interrupted_at_page": at, "resumed_at_page": b,
+                        "resumed_as": "urgent, on precopy" if c else "background"})
+            elif kind == K.RECV:
+                carried = float(self.us(np.array([f]))[0])
+                name = f"link {CHANNELS[a]}: {Msg(d).name if d in KINDS else d}"
+                if self.latency_ns and s < carried < end:  # the one-way latency after the link carried it
+                    fl.recv[(a, b)] = self.slice(pid, tid, name, s, carried, {"frame": b, "bytes": c, "queued_after": e})
+                    self.slice(pid, tid, "one-way latency", carried, end)
+                else:
+                    fl.recv[(a, b)] = self.slice(pid, tid, name, s, end, {"frame": b, "bytes": c, "queued_after": e})
+                self.queued[a].append((end, e))
+            elif kind in (K.PLACE, K.PLACE_URGENT):
+                fl.place[(a, b)] = self.slice(pid, tid, "place urgent" if kind == K.PLACE_URGENT else "place", s, end, {
+                    "frame": b, "bytes": c, "pages": d, "first_page": e, "last_page": f, "zero_pages": g})
+                fl.placed.append((a, b, e, f, end))
+            elif kind == K.WAKE:
+                self.instant(pid, tid, f"wake vcpu{b}", s, {"host_page": a})
+                fl.wake[(a, b)].append((s, c, d))
+            elif kind == K.DISCARD_APPLIED:
+                self.slice(pid, tid, "apply discard list", s, end, {"host_pages": a})
+            elif kind == K.RUNNING:
+                self.instant(pid, tid, "PACKAGED: the guest runs here", s)
+            elif kind == K.FAULT_SEEN:
+                nxt = vals[i + 1] if i + 1 < len(vals) else None
+                if nxt is not None and nxt[2] == K.REQUEST_SENT and nxt[3] == b:
+                    name, stop = f"FAULT hp {b}: request", ts1[i + 1]
+                else:
+                    what = "already placed" if c else "already requested" if d else "dropped"
+                    name, stop = f"FAULT hp {b}: {what}", min(s + 1.0, ts0[i + 1] if nxt else s + 1.0)
+                fl.seen[(a, b)].append((s, self.slice(pid, tid, name, s, stop, {"vcpu": a, "host_page": b})))
+            elif kind == K.FAULT:
+                vcpu = int(title.rpartition("vcpu")[2])
+                fault = self.slice(pid, tid, f"fault hp {a}" + ("" if c else " (unresolved)"), s, end, {
+                    "host_page": a, "page": b, "latency_us": round(end - s, 3)})
+                woken = None
+                if d:
+                    w = float(self.us(np.array([d]))[0])
+                    woken = self.slice(pid, tid, "woken: page present", w, end)
+                if c:
+                    fl.faults.append((vcpu, a, t0, {"at": fault, "end": end}, {"at": woken} if woken else None))
+                self.faulting += [(s, 1), (end, -1)]
+            elif kind == K.PAUSED:
+                self.slice(pid, tid, "paused (switchover)", s, end)
+        for hp, (start, at) in preempted.items():
+            self.instant(pid, tid, f"hp {hp} preempted", start, {"interrupted_at_page": at})
+
+    # -- flows ---------------------------------------------------------------------------------------
+    def fault_flows(self) -> None:
+        """One flow per resolved fault: vCPU -> fault thread -> return thread -> the frame that
+        carried the page (sent, carried, placed) -> the vCPU woken. A step that happened before the
+        previous one (the page was already on its way when the guest touched it) is left out."""
+        fl = self.flows
+        k = self.k
+        placed = np.array([p[:4] for p in fl.placed], np.int64).reshape(-1, 4)
+        placed_end = np.array([p[4] for p in fl.placed])
+        for fid, (vcpu, hp, _, fault, woken) in enumerate(sorted(fl.faults, key=lambda f: f[2]), start=1):
+            start = fault["at"]
+            steps = [start]
+            seen = fl.seen.get((vcpu, hp), [])
+            j = bisect.bisect_left([s for s, _ in seen], start[2])
+            if j < len(seen):
+                steps.append(seen[j][1])
+            if hp in fl.request:
+                steps.append(fl.request[hp])
+            frame = None
+            for t, ch, seq in fl.wake.get((hp, vcpu), []):
+                if start[2] <= t <= fault["end"]:
+                    frame = (ch, seq)
+            if frame is None and len(placed):  # woken by its own check: the last frame holding the page
+                hit = np.flatnonzero((placed[:, 2] < (hp + 1) * k) & (placed[:, 3] >= hp * k)
+                                     & (placed_end <= fault["end"]))
+                if hit.size:
+                    frame = tuple(placed[hit[np.argmax(placed_end[hit])], :2])
+            if frame is not None:
+                steps += [x for x in (fl.send.get(frame), fl.recv.get(frame), fl.place.get(frame)) if x]
+            kept = [steps[0]]
+            for st in steps[1:]:
+                if st[2] >= kept[-1][2]:
+                    kept.append(st)
+            for n, (pid, tid, ts, dur) in enumerate(kept):
+                self.ev.append({"ph": "s" if n == 0 else "t", "id": fid, "pid": pid, "tid": tid,
+                                "ts": round(ts + min(NS, dur / 2), 3), **FLOW})
+            pid, tid, ts, dur = woken["at"] if woken else start
+            end_ts = ts + min(NS, dur / 2) if woken else ts + max(dur - NS, dur / 2)
+            self.ev.append({"ph": "f", "bp": "e", "id": fid, "pid": pid, "tid": tid, "ts": round(end_ts, 3), **FLOW})
+
+    # -- counters --------------------------------------------------------------------------------------
+    def counters(self) -> None:
+        for ch, samples in enumerate(self.queued):
+            for ts, v in sorted(samples):
+                self.counter(f"socket queue {CHANNELS[ch]} (bytes)", ts, v)
+        for ts, v in sorted(self.remaining):
+            self.counter("pages left to send", ts, v)
+        n = 0
+        for ts, delta in sorted(self.faulting):
+            n += delta
+            self.counter("faults outstanding", ts, n)
+        for s in self.m.samples:
+            self.counter("guest accesses", s["t_ms"] * 1e3, s["guest_accesses"])
+
+
+def chrome_trace(m: Migration, rep: Report) -> dict[str, Any]:
+    """The Trace Event document of one finished migration and its report."""
+    return _Builder(m, rep).build()
+
+
+def write_trace(path: str, m: Migration, rep: Report) -> None:
     with open(path, "w") as f:
-        json.dump(chrome_trace(m), f)
+        json.dump(chrome_trace(m, rep), f)

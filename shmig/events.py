@@ -1,0 +1,131 @@
+"""What each process did, recorded where it happened, for ``shmig run --trace`` (see trace.py).
+
+Every shmig process records its own events; the controller merges them into one trace at the end.
+A hook is ``if self.tr: self.tr.put(...)``: with tracing off ``tr`` is None and the hook is one
+attribute check. With tracing on an event is one ``struct.pack_into`` of ten int64 into a
+preallocated per-thread buffer: no Python object is kept per event (kinds are small integers, the
+names live in trace.py), and no lock is taken, since each thread writes only its own buffer.
+
+A row is ``t0, t1, kind, a..g``: start and end in ``time.monotonic_ns()`` (t1 == t0 for an
+instant) and up to seven integer arguments whose meaning depends on the kind (listed below and
+decoded by trace.py). The buffers go to the controller as bytes in "trace" control messages after
+the process's run; ``rows()`` reads them back as a numpy structured array.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+ROW = struct.Struct("<10q")
+FIELDS = ("t0", "t1", "kind", "a", "b", "c", "d", "e", "f", "g")
+DTYPE = np.dtype([(name, "<i8") for name in FIELDS])
+INITIAL_ROWS = 4096  # per thread; doubles when full
+CHUNK_ROWS = 3200  # rows per control message (256000 bytes, well under a frame header's limit)
+
+
+class K(enum.IntEnum):
+    """Event kinds, and what their arguments a..g hold."""
+
+    # mig/src
+    SEND = 1  # a PAGES frame written: a channel, b frame seq on the channel, c bytes, d pages,
+    # e first target page, f bytes queued on the channel after it, g pages left to send
+    SEND_URGENT = 2  # the same, for requested pages
+    WRITE_SPACE = 3  # the sender blocked for write space: a channel (t0..t1 inside a SEND)
+    RATE_LIMIT = 4  # a rate-limit sleep: a 1 if a page request ended it (else the window did),
+    # b 1 if a request could end it, c the window's budget in bytes
+    REQUEST = 5  # the return thread took a REQ_PAGES off the return path and handed it to the
+    # policy: a host page, b the frame's send time (the one-way latency runs from it)
+    SYNC = 6  # dirty-log sync: a pages newly dirty, b pages left to send, c sync count
+    ROUND = 7  # a precopy round: a its number
+    MILESTONE = 8  # a: index in MILESTONES (setup_done, stop_vm, postcopy_start, completed)
+    STOP_VM = 9  # the source waits for the guest to stop (switchover)
+    DISCARD = 10  # the discard list sent: a runs, b host pages
+    PREEMPT = 11  # 7.1 break-huge: host page a interrupted before target page b
+    RESUME = 12  # host page a resumed at target page b; c 1 if urgently (it was requested itself)
+    # mig/dst/listen, mig/dst/preempt
+    RECV = 13  # a frame taken off the wire (t0: it was whole in the queue; t1: link carried it and
+    # its latency passed): a channel, b frame seq, c bytes, d Msg kind, e bytes queued after it,
+    # f when the link finished carrying it
+    PLACE = 14  # a PAGES frame placed: a channel, b frame seq, c bytes, d pages, e first and
+    # f last target page, g zero pages
+    PLACE_URGENT = 15  # the same, for a frame of requested pages
+    WAKE = 16  # a placed host page a woke vCPU b (the frame: c channel, d seq)
+    DISCARD_APPLIED = 17  # a host pages dropped from receivedmap
+    RUNNING = 18  # PACKAGED loaded: the guest runs on the destination
+    FAULT_SEEN = 19  # fault thread: vCPU a faulted on host page b; c 1 if already placed,
+    # d 1 if already requested
+    REQUEST_SENT = 20  # fault thread: REQ_PAGES for host page a written on the return path
+    # guest/vcpuN
+    FAULT = 21  # a fault: a host page, b target page, c 1 if resolved, d when an eventfd
+    # wake-up last ended a sleep (0: none during this fault)
+    PAUSED = 22  # the vCPU is paused for switchover
+
+
+MILESTONES = ("setup_done", "stop_vm", "postcopy_start", "completed")
+# the thread a process starts with, named as QEMU names the thread doing that work
+MAIN_THREADS = {"mig/src": "migration", "mig/dst/listen": "listen", "mig/dst/preempt": "preempt"}
+
+
+class _Buffer:
+    """One thread's rows, in a bytearray that doubles when full."""
+
+    __slots__ = ("name", "tid", "data", "off")
+
+    def __init__(self, name: str, tid: int):
+        self.name = name
+        self.tid = tid
+        self.data = bytearray(INITIAL_ROWS * ROW.size)
+        self.off = 0
+
+
+class Recorder:
+    """One process's events, one buffer per thread (created on the thread's first event)."""
+
+    def __init__(self, title: str):
+        self.main_thread = MAIN_THREADS.get(title, title.rpartition("/")[2])  # guest/vcpu0: vcpu0
+        self.buffers: list[_Buffer] = []
+        self._local = threading.local()
+
+    def put(self, kind: int, t0: int, t1: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0,
+            e: int = 0, f: int = 0, g: int = 0) -> None:
+        try:
+            buf = self._local.buf
+        except AttributeError:
+            buf = self._attach()
+        off = buf.off
+        if off == len(buf.data):
+            buf.data.extend(bytes(off))
+        ROW.pack_into(buf.data, off, t0, t1, kind, a, b, c, d, e, f, g)
+        buf.off = off + ROW.size
+
+    def instant(self, kind: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:
+        """An event that takes no time, stamped now."""
+        t = time.monotonic_ns()
+        self.put(kind, t, t, a, b, c, d)
+
+    def _attach(self) -> _Buffer:
+        t = threading.current_thread()
+        name = self.main_thread if t is threading.main_thread() else t.name
+        buf = _Buffer(name, threading.get_native_id())
+        self._local.buf = buf
+        self.buffers.append(buf)
+        return buf
+
+    def chunks(self) -> Iterator[list]:
+        """[thread id, thread name, rows as bytes] messages, each at most CHUNK_ROWS rows."""
+        step = CHUNK_ROWS * ROW.size
+        for buf in list(self.buffers):
+            data = memoryview(buf.data)[:buf.off]
+            for i in range(0, buf.off, step):
+                yield [buf.tid, buf.name, bytes(data[i:i + step])]
+
+
+def rows(data: bytes) -> np.ndarray:
+    """A thread's rows (``Recorder.chunks`` joined) as a structured array."""
+    return np.frombuffer(data, DTYPE)

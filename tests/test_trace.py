@@ -1,0 +1,173 @@
+"""``shmig run --trace``: one Chrome/Perfetto trace with every process's events.
+
+Pinned here: the document follows the Trace Event format as Chrome and Perfetto read it (every
+event has ph/ts/pid/tid; slices nest per thread; every flow has one start and one end, in time
+order, each step inside a slice of its thread); every shmig process has its track; one fault can
+be followed by flow arrows from the vCPU through the fault thread, the source's return thread and
+the frame that carried the page to its placement and the vCPU's wake-up; and the trace agrees with
+the report it came with (requests, faults, preemptions, bytes per channel).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from shmig import cli
+from shmig.config import Config
+from shmig.controller import Migration
+from shmig.events import ROW, K, Recorder, rows
+
+
+
+def _ns(x: float) -> int:
+    return round(x * 1000)
+
+
+def check_schema(doc: dict[str, Any]) -> dict[tuple[int, int], list[tuple[int, int, str]]]:
+    """Assert the Trace Event format rules; return each thread's slices as (start ns, end ns, name)."""
+    events = doc["traceEvents"]
+    assert events
+    slices: dict[tuple[int, int], list[tuple[int, int, str]]] = defaultdict(list)
+    open_b: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for e in sorted(events, key=lambda e: e["ts"]):
+        for key in ("ph", "ts", "pid", "tid"):
+            assert key in e, f"{key} missing in {e}"
+        assert isinstance(e["ts"], (int, float)) and isinstance(e["pid"], int) and isinstance(e["tid"], int)
+        if e["ph"] == "X":
+            assert e["dur"] >= 0, e
+            slices[(e["pid"], e["tid"])].append((_ns(e["ts"]), _ns(e["ts"]) + _ns(e["dur"]), e["name"]))
+        elif e["ph"] == "B":
+            open_b[(e["pid"], e["tid"])].append(_ns(e["ts"]))
+        elif e["ph"] == "E":
+            assert open_b[(e["pid"], e["tid"])], f"E without B: {e}"
+            open_b[(e["pid"], e["tid"])].pop()
+        else:
+            assert e["ph"] in "iCMstf", e
+    assert not any(open_b.values()), "B without E"
+    for track, sl in slices.items():  # perfect nesting on every thread
+        sl.sort(key=lambda s: (s[0], -s[1]))
+        stack: list[tuple[int, int, str]] = []
+        for s in sl:
+            while stack and stack[-1][1] <= s[0]:
+                stack.pop()
+            assert not stack or s[1] <= stack[-1][1], f"{s} overlaps {stack[-1]} on {track}"
+            stack.append(s)
+    return slices
+
+
+def flows(doc: dict[str, Any], slices: dict) -> dict[int, list[dict[str, Any]]]:
+    """Assert every flow is one s, steps, one f, in time order, each inside a slice of its
+    thread; return the flows by id, each as its events with the slice ("slice") they bind to."""
+    by_id: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for e in doc["traceEvents"]:
+        if e["ph"] in "stf":
+            by_id[e["id"]].append(e)
+    for fid, evs in by_id.items():
+        phs = "".join(e["ph"] for e in evs)
+        assert phs[0] == "s" and phs[-1] == "f" and set(phs[1:-1]) <= {"t"}, f"flow {fid}: {phs}"
+        assert [e["ts"] for e in evs] == sorted(e["ts"] for e in evs), f"flow {fid} goes back in time"
+        assert len({(e["cat"], e["name"]) for e in evs}) == 1
+        for e in evs:
+            ts = _ns(e["ts"])
+            inside = [s for s in slices[(e["pid"], e["tid"])] if s[0] <= ts <= s[1]]
+            assert inside, f"flow {fid}: {e} is in no slice of its thread"
+            e["slice"] = min(inside, key=lambda s: s[1] - s[0])[2]  # the innermost
+    return by_id
+
+
+def tracks(doc: dict[str, Any]) -> tuple[dict[int, str], dict[tuple[int, int], str]]:
+    procs, threads = {}, {}
+    for e in doc["traceEvents"]:
+        if e["ph"] == "M" and e["name"] == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e["ph"] == "M" and e["name"] == "thread_name":
+            threads[(e["pid"], e["tid"])] = e["args"]["name"]
+    return procs, threads
+
+
+@pytest.mark.timeout(90)
+def test_run_trace_follows_a_fault_across_every_process(capsys, tmp_path):
+    path = tmp_path / "t.json"
+    code = cli.main(["run", "--ram", "32MiB", "--mode", "preempt", "--bandwidth", "100MiB/s",
+                     "--trace", str(path), "--json", str(tmp_path / "r.json"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(path.read_text())
+    rep = json.loads((tmp_path / "r.json").read_text())
+    slices = check_schema(doc)
+    procs, threads = tracks(doc)
+    pid = {name: p for p, name in procs.items()}
+    for title in ("mig/src", "mig/dst/listen", "mig/dst/preempt", "guest/vcpu0"):
+        assert any(e["pid"] == pid[title] and e["ph"] in "Xi" for e in doc["traceEvents"]), f"nothing from {title}"
+    names = {(procs[p], n) for (p, _), n in threads.items() if p in procs}
+    assert {("mig/src", "migration"), ("mig/src", "return"), ("mig/dst/listen", "listen"),
+            ("mig/dst/listen", "fault"), ("mig/dst/preempt", "preempt"), ("guest/vcpu0", "vcpu0")} <= names
+
+    # one fault, followed from the vCPU to the page's placement and the vCPU's wake-up
+    def where(e: dict[str, Any]) -> tuple[str, str, str]:
+        return procs[e["pid"]], threads[(e["pid"], e["tid"])], e["slice"]
+
+    chains = [[where(e) for e in evs] for evs in flows(doc, slices).values()]
+    assert len(chains) == rep["postcopy_latency_us"]["count"]  # one flow per resolved fault
+    whole = [c for c in chains if c[0][:2] == ("guest/vcpu0", "vcpu0") and c[0][2].startswith("fault hp")
+             and ("mig/dst/listen", "fault") == c[1][:2] and c[1][2].startswith("FAULT hp")
+             and any(w[:2] == ("mig/src", "return") and w[2].startswith("REQ_PAGES") for w in c)
+             and any(w[0] == "mig/src" and w[2].startswith("send") for w in c)
+             and any(w[0].startswith("mig/dst") and w[2].startswith("place") for w in c)
+             and c[-1] == ("guest/vcpu0", "vcpu0", "woken: page present")]
+    assert whole, f"no fault followed end to end; chains: {chains[:5]}"
+
+    # the trace agrees with the report
+    xs = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    count = lambda prefix: sum(e["name"].startswith(prefix) for e in xs)  # noqa: E731
+    assert count("REQ_PAGES") == rep["postcopy_requests"]
+    assert count("fault hp") == rep["postcopy_latency_us"]["count"]
+    assert count("hp ") == rep["preemptions"]  # "hp N preempted"
+    for ch in ("precopy", "postcopy"):
+        sent = sum(e["args"]["bytes"] for e in xs if e["name"].startswith(f"send {ch}"))
+        placed = sum(e["args"]["bytes"] for e in xs if e["name"].startswith("place")
+                     and procs[e["pid"]] == ("mig/dst/listen" if ch == "precopy" else "mig/dst/preempt"))
+        assert 0 < sent == placed == rep["ram"]["channel_bytes"][ch]
+    assert [e["name"] for e in xs if e["pid"] == pid["shmig controller (preempt)"] and e["cat"] == "phase"] \
+        == [p[0] for p in rep["phases"]]
+    counters = {e["name"] for e in doc["traceEvents"] if e["ph"] == "C"}
+    assert {"socket queue precopy (bytes)", "socket queue postcopy (bytes)", "pages left to send",
+            "faults outstanding", "guest accesses"} <= counters
+
+
+def test_recorder_rows_per_thread():
+    """Each thread writes its own buffer (no lock), which grows past its first size."""
+    import threading
+
+    tr = Recorder("mig/src")
+    n = 10_000
+    tr.put(K.SEND, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+    t = threading.Thread(target=lambda: [tr.put(K.REQUEST, i, i + 1, i) for i in range(n)], name="return")
+    t.start()
+    t.join()
+    got = {}
+    for tid, name, data in tr.chunks():
+        assert len(data) % ROW.size == 0
+        got.setdefault(name, bytearray()).extend(data)
+    assert sorted(got) == ["migration", "return"]
+    main = rows(bytes(got["migration"]))
+    assert main.tolist() == [(1, 2, K.SEND, 3, 4, 5, 6, 7, 8, 9)]
+    ret = rows(bytes(got["return"]))
+    assert len(ret) == n and (ret["a"] == range(n)).all() and (ret["kind"] == K.REQUEST).all()
+
+
+def test_tracing_is_off_unless_asked():
+    m = Migration(Config(ram=4 << 20))
+    assert m.trace is None
+    from shmig.process import Child
+
+    assert Child.tr is None and not Child.traced
+
+
+def test_bad_trace_path_is_bad_input(capsys, tmp_path):
+    code = cli.main(["run", "--ram", "4MiB", "--trace", str(tmp_path / "no" / "t.json")])
+    assert code == 2
+    assert "--trace" in capsys.readouterr().err
