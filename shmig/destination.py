@@ -195,9 +195,9 @@ class Receiver(Child):
             pass
         for v, hp in enumerate(self.mem.wait[:, 0].tolist()):  # a handful of vCPUs at most
             if hp >= 0 and (hps == hp).any():
-                os.eventfd_write(self.efds[v], 1)
                 if self.tr:
                     self.tr.instant(K.WAKE, hp, v, self.ch, self.reader.frames_in)
+                os.eventfd_write(self.efds[v], 1)
 
     def final_stats(self) -> dict[str, Any]:
         self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)

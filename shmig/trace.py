@@ -54,13 +54,14 @@ class _Flows:
     """Where each fault's steps happened: (pid, tid, slice start µs, slice duration µs) by key."""
 
     def __init__(self) -> None:
-        self.faults: list[tuple[int, int, int, dict[str, Any], dict[str, Any] | None]] = []
+        # real start ns, vcpu, host page, the fault's slice, its args, its "woken" slice
+        self.faults: list[tuple[int, int, int, tuple, dict[str, Any], tuple | None]] = []
         self.seen: dict[tuple[int, int], list[tuple[float, tuple]]] = defaultdict(list)
         self.request: dict[int, tuple] = {}
         self.send: dict[tuple[int, int], tuple] = {}
         self.recv: dict[tuple[int, int], tuple] = {}
         self.place: dict[tuple[int, int], tuple] = {}
-        self.placed: list[tuple[int, int, int, int, float]] = []  # ch, seq, first tp, last tp, end µs
+        self.placed: list[tuple[int, int, int, int, float]] = []  # ch, seq, first tp, last tp, start µs
         self.wake: dict[tuple[int, int], list[tuple[float, int, int]]] = defaultdict(list)
 
 
@@ -81,6 +82,9 @@ class _Builder:
     def us(self, t: np.ndarray) -> np.ndarray:
         """Real monotonic ns -> emulated µs since the start (the report's conversion)."""
         return np.round((self.emu.faults(t) - self.m.t0) / 1e3, 3)
+
+    def us1(self, t: int) -> float:
+        return float(self.us(np.array([t], np.int64))[0])
 
     # -- output helpers ----------------------------------------------------------------------------
     def meta(self, pid: int, tid: int, name: str, value: Any) -> None:
@@ -158,7 +162,7 @@ class _Builder:
                     "budget_bytes": c})
             elif kind == K.REQUEST:
                 fl.request[a] = self.slice(pid, tid, f"REQ_PAGES hp {a}", s, end, {"host_page": a})
-                arrived = float(self.us(np.array([b + self.latency_ns]))[0])
+                arrived = self.us1(b + self.latency_ns)
                 if self.latency_ns and arrived > s:
                     self.slice(pid, tid, "one-way latency", s, min(arrived, end))
             elif kind == K.SYNC:
@@ -181,18 +185,15 @@ class _Builder:
                         "host_page": a, "interrupted_at_page": at, "resumed_at_page": b,
                         "resumed_as": "urgent, on precopy" if c else "background"})
             elif kind == K.RECV:
-                carried = float(self.us(np.array([f]))[0])
                 name = f"link {CHANNELS[a]}: {Msg(d).name if d in KINDS else d}"
-                if self.latency_ns and s < carried < end:  # the one-way latency after the link carried it
-                    fl.recv[(a, b)] = self.slice(pid, tid, name, s, carried, {"frame": b, "bytes": c, "queued_after": e})
-                    self.slice(pid, tid, "one-way latency", carried, end)
-                else:
-                    fl.recv[(a, b)] = self.slice(pid, tid, name, s, end, {"frame": b, "bytes": c, "queued_after": e})
+                fl.recv[(a, b)] = self.slice(pid, tid, name, s, end, {"frame": b, "bytes": c, "queued_after": e})
+                if self.latency_ns:  # from when the link had carried it
+                    self.slice(pid, tid, "one-way latency", min(max(s, self.us1(f)), end), end)
                 self.queued[a].append((end, e))
             elif kind in (K.PLACE, K.PLACE_URGENT):
                 fl.place[(a, b)] = self.slice(pid, tid, "place urgent" if kind == K.PLACE_URGENT else "place", s, end, {
                     "frame": b, "bytes": c, "pages": d, "first_page": e, "last_page": f, "zero_pages": g})
-                fl.placed.append((a, b, e, f, end))
+                fl.placed.append((a, b, e, f, s))
             elif kind == K.WAKE:
                 self.instant(pid, tid, f"wake vcpu{b}", s, {"host_page": a})
                 fl.wake[(a, b)].append((s, c, d))
@@ -210,14 +211,11 @@ class _Builder:
                 fl.seen[(a, b)].append((s, self.slice(pid, tid, name, s, stop, {"vcpu": a, "host_page": b})))
             elif kind == K.FAULT:
                 vcpu = int(title.rpartition("vcpu")[2])
-                fault = self.slice(pid, tid, f"fault hp {a}" + ("" if c else " (unresolved)"), s, end, {
-                    "host_page": a, "page": b, "latency_us": round(end - s, 3)})
-                woken = None
-                if d:
-                    w = float(self.us(np.array([d]))[0])
-                    woken = self.slice(pid, tid, "woken: page present", w, end)
+                args = {"host_page": a, "page": b, "latency_us": round(end - s, 3)}
+                fault = self.slice(pid, tid, f"fault hp {a}" + ("" if c else " (unresolved)"), s, end, args)
+                woken = self.slice(pid, tid, "woken: page present", self.us1(d), end) if d else None
                 if c:
-                    fl.faults.append((vcpu, a, t0, {"at": fault, "end": end}, {"at": woken} if woken else None))
+                    fl.faults.append((t0, vcpu, a, fault, args, woken))
                 self.faulting += [(s, 1), (end, -1)]
             elif kind == K.PAUSED:
                 self.slice(pid, tid, "paused (switchover)", s, end)
@@ -231,38 +229,38 @@ class _Builder:
         previous one (the page was already on its way when the guest touched it) is left out."""
         fl = self.flows
         k = self.k
-        placed = np.array([p[:4] for p in fl.placed], np.int64).reshape(-1, 4)
-        placed_end = np.array([p[4] for p in fl.placed])
-        for fid, (vcpu, hp, _, fault, woken) in enumerate(sorted(fl.faults, key=lambda f: f[2]), start=1):
-            start = fault["at"]
+        placed = np.array(fl.placed, np.float64).reshape(-1, 5)  # ch, seq, first, last page, start µs
+        for fid, (_, vcpu, hp, start, args, woken) in enumerate(sorted(fl.faults), start=1):
+            end = start[2] + start[3]
             steps = [start]
             seen = fl.seen.get((vcpu, hp), [])
-            j = bisect.bisect_left([s for s, _ in seen], start[2])
+            j = bisect.bisect_left([t for t, _ in seen], start[2])
             if j < len(seen):
                 steps.append(seen[j][1])
             if hp in fl.request:
                 steps.append(fl.request[hp])
-            frame = None
-            for t, ch, seq in fl.wake.get((hp, vcpu), []):
-                if start[2] <= t <= fault["end"]:
-                    frame = (ch, seq)
-            if frame is None and len(placed):  # woken by its own check: the last frame holding the page
-                hit = np.flatnonzero((placed[:, 2] < (hp + 1) * k) & (placed[:, 3] >= hp * k)
-                                     & (placed_end <= fault["end"]))
+            # the frame that woke it (a vCPU waits on a host page once: it is never discarded again)
+            frame = next(((ch, seq) for t, ch, seq in fl.wake.get((hp, vcpu), []) if t >= start[2]), None)
+            if frame is None and len(placed):  # it found the page by itself: the last frame holding it
+                hit = np.flatnonzero((placed[:, 2] < (hp + 1) * k) & (placed[:, 3] >= hp * k) & (placed[:, 4] <= end))
                 if hit.size:
-                    frame = tuple(placed[hit[np.argmax(placed_end[hit])], :2])
+                    frame = tuple(int(x) for x in placed[hit[np.argmax(placed[hit, 4])], :2])
             if frame is not None:
-                steps += [x for x in (fl.send.get(frame), fl.recv.get(frame), fl.place.get(frame)) if x]
+                sent = fl.send.get(frame)
+                args["came_in"] = f"{CHANNELS[frame[0]]} frame {frame[1]}" + (
+                    "" if sent is None else ", sent before the fault" if sent[2] < start[2]
+                    else ", sent after the request" if hp in fl.request and sent[2] >= fl.request[hp][2] else "")
+                steps += [x for x in (sent, fl.recv.get(frame), fl.place.get(frame)) if x]
+            pid, tid, ts, dur = woken or start
+            last = round(ts + min(NS, dur / 2) if woken else ts + max(dur - NS, dur / 2), 3)  # the end's ts
             kept = [steps[0]]
-            for st in steps[1:]:
-                if st[2] >= kept[-1][2]:
+            for st in steps[1:]:  # in time order, and before the vCPU has the page
+                if kept[-1][2] <= st[2] and st[2] + min(NS, st[3] / 2) < last:
                     kept.append(st)
-            for n, (pid, tid, ts, dur) in enumerate(kept):
-                self.ev.append({"ph": "s" if n == 0 else "t", "id": fid, "pid": pid, "tid": tid,
-                                "ts": round(ts + min(NS, dur / 2), 3), **FLOW})
-            pid, tid, ts, dur = woken["at"] if woken else start
-            end_ts = ts + min(NS, dur / 2) if woken else ts + max(dur - NS, dur / 2)
-            self.ev.append({"ph": "f", "bp": "e", "id": fid, "pid": pid, "tid": tid, "ts": round(end_ts, 3), **FLOW})
+            for n, (pid_, tid_, ts_, dur_) in enumerate(kept):
+                self.ev.append({"ph": "s" if n == 0 else "t", "id": fid, "pid": pid_, "tid": tid_,
+                                "ts": round(ts_ + min(NS, dur_ / 2), 3), **FLOW})
+            self.ev.append({"ph": "f", "bp": "e", "id": fid, "pid": pid, "tid": tid, "ts": last, **FLOW})
 
     # -- counters --------------------------------------------------------------------------------------
     def counters(self) -> None:
