@@ -77,17 +77,21 @@ class Receiver(Child):
         return f
 
     def trace_recv(self, f: Frame, t0: int, carried: int) -> None:
-        """The frame the link carried since ``t0``; what is placed next starts now."""
+        """The frame the link carried since ``t0``. A PAGES frame's row is written once it is
+        placed (trace_place): one row, and none before a waiting vCPU is woken."""
         self.t_taken = time.monotonic_ns()
-        self.tr.put(K.RECV, t0, self.t_taken, self.ch, self.reader.frames_in, f.size, f.kind,
-                    self.link.queued(self.ch), carried)
+        self.rx = (t0, carried)
+        if f.kind != Msg.PAGES:
+            self.tr.put(K.RECV, t0, self.t_taken, self.ch, self.reader.frames_in, f.size, f.kind,
+                        self.link.queued(self.ch), carried)
 
     def trace_place(self, f: Frame) -> None:
-        """The PAGES frame just placed (since ``trace_recv``)."""
-        tps = np.frombuffer(f.fields[0], np.uint32)
-        nzero = 0 if f.fields[1] is None else int(np.count_nonzero(np.frombuffer(f.fields[1], np.bool_)))
-        self.tr.put(K.PLACE_URGENT if f.fields[2] else K.PLACE, self.t_taken, time.monotonic_ns(), self.ch,
-                    self.reader.frames_in, f.size, len(tps), int(tps[0]), int(tps[-1]), nzero)
+        """The PAGES frame just placed, from when it was whole at the head of the queue."""
+        t0, carried = self.rx
+        tps = f.fields[0]  # uint32 target pages, little-endian
+        self.tr.put(K.PLACE_URGENT if f.fields[2] else K.PLACE, t0, time.monotonic_ns(), self.ch,
+                    self.reader.frames_in, f.size, len(tps) // 4, int.from_bytes(tps[:4], "little"),
+                    int.from_bytes(tps[-4:], "little"), self.t_taken, carried, self.link.queued(self.ch))
 
     def place(self, f: Frame) -> None:
         """A PAGES frame: its pages go into destination RAM without a Python loop per page."""
@@ -195,9 +199,10 @@ class Receiver(Child):
             pass
         for v, hp in enumerate(self.mem.wait[:, 0].tolist()):  # a handful of vCPUs at most
             if hp >= 0 and (hps == hp).any():
-                if self.tr:
-                    self.tr.instant(K.WAKE, hp, v, self.ch, self.reader.frames_in)
                 os.eventfd_write(self.efds[v], 1)
+                if self.tr:
+                    t = time.monotonic_ns()
+                    self.tr.put(K.WAKE, t, t, hp, v, self.ch, self.reader.frames_in)
 
     def final_stats(self) -> dict[str, Any]:
         self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)
@@ -290,18 +295,21 @@ class Listen(Receiver):
                 if not isinstance(hp, int) or not 0 <= hp < self.cfg.nhost:
                     raise ProtocolError(f"fault channel: host page {hp!r} outside RAM")
                 self.stats["faults_seen"] += 1
-                if self.tr:
-                    self.tr.instant(K.FAULT_SEEN, vcpu, hp, int(self.received[hp * k]), int(self.requested[hp]))
+                t_rx = time.monotonic_ns() if self.tr else 0
                 if self.received[hp * k]:
+                    if self.tr:
+                        self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 1)
                     continue
                 if self.requested[hp]:
                     self.stats["faults_deduplicated"] += 1
+                    if self.tr:
+                        self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 2)
                     continue
                 self.requested[hp] = True
                 self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
                 self.stats["requests_sent"] += 1
                 if self.tr:
-                    self.tr.instant(K.REQUEST_SENT, hp)
+                    self.tr.put(K.FAULT_SEEN, t_rx, time.monotonic_ns(), vcpu, hp, 0)
         except BaseException as e:
             self.fault_error = e
 

@@ -6,8 +6,8 @@ attribute check. With tracing on an event is one ``struct.pack_into`` of ten int
 preallocated per-thread buffer: no Python object is kept per event (kinds are small integers, the
 names live in trace.py), and no lock is taken, since each thread writes only its own buffer.
 
-A row is ``t0, t1, kind, a..g``: start and end in ``time.monotonic_ns()`` (t1 == t0 for an
-instant) and up to seven integer arguments whose meaning depends on the kind (listed below and
+A row is ``t0, t1, kind, a..i``: start and end in ``time.monotonic_ns()`` (t1 == t0 for an
+instant) and up to nine integer arguments whose meaning depends on the kind (listed below and
 decoded by trace.py). The buffers go to the controller as bytes in "trace" control messages after
 the process's run; ``rows()`` reads them back as a numpy structured array.
 """
@@ -22,15 +22,15 @@ from typing import Iterator
 
 import numpy as np
 
-ROW = struct.Struct("<10q")
-FIELDS = ("t0", "t1", "kind", "a", "b", "c", "d", "e", "f", "g")
+ROW = struct.Struct("<12q")
+FIELDS = ("t0", "t1", "kind", "a", "b", "c", "d", "e", "f", "g", "h", "i")
 DTYPE = np.dtype([(name, "<i8") for name in FIELDS])
 INITIAL_ROWS = 4096  # per thread; doubles when full
-CHUNK_ROWS = 3200  # rows per control message (256000 bytes, well under a frame header's limit)
+CHUNK_ROWS = 2700  # rows per control message (259200 bytes, well under a frame header's limit)
 
 
 class K(enum.IntEnum):
-    """Event kinds, and what their arguments a..g hold."""
+    """Event kinds, and what their arguments a..i hold."""
 
     # mig/src
     SEND = 1  # a PAGES frame written: a channel, b frame seq on the channel, c bytes, d pages,
@@ -49,22 +49,22 @@ class K(enum.IntEnum):
     PREEMPT = 11  # 7.1 break-huge: host page a interrupted before target page b
     RESUME = 12  # host page a resumed at target page b; c 1 if urgently (it was requested itself)
     # mig/dst/listen, mig/dst/preempt
-    RECV = 13  # a frame taken off the wire (t0: it was whole in the queue; t1: link carried it and
-    # its latency passed): a channel, b frame seq, c bytes, d Msg kind, e bytes queued after it,
-    # f when the link finished carrying it
-    PLACE = 14  # a PAGES frame placed: a channel, b frame seq, c bytes, d pages, e first and
-    # f last target page, g zero pages
+    RECV = 13  # a frame other than PAGES taken off the wire (t0: it was whole at the head of the
+    # queue; t1: the link had carried it and its latency had passed): a channel, b frame seq,
+    # c bytes, d Msg kind, e bytes queued after it, f when the link finished carrying it
+    PLACE = 14  # a PAGES frame taken off the wire (t0, as RECV) and placed (by t1): a channel,
+    # b frame seq, c bytes, d pages, e first and f last target page, g when it was taken (the
+    # placement began), h when the link finished carrying it, i bytes queued once it was placed
     PLACE_URGENT = 15  # the same, for a frame of requested pages
     WAKE = 16  # a placed host page a woke vCPU b (the frame: c channel, d seq)
     DISCARD_APPLIED = 17  # a host pages dropped from receivedmap
     RUNNING = 18  # PACKAGED loaded: the guest runs on the destination
-    FAULT_SEEN = 19  # fault thread: vCPU a faulted on host page b; c 1 if already placed,
-    # d 1 if already requested
-    REQUEST_SENT = 20  # fault thread: REQ_PAGES for host page a written on the return path
+    FAULT_SEEN = 19  # fault thread: vCPU a faulted on host page b; c 0: REQ_PAGES written on the
+    # return path (by t1), 1: the page was already placed, 2: already requested
     # guest/vcpuN
-    FAULT = 21  # a fault: a host page, b target page, c 1 if resolved, d when an eventfd
+    FAULT = 20  # a fault: a host page, b target page, c 1 if resolved, d when an eventfd
     # wake-up last ended a sleep (0: none during this fault)
-    PAUSED = 22  # the vCPU is paused for switchover
+    PAUSED = 21  # the vCPU is paused for switchover
 
 
 MILESTONES = ("setup_done", "stop_vm", "postcopy_start", "completed")
@@ -93,7 +93,7 @@ class Recorder:
         self._local = threading.local()
 
     def put(self, kind: int, t0: int, t1: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0,
-            e: int = 0, f: int = 0, g: int = 0) -> None:
+            e: int = 0, f: int = 0, g: int = 0, h: int = 0, i: int = 0) -> None:
         try:
             buf = self._local.buf
         except AttributeError:
@@ -101,7 +101,7 @@ class Recorder:
         off = buf.off
         if off == len(buf.data):
             buf.data.extend(bytes(off))
-        ROW.pack_into(buf.data, off, t0, t1, kind, a, b, c, d, e, f, g)
+        ROW.pack_into(buf.data, off, t0, t1, kind, a, b, c, d, e, f, g, h, i)
         buf.off = off + ROW.size
 
     def instant(self, kind: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:

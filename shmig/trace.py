@@ -145,7 +145,7 @@ class _Builder:
         fl = self.flows
         vals = r.tolist()
         preempted: dict[int, tuple[float, int]] = {}
-        for i, (t0, t1, kind, a, b, c, d, e, f, g) in enumerate(vals):
+        for i, (t0, t1, kind, a, b, c, d, e, f, g, h, j) in enumerate(vals):
             s, end = ts0[i], ts1[i]
             if kind in (K.SEND, K.SEND_URGENT):
                 urgent = kind == K.SEND_URGENT
@@ -185,15 +185,13 @@ class _Builder:
                         "host_page": a, "interrupted_at_page": at, "resumed_at_page": b,
                         "resumed_as": "urgent, on precopy" if c else "background"})
             elif kind == K.RECV:
-                name = f"link {CHANNELS[a]}: {Msg(d).name if d in KINDS else d}"
-                fl.recv[(a, b)] = self.slice(pid, tid, name, s, end, {"frame": b, "bytes": c, "queued_after": e})
-                if self.latency_ns:  # from when the link had carried it
-                    self.slice(pid, tid, "one-way latency", min(max(s, self.us1(f)), end), end)
-                self.queued[a].append((end, e))
+                self.link(pid, tid, Msg(d).name if d in KINDS else str(d), a, b, c, s, end, f, e)
             elif kind in (K.PLACE, K.PLACE_URGENT):
-                fl.place[(a, b)] = self.slice(pid, tid, "place urgent" if kind == K.PLACE_URGENT else "place", s, end, {
-                    "frame": b, "bytes": c, "pages": d, "first_page": e, "last_page": f, "zero_pages": g})
-                fl.placed.append((a, b, e, f, s))
+                taken = self.us1(g)
+                self.link(pid, tid, "PAGES", a, b, c, s, taken, h, j, end)
+                fl.place[(a, b)] = self.slice(pid, tid, "place urgent" if kind == K.PLACE_URGENT else "place", taken,
+                                              end, {"frame": b, "bytes": c, "pages": d, "first_page": e, "last_page": f})
+                fl.placed.append((a, b, e, f, taken))
             elif kind == K.WAKE:
                 self.instant(pid, tid, f"wake vcpu{b}", s, {"host_page": a})
                 fl.wake[(a, b)].append((s, c, d))
@@ -201,14 +199,11 @@ class _Builder:
                 self.slice(pid, tid, "apply discard list", s, end, {"host_pages": a})
             elif kind == K.RUNNING:
                 self.instant(pid, tid, "PACKAGED: the guest runs here", s)
-            elif kind == K.FAULT_SEEN:
-                nxt = vals[i + 1] if i + 1 < len(vals) else None
-                if nxt is not None and nxt[2] == K.REQUEST_SENT and nxt[3] == b:
-                    name, stop = f"FAULT hp {b}: request", ts1[i + 1]
-                else:
-                    what = "already placed" if c else "already requested" if d else "dropped"
-                    name, stop = f"FAULT hp {b}: {what}", min(s + 1.0, ts0[i + 1] if nxt else s + 1.0)
-                fl.seen[(a, b)].append((s, self.slice(pid, tid, name, s, stop, {"vcpu": a, "host_page": b})))
+            elif kind == K.FAULT_SEEN:  # an instant when nothing is sent: 1 µs wide, so an arrow can bind
+                stop = end if c == 0 else min(s + 1.0, ts0[i + 1] if i + 1 < len(ts0) else s + 1.0)
+                what = ("request", "already placed", "already requested")[c]
+                fl.seen[(a, b)].append((s, self.slice(pid, tid, f"FAULT hp {b}: {what}", s, stop,
+                                                      {"vcpu": a, "host_page": b})))
             elif kind == K.FAULT:
                 vcpu = int(title.rpartition("vcpu")[2])
                 args = {"host_page": a, "page": b, "latency_us": round(end - s, 3)}
@@ -221,6 +216,16 @@ class _Builder:
                 self.slice(pid, tid, "paused (switchover)", s, end)
         for hp, (start, at) in preempted.items():
             self.instant(pid, tid, f"hp {hp} preempted", start, {"interrupted_at_page": at})
+
+    def link(self, pid: int, tid: int, what: str, ch: int, seq: int, nbytes: int, s: float, end: float,
+             carried: int, queued: int, queued_at: float | None = None) -> None:
+        """A frame from the head of channel ``ch``'s queue until the link had carried it and its
+        one-way latency had passed; ``queued`` bytes were in the queue at ``queued_at`` (its end)."""
+        self.flows.recv[(ch, seq)] = self.slice(pid, tid, f"link {CHANNELS[ch]}: {what}", s, end, {
+            "frame": seq, "bytes": nbytes})
+        if self.latency_ns:  # from when the link had carried it
+            self.slice(pid, tid, "one-way latency", min(max(s, self.us1(carried)), end), end)
+        self.queued[ch].append((end if queued_at is None else queued_at, queued))
 
     # -- flows ---------------------------------------------------------------------------------------
     def fault_flows(self) -> None:

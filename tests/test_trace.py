@@ -154,7 +154,7 @@ def test_recorder_rows_per_thread():
         got.setdefault(name, bytearray()).extend(data)
     assert sorted(got) == ["migration", "return"]
     main = rows(bytes(got["migration"]))
-    assert main.tolist() == [(1, 2, K.SEND, 3, 4, 5, 6, 7, 8, 9)]
+    assert main.tolist() == [(1, 2, K.SEND, 3, 4, 5, 6, 7, 8, 9, 0, 0)]
     ret = rows(bytes(got["return"]))
     assert len(ret) == n and (ret["a"] == range(n)).all() and (ret["kind"] == K.REQUEST).all()
 
