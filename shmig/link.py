@@ -50,6 +50,11 @@ class Link:
             nbytes -= q
         return time.monotonic_ns() - t0
 
+    def reset(self) -> None:
+        """A postcopy recovery: the link's reservations belonged to the old connections."""
+        with self.lock:
+            self.state[FREE_AT] = 0
+
     def arrive(self, send_ns: int, wait: Callable[[float], None]) -> None:
         """A frame is not applied before it was sent plus the one-way latency."""
         if self.latency_ns:

@@ -83,6 +83,10 @@ class Policy:
     def send_background_host_page(self, hp: int) -> None:
         self.src.send_host_page(hp, self.src.pre, urgent=False)
 
+    def resume_prepare(self) -> None:
+        """ram_resume_prepare, after a postcopy recovery reloaded the dirty bitmap: whatever this policy
+        remembered about pages in flight is void (the requests still wanted will be sent again)."""
+
     def run_postcopy(self) -> None:
         """ram_save_iterate in postcopy: requests first; the background within the rate limit."""
         src = self.src
@@ -139,6 +143,9 @@ class Preempt(Policy):
             return True  # the interrupted host page is resumed before any other is started
         return super().background()
 
+    def resume_prepare(self) -> None:
+        self.preempted = None  # the interrupted huge page is dirty again as a whole: sent from its start
+
     def may_preempt(self) -> bool:
         """postcopy_needs_preempt: break-huge on, a huge host page, a request pending."""
         return self.cfg.break_huge and self.src.k > 1
@@ -173,6 +180,9 @@ class PreemptFull(Policy):
     @property
     def rate_wake(self) -> threading.Event | None:
         return None  # the return thread sends by itself; nothing to wake
+
+    def resume_prepare(self) -> None:
+        self.bg_hp, self.hint = -1, None
 
     def serve_requests(self) -> None:
         pass  # the return thread serves them (on_request)

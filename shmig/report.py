@@ -42,6 +42,15 @@ class Report:
     postcopy_latency_dist: list[int] = field(default_factory=lambda: [0] * stats.BUCKETS)
     preemptions: int = 0
     urgent_on_precopy: int = 0
+    # postcopy recovery: how often a broken channel paused the migration, how long the guest waited
+    # for it (faults stay blocked meanwhile, so blocktime and fault latency include it), what went again
+    postcopy_pauses: int = 0
+    recoveries: int = 0
+    postcopy_paused_ms: float = 0.0
+    postcopy_pages_resent: int = 0  # pages sent before the pause that the destination never received
+    postcopy_requests_resent: int = 0  # requests still waited for at the RESUME
+    faults_injected: list[dict[str, Any]] = field(default_factory=list)
+    pauses: list[dict[str, Any]] = field(default_factory=list)
     guest_progress: dict[str, Any] = field(default_factory=dict)
     guest_slowdown: float | None = None
     destination: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +96,12 @@ class Report:
                 ("blocktime", f"{self.postcopy_blocktime_ms:.1f} ms (per vCPU "
                  + ", ".join(f"{b:.1f}" for b in self.postcopy_vcpu_blocktime_ms) + " ms)"),
             ]
+            if self.postcopy_pauses or self.faults_injected or c.get("inject_faults"):
+                rows.append(("recovery", f"{self.postcopy_pauses} pauses, {self.recoveries} recoveries,"
+                             f" paused {self.postcopy_paused_ms:.1f} ms, {self.postcopy_pages_resent} pages"
+                             f" and {self.postcopy_requests_resent} requests sent again; faults injected: "
+                             + (", ".join(f"{f['fault']} at {f['postcopy_ms']:.0f} ms" for f in self.faults_injected)
+                                or "none")))
             gp = self.guest_progress
             if gp:
                 rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
@@ -123,6 +138,8 @@ def _accesses_until(vcpu: dict[str, Any], t_run: int | None, phase_ms: float | N
 def build_report(m: Migration) -> Report:
     cfg = m.cfg
     rep = Report(config=cfg.to_dict(), error=m.error, timeline=m.samples)
+    rep.postcopy_pauses, rep.recoveries = m.postcopy_pauses, m.recoveries
+    rep.postcopy_paused_ms = round(sum(b - a for a, b in m.pause_intervals) / 1e6, 3)
     if m.error is not None:
         return rep
     ev = m.events
@@ -167,6 +184,12 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_bytes = rep.ram["postcopy_bytes"]
     rep.preemptions = int(src.get("preemptions", 0))
     rep.urgent_on_precopy = int(src.get("urgent_on_precopy", 0))
+    rep.postcopy_pages_resent = int(src.get("postcopy_pages_resent", 0))
+    rep.postcopy_requests_resent = int(by_title.get("mig/dst/listen", {}).get("requests_resent", 0))
+    rep.faults_injected = list(src.get("faults_injected", []))
+    rep.pauses = [{"reason": pz["reason"], "during": pz["during"], "t_ms": _ms(m.t0, pz["t_ns"]),
+                   "resumed_t_ms": _ms(m.t0, pz.get("resumed_ns")), "pages_resent": pz.get("pages_resent", 0)}
+                  for pz in src.get("pauses", [])]
 
     vcpus = sorted((p.stats for p in m.procs if p.title.startswith("guest/")), key=lambda s: s["vcpu"])
     intervals = [np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:] for s in vcpus]

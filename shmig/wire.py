@@ -39,6 +39,10 @@ class Msg(enum.IntEnum):
     FAULT = 10  # vCPU -> fault thread: fields: vcpu, host page
     CTRL = 11  # controller <-> child: fields: name, object
     ROUND = 12  # precopy round boundary (for the destination's stats only)
+    RECV_BITMAP = 13  # recovery: MIG_CMD_RECV_BITMAP on the main channel; the reply (MIG_RP_MSG_RECV_BITMAP)
+    #                   on the return path carries receivedmap as a little-endian bitmap payload
+    RESUME = 14  # recovery: MIG_CMD_POSTCOPY_RESUME
+    RESUME_ACK = 15  # recovery: MIG_RP_MSG_RESUME_ACK
 
 
 KINDS = frozenset(int(k) for k in Msg)
@@ -50,6 +54,22 @@ class ProtocolError(Exception):
 
 class ChannelClosed(EOFError):
     """The other end closed the pipe at a frame boundary."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The pipe closed in the middle of a frame: a broken channel (during postcopy, a reason to pause,
+    as a dropped connection is; anywhere else, a protocol error like any other)."""
+
+
+def shutdown_pipe(fd: int, write_end: bool) -> None:
+    """QEMU's qemu_file_shutdown for a pipe end: from now on ``fd`` reads EOF or writes EPIPE, and the
+    peer sees the channel close once no syscall still holds the old end. ``dup2`` swaps the file
+    under the descriptor atomically, so another thread using ``fd`` never sees it closed or reused."""
+    r, w = os.pipe()
+    dead, other = (w, r) if write_end else (r, w)
+    os.close(other)
+    os.dup2(dead, fd, inheritable=False)
+    os.close(dead)
 
 
 def pack_header(kind: int, fields: Sequence[Any], send_ns: int | None = None) -> bytes:
@@ -246,7 +266,7 @@ class FrameReader:
                 continue
             if self.eof:
                 if self.buffered:
-                    raise ProtocolError(f"{self.name} channel: truncated frame ({self.buffered} bytes"
+                    raise TruncatedFrame(f"{self.name} channel: truncated frame ({self.buffered} bytes"
                                         f" of {self._need()} before the pipe closed)")
                 raise ChannelClosed(f"{self.name} channel closed")
             left = None if deadline is None else deadline - time.monotonic()
@@ -310,7 +330,7 @@ class FrameReader:
                 select.select([self.fd], [], [])
                 continue
             if n == 0:
-                raise ProtocolError(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
+                raise TruncatedFrame(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
                                     f" missing when the pipe closed)")
             self.pending -= n
             self.bytes_in += n
@@ -331,6 +351,15 @@ class FrameReader:
         view = self.mv[:n]
         self.read_payload_into([view])
         return view
+
+    def reopen(self, fd: int) -> None:
+        """Read a new pipe from now on (a recovered channel): what was read ahead belonged to the old
+        one and is dropped, as a broken connection's receive queue is."""
+        self.fd = fd
+        self.start = self.end = self.pending = 0
+        self._peeked = None
+        self.eof = False
+        os.set_blocking(fd, False)
 
     def has_frame(self) -> bool:
         """True if a whole frame is buffered (after a non-blocking read)."""
