@@ -439,7 +439,7 @@ class Source(Child):
                 if w is writer and tps is not None:
                     self.write_partial_frame(w, tps)
                 shutdown_pipe(w.fd, write_end=True)
-        self.request_pause(f"{faults[0].what} broken by the injected fault {faults[0]}")
+        self.request_pause(f"injected fault {faults[0]}")
         raise PostcopyPaused(self.pausing)
 
     def write_partial_frame(self, writer: FrameWriter, tps: np.ndarray) -> None:
@@ -503,7 +503,7 @@ class Source(Child):
             if self.post is not None:  # postcopy_preempt_establish_channel, after the main channel
                 self.post.send(Msg.HELLO, ())
                 self.event("preempt_channel")
-            self.inject(self.faults.due(self.remaining, stage="recovery"))
+            self.inject(self.faults.due(self.remaining, during="recovery"))
             self.status("postcopy-recover: RESUME sent, waiting for RESUME_ACK")
             self.pre.send(Msg.RESUME, ())
             expect(self.rp_next_frame(), Msg.RESUME_ACK, 0, "return path")
