@@ -222,6 +222,7 @@ class Migration:
         self.recover_at = None
         self.paused_titles.clear()
         self.phase = "postcopy-recover"
+        self._sample()
         self.link.reset()  # every receiver is paused: nothing is on the link
         pre_r, pre_w = make_pipe(cfg.socket_buffer)
         ret_r, ret_w = make_pipe(1 << 16)
@@ -403,7 +404,9 @@ class Migration:
         """postcopy-paused from any channel process; postcopy-active again once the source has its
         RESUME_ACK. Once every one of them has paused, the recovery is due after recover_after."""
         if ev == "postcopy_paused":
-            self.phase = "postcopy-paused"
+            if self.phase != "postcopy-paused":
+                self.phase = "postcopy-paused"
+                self._sample()  # every pause and resume is in the timeline, however short
             self.paused_titles.add(p.title)
             if self.pause_started is None:
                 self.pause_started = t
@@ -413,6 +416,7 @@ class Migration:
                 self.recover_at = time.monotonic() + self.cfg.recover_after
         elif p.title == "mig/src":
             self.phase = "postcopy"
+            self._sample()
             self.recoveries += 1
             self.pause_intervals.append((self.pause_started or t, t))
             self.pause_started = None

@@ -69,7 +69,8 @@ class Fault:
     def __str__(self) -> str:
         if self.fraction is not None:
             return f"{self.what}@{self.fraction * 100:g}%"
-        return f"{self.what}@{self.after * 1e3:g}ms"  # type: ignore[operator]
+        after: float = self.after  # type: ignore[assignment]
+        return f"{self.what}@{after:g}s" if after >= 1 else f"{self.what}@{after * 1e3:g}ms"
 
 
 class FaultInjector:

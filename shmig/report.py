@@ -50,6 +50,7 @@ class Report:
     postcopy_pages_resent: int = 0  # pages sent before the pause that the destination never received
     postcopy_requests_resent: int = 0  # requests still waited for at the RESUME
     faults_injected: list[dict[str, Any]] = field(default_factory=list)
+    faults_not_injected: list[str] = field(default_factory=list)
     pauses: list[dict[str, Any]] = field(default_factory=list)
     guest_progress: dict[str, Any] = field(default_factory=dict)
     guest_slowdown: float | None = None
@@ -96,12 +97,8 @@ class Report:
                 ("blocktime", f"{self.postcopy_blocktime_ms:.1f} ms (per vCPU "
                  + ", ".join(f"{b:.1f}" for b in self.postcopy_vcpu_blocktime_ms) + " ms)"),
             ]
-            if self.postcopy_pauses or self.faults_injected or c.get("inject_faults"):
-                rows.append(("recovery", f"{self.postcopy_pauses} pauses, {self.recoveries} recoveries,"
-                             f" paused {self.postcopy_paused_ms:.1f} ms, {self.postcopy_pages_resent} pages"
-                             f" and {self.postcopy_requests_resent} requests sent again; faults injected: "
-                             + (", ".join(f"{f['fault']} at {f['postcopy_ms']:.0f} ms" for f in self.faults_injected)
-                                or "none")))
+            if self.postcopy_pauses or c.get("inject_faults"):
+                rows.append(("recovery", self._recovery_summary()))
             gp = self.guest_progress
             if gp:
                 rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
@@ -113,6 +110,23 @@ class Report:
         w = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{w}}  {v}" for k, v in rows]
         return "\n".join(lines)
+
+
+    def _recovery_summary(self) -> str:
+        text = (f"{_count(self.postcopy_pauses, 'pause')}, {_count(self.recoveries, 'recovery', 'recoveries')},"
+                f" paused {self.postcopy_paused_ms:.1f} ms; {_count(self.postcopy_pages_resent, 'page')} and"
+                f" {_count(self.postcopy_requests_resent, 'request')} sent again")
+        if self.faults_injected:
+            text += "; injected " + ", ".join(f"{f['fault']} at {f['postcopy_ms']:.0f} ms of postcopy"
+                                              + (" (during a recovery)" if f["during"] == "recovery" else "")
+                                              for f in self.faults_injected)
+        if self.faults_not_injected:
+            text += f"; never injected (the migration ended first): {', '.join(self.faults_not_injected)}"
+        return text
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 MIN_BASELINE_S = 0.2
@@ -187,8 +201,10 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_pages_resent = int(src.get("postcopy_pages_resent", 0))
     rep.postcopy_requests_resent = int(by_title.get("mig/dst/listen", {}).get("requests_resent", 0))
     rep.faults_injected = list(src.get("faults_injected", []))
-    rep.pauses = [{"reason": pz["reason"], "during": pz["during"], "t_ms": _ms(m.t0, pz["t_ns"]),
-                   "resumed_t_ms": _ms(m.t0, pz.get("resumed_ns")), "pages_resent": pz.get("pages_resent", 0)}
+    rep.faults_not_injected = list(src.get("faults_not_injected", []))
+    rep.pauses = [{"reason": pz["reason"], "during": pz["during"], "pages_resent": pz.get("pages_resent", 0),
+                   **{f"{k}_t_ms": _ms(m.t0, pz.get(f"{k}_ns")) for k in
+                      ("paused", "recv_bitmap", "preempt_channel", "resumed")}}
                   for pz in src.get("pauses", [])]
 
     vcpus = sorted((p.stats for p in m.procs if p.title.startswith("guest/")), key=lambda s: s["vcpu"])

@@ -474,7 +474,7 @@ class Source(Child):
             os.close(fd)
         self.stats["postcopy_pauses"] += 1
         self.pauses.append({"reason": self.pausing, "during": during,
-                            "t_ns": self.event("postcopy_paused", self.pausing)})
+                            "paused_ns": self.event("postcopy_paused", self.pausing)})
 
     def postcopy_resume(self) -> bool:
         """migrate resume=true (postcopy_do_resume): the new main channel and return path first; the
@@ -499,10 +499,10 @@ class Source(Child):
             f = self.rp_next_frame()
             expect(f, Msg.RECV_BITMAP, 0, "return path")
             self.reload_dirty_bitmap(f)
-            self.event("recv_bitmap")
+            self.pauses[-1]["recv_bitmap_ns"] = self.event("recv_bitmap")
             if self.post is not None:  # postcopy_preempt_establish_channel, after the main channel
                 self.post.send(Msg.HELLO, ())
-                self.event("preempt_channel")
+                self.pauses[-1]["preempt_channel_ns"] = self.event("preempt_channel")
             self.inject(self.faults.due(self.remaining, during="recovery"))
             self.status("postcopy-recover: RESUME sent, waiting for RESUME_ACK")
             self.pre.send(Msg.RESUME, ())
