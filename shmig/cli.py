@@ -37,7 +37,7 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     n = p.add_argument_group("emulated link")
     n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited)")
     n.add_argument("--latency", help="one-way latency, e.g. 50us (default 0)")
-    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks (default 4MiB)")
+    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
     w = p.add_argument_group("guest")
     w.add_argument("--workload", choices=WORKLOADS, help="access pattern (default random)")
     w.add_argument("--wss", help="working-set size (default: all RAM)")

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from .clock import Clock
 from .units import UnitError, fmt_size, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
@@ -14,11 +15,22 @@ HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
 MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
 MAX_VCPUS = 64  # each vCPU stamps its own 8-byte slot of a 4 KiB page: 512 slots, 64 is plenty
+MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 
 
 class ConfigError(ValueError):
     """Bad input: one line that says what to change."""
+
+
+def parse_dilation(value: str | float) -> float | str:
+    """``--time-dilation``: a factor (``4``, ``2.5``) or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UnitError(f"cannot read {value!r} as a dilation factor (e.g. 4, or auto)") from None
 
 
 @dataclass
@@ -36,7 +48,9 @@ class Config:
     vcpus: int = 1
     bandwidth: float | None = None  # emulated link, shared by both data channels
     latency: float = 0.0  # one-way, on every channel
-    socket_buffer: int = 4 * 1024**2  # per channel: what may be queued before the sender blocks
+    # per channel: what may be queued before the sender blocks. Linux autotunes a TCP connection's
+    # buffers up to tcp_wmem max (4MiB) + tcp_rmem max (6MiB), on loopback as on a NIC
+    socket_buffer: int = 10 * 1024**2
     max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
     max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
     downtime_limit: float = 0.3  # QEMU downtime-limit
@@ -44,7 +58,8 @@ class Config:
     precopy_rounds: int | None = 1  # postcopy modes: full rounds before switching; None = wait for start_postcopy()
     break_huge: bool = True  # x-postcopy-preempt-break-huge
     page_hint: bool = False  # QEMU 10.1 spatial locality hint (preempt-full)
-    deadline: float = 300.0  # the whole run; a hang fails with who waited for what
+    deadline: float = 300.0  # the whole run (emulated time); a hang fails with who waited for what
+    time_dilation: float | str = 1.0  # N: the emulated world runs N times slower; "auto" calibrates
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
     inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
     recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
@@ -57,7 +72,7 @@ class Config:
             "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
             "dirty_rate": parse_rate, "bandwidth": parse_rate, "max_bandwidth": parse_rate,
             "max_postcopy_bandwidth": parse_rate, "latency": parse_time, "downtime_limit": parse_time,
-            "deadline": parse_time, "recover_after": parse_time,
+            "deadline": parse_time, "time_dilation": parse_dilation, "recover_after": parse_time,
         }
         args = {}
         for k, v in kw.items():
@@ -95,6 +110,13 @@ class Config:
         from .policies import POLICIES
 
         return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
+
+    @property
+    def clock(self) -> Clock:
+        """The run's one clock; "auto" must have been resolved (``calibrate``) before it is used."""
+        if isinstance(self.time_dilation, str):
+            raise ConfigError("time_dilation 'auto' is resolved when the migration starts")
+        return Clock(float(self.time_dilation))
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
@@ -144,6 +166,11 @@ class Config:
             bad("--precopy-rounds must be 0 or more")
         if not self.deadline > 0:
             bad("--deadline must be positive")
+        if isinstance(self.time_dilation, str):
+            if self.time_dilation != "auto":
+                bad(f"--time-dilation {self.time_dilation!r}: use a number of at least 1, or auto")
+        elif not 1 <= self.time_dilation <= MAX_DILATION:  # also catches NaN
+            bad(f"--time-dilation must be between 1 and {MAX_DILATION:g} (or auto), got {self.time_dilation}")
         if self.page_hint and self.mode != "preempt-full":
             bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")
         if not self.break_huge and self.mode != "preempt":

@@ -14,6 +14,7 @@ migrate resume=true on the source.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import multiprocessing
 import os
@@ -26,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from . import memory
-from .config import Config
+from .config import Config, ConfigError
 from .destination import Listen, PreemptReceiver
 from .guest import Vcpu
 from .link import Link
@@ -39,7 +40,10 @@ from .trace import write_trace
 from .wire import FrameReader, FrameWriter, ProtocolError
 
 F_SETPIPE_SZ = 1031
-SAMPLE_EVERY = 0.1
+SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
+CALIBRATION_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CALIBRATION_S = 0.25  # emulated seconds of link time a calibration run takes
+SUSTAINED = 0.97  # utilisation at which the machine keeps up with the emulated link
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
 
 
@@ -52,12 +56,16 @@ def pipe_max() -> int:
 
 
 def make_pipe(size: int | None = None) -> tuple[int, int]:
+    """A pipe holding ``size`` bytes if the kernel lets us (beyond pipe-max-size needs
+    CAP_SYS_RESOURCE), else as much as it allows; a receiver reads ahead for the rest."""
     r, w = os.pipe()
     if size:
-        try:
-            fcntl.fcntl(w, F_SETPIPE_SZ, min(size, pipe_max()))
-        except OSError:
-            pass
+        for want in (size, min(size, pipe_max())):
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, want)
+                break
+            except OSError:
+                continue
     return r, w
 
 
@@ -100,6 +108,8 @@ class Migration:
         self.resumed: dict[int, int] = {}
         self.eos: set[str] = set()
         self.closed = False
+        self.link: Link | None = None
+        self.calibration: list[dict[str, Any]] = []  # --time-dilation auto: what each factor carried
         # postcopy recovery
         self.fdsocks: dict[str, socket.socket] = {}  # per channel process: where new pipe ends go
         self.channel_titles: set[str] = set()  # the processes that pause and recover
@@ -113,6 +123,8 @@ class Migration:
 
     # -- start ----------------------------------------------------------------
     def start(self) -> "Migration":
+        if self.cfg.time_dilation == "auto":
+            self.cfg.time_dilation, self.calibration = calibrate_dilation(self.cfg)
         cfg = self.cfg
         ctx = multiprocessing.get_context(START_METHOD)
         memory.sweep_stale()
@@ -145,7 +157,8 @@ class Migration:
                 up_r, up_w = self._pipe()
                 ctrl.append((down_r, down_w, up_r, up_w))
             all_fds = set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
-            self.link = link = Link(mem.link, cfg.bandwidth, cfg.latency, ctx.Lock())
+            self.link = link = Link(mem.link, cfg.bandwidth, cfg.latency, cfg.socket_buffer, ctx.Lock(),
+                                    cfg.clock)
             for (cls, fds, v), (down_r, down_w, up_r, up_w) in zip(roles, ctrl):
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)
@@ -162,7 +175,7 @@ class Migration:
         except BaseException:
             self.close()
             raise
-        self.deadline = time.monotonic() + cfg.deadline
+        self.deadline = time.monotonic() + cfg.clock.real(cfg.deadline)
         return self
 
     def _pipe(self, size: int | None = None) -> tuple[int, int]:
@@ -279,6 +292,7 @@ class Migration:
 
     def _loop(self, until: Callable[[], bool] | None = None) -> None:
         next_sample = time.monotonic()
+        sample_every = self.cfg.clock.real(SAMPLE_EVERY)
         while not all(p.exited for p in self.procs):
             if until is not None and until():
                 return
@@ -291,7 +305,7 @@ class Migration:
                 self._fail(f"deadline of {self.cfg.deadline:g}s passed during {self.phase}{why}: {waits}")
             if now >= next_sample:
                 self._sample()
-                next_sample = now + SAMPLE_EVERY
+                next_sample = now + sample_every
             if self.recover_at is not None and now >= self.recover_at:
                 with self._lock:
                     if self._all_paused():
@@ -413,7 +427,7 @@ class Migration:
             if p.title == "mig/src":
                 self.postcopy_pauses += 1
             if self._all_paused() and self.cfg.recover_after is not None:
-                self.recover_at = time.monotonic() + self.cfg.recover_after
+                self.recover_at = time.monotonic() + self.cfg.clock.real(self.cfg.recover_after)
         elif p.title == "mig/src":
             self.phase = "postcopy"
             self._sample()
@@ -427,7 +441,7 @@ class Migration:
             return
         c = mem.counters
         s = {
-            "t_ms": round((time.monotonic_ns() - self.t0) / 1e6, 1),
+            "t_ms": round(self.cfg.clock.emulated_ms(time.monotonic_ns() - self.t0), 1),
             "phase": self.phase,
             "precopy_bytes": int(c[memory.C_PRECOPY_BYTES]),
             "postcopy_bytes": int(c[memory.C_POSTCOPY_BYTES]),
@@ -465,8 +479,33 @@ class Migration:
         self.fds, self.efds = [], []
         for sock in self.fdsocks.values():
             sock.close()
+        if self.link is not None:
+            self.link.close()
         if self.mem is not None:
             self.mem.close()
+
+
+def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:
+    """``--time-dilation auto``: the smallest factor at which a short precopy run of this link,
+    with the same guest busy beside it, carries at least 97% of the link's rate."""
+    if cfg.bandwidth is None:
+        return 1.0, []  # an unlimited link is whatever the machine does: nothing to sustain
+    mib = 1024**2
+    ram = int(min(max(cfg.bandwidth * CALIBRATION_S, 32 * mib), 512 * mib, cfg.ram)) // cfg.host_page * cfg.host_page
+    ram = max(ram, cfg.host_page)
+    tried: list[dict[str, Any]] = []
+    for n in CALIBRATION_FACTORS:
+        probe = dataclasses.replace(
+            cfg, mode="precopy", ram=ram, wss=None if cfg.wss is None else min(cfg.wss, ram),
+            max_rounds=1, precopy_rounds=None, break_huge=True, page_hint=False, time_dilation=float(n),
+            max_bandwidth=None, deadline=60.0 / n, extra={})  # a minute of real time at most
+        rep = Migration(probe).start().wait()
+        util = rep.link.get("utilisation") if rep.ok else None
+        tried.append({"time_dilation": n, "utilisation": util})
+        if util is not None and util >= SUSTAINED:
+            return float(n), tried
+    raise ConfigError(f"--time-dilation auto: the machine does not sustain the link even {n}x slowed"
+                    f" down ({tried}); lower --bandwidth")
 
 
 def run(config: Config, on_sample: Callable[[dict[str, Any]], None] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import sys
 import threading
 import time
@@ -42,10 +43,14 @@ class Receiver(Child):
         self.received = self.mem.received
         fd = self.fds[self.channel]
         pipe_cap = fcntl.fcntl(fd, F_GETPIPE_SZ)
-        # with a limited link the queue is pipe + read-ahead; with an unlimited one nothing waits
-        # for the link, so payloads go straight from the pipe into destination RAM
-        self.reader = FrameReader(fd, self.channel, readahead=max(0, cfg.socket_buffer - pipe_cap),
-                                  max_frame=MAX_FRAME, direct=cfg.bandwidth is None)
+        # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
+        # as the destination places pages). The kernel holds it when the pipe could be made that
+        # large: payloads then go straight from the pipe into destination RAM. Otherwise the
+        # receiver reads ahead into a buffer of its own for the part the pipe cannot hold.
+        readahead = max(0, cfg.socket_buffer - pipe_cap)
+        self.reader = FrameReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME,
+                                  direct=readahead == 0)
+        self.ch = 0 if self.channel == "precopy" else 1
         self.dst_mv = memoryview(self.mem.dst)
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
         self.asm_hp = -1  # the host page being assembled on this channel
@@ -57,9 +62,13 @@ class Receiver(Child):
 
     def next(self) -> Frame:
         """The next frame, once the link has carried it and its latency has passed."""
+        if not self.reader.direct:
+            self.reader.fill()  # take what the pipe holds into the read-ahead buffer (the socket)
         size, send_ns = self.reader.peek_head()
-        self.wait_ns += self.link.carry(size, self.reader.wait)
-        self.link.arrive(send_ns, self.reader.wait)
+        t0 = time.monotonic_ns()
+        carried = self.link.carry(self.ch, size, send_ns, self.reader.wait)
+        self.link.deliver(carried, self.reader.wait)
+        self.wait_ns += time.monotonic_ns() - t0
         f = self.reader.next_frame()
         assert f is not None
         self.stats["frames"] += 1
@@ -180,11 +189,16 @@ class Receiver(Child):
 
     # -- postcopy recovery (postcopy_pause_incoming, loadvm_postcopy_handle_resume) ------------------
     recovering = False  # paused, or recovering: until the new channel is confirmed
+    _hup: tuple[int, select.poll] | None = None  # (fd, a poll object watching it for POLLHUP)
 
     def check_open(self) -> None:
-        """Between frames: a channel the source has closed is broken now, and what was read ahead of
-        it is lost with it (a dropped connection's receive queue), not loaded late."""
-        if self.reader.eof:
+        """Between frames: a channel the source has closed is broken now (POLLHUP: no writer is left,
+        however much is still queued), and what it still holds or was read ahead of it is lost with
+        it, as a dropped connection's receive queue is, rather than loaded late."""
+        if self._hup is None or self._hup[0] != self.reader.fd:
+            self._hup = (self.reader.fd, select.poll())
+            self._hup[1].register(self.reader.fd, 0)  # POLLHUP is reported whatever the mask
+        if self.reader.eof or self._hup[1].poll(0):
             raise ChannelClosed(f"{self.channel} channel closed")
 
     def postcopy_pause_incoming(self, reason: str) -> None:
@@ -196,8 +210,8 @@ class Receiver(Child):
             self.asm_hp, self.asm_count = -1, 0
         self.recovering = True
         self.stats["postcopy_pauses"] = self.stats.get("postcopy_pauses", 0) + 1
-        self.event("postcopy_paused", reason)
         self.status(f"postcopy-paused ({reason}): waiting for the controller's 'recover'")
+        self.event("postcopy_paused", reason)
 
     def wait_recover(self) -> dict[str, int]:
         """migrate-recover: the controller's new pipe ends; this receiver reads its new channel."""

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .clock import Clock
 from .units import UnitError, parse_time
 
 CHANNELS = ("precopy-channel", "postcopy-channel", "return-path")
@@ -76,7 +77,8 @@ class Fault:
 class FaultInjector:
     """The source's list of faults still to fire, and a record of those that did."""
 
-    def __init__(self, specs: list[str]):
+    def __init__(self, specs: list[str], clock: Clock = Clock()):
+        self.clock = clock  # WHEN is emulated time, like every other duration
         self.pending = [Fault.parse(s) for s in specs]
         self.fired: list[dict[str, Any]] = []
         self.t0: int | None = None  # postcopy start, monotonic ns
@@ -87,6 +89,13 @@ class FaultInjector:
         self.t0 = time.monotonic_ns()
         self.left0 = left
 
+    def next_time_ns(self) -> int | None:
+        """When the earliest fault given as a time is due (monotonic ns), if any."""
+        times = [f.after for f in self.pending if f.after is not None]
+        if self.t0 is None or not times:
+            return None
+        return self.t0 + self.clock.real_ns(min(times))
+
     def due(self, left: int, channels: tuple[str, ...] = CHANNELS, during: str = "postcopy") -> list[Fault]:
         """Faults whose moment has come, on channels that exist now; they leave the pending list."""
         if self.t0 is None or not self.pending:
@@ -94,9 +103,9 @@ class FaultInjector:
         now = time.monotonic_ns()
         out = [f for f in self.pending if f.what in channels and (
             left <= self.left0 * (1 - f.fraction) if f.fraction is not None
-            else now - self.t0 >= f.after * 1e9)]  # type: ignore[operator]
+            else now - self.t0 >= self.clock.real_ns(f.after))]  # type: ignore[arg-type]
         for f in out:
             self.pending.remove(f)
-            self.fired.append({"fault": str(f), "postcopy_ms": round((now - self.t0) / 1e6, 3), "pages_left": left,
+            self.fired.append({"fault": str(f), "postcopy_ms": round(self.clock.emulated_ms(now - self.t0), 3), "pages_left": left,
                                "during": during})
         return out

@@ -51,7 +51,7 @@ class Vcpu(Child):
         self.faults: list[tuple[int, int, int]] = []
         self.fence = threading.Lock()
         # pacing: the whole guest dirties at most dirty_rate bytes/s, shared by the vCPUs
-        self.interval = None if cfg.dirty_rate is None else TARGET_PAGE * cfg.vcpus / cfg.dirty_rate
+        self.interval = None if cfg.dirty_rate is None else cfg.clock.real(TARGET_PAGE * cfg.vcpus / cfg.dirty_rate)
         self.next_t = time.monotonic()
         self.acc = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
         self.run_ns = {memory.RUN_SRC: 0, memory.RUN_DST: 0}

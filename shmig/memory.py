@@ -18,6 +18,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from .config import TARGET_PAGE, Config
+from .link import STATE_WORDS
 
 PREFIX = "shmig-"
 SHM_DIR = "/dev/shm"
@@ -137,7 +138,7 @@ class GuestMemory:
                 ("ctl", np.int64, (16,)),
                 ("counters", np.int64, (NCOUNTERS,)),
                 ("wait", np.int64, (cfg.vcpus, 2)),
-                ("link", np.int64, (4,)),
+                ("link", np.int64, (STATE_WORDS,)),
                 ("status", np.uint8, (self.nprocs, STATUS_LEN)),
                 ("stamps", np.uint64, (cfg.vcpus, n)),
                 ("dirty", np.uint32, (n,)),

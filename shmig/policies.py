@@ -9,9 +9,12 @@ these and ``register`` it under a new mode name.
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -88,17 +91,34 @@ class Policy:
         remembered about pages in flight is void (the requests still wanted will be sent again)."""
 
     def run_postcopy(self) -> None:
-        """ram_save_iterate in postcopy: requests first; the background within the rate limit."""
+        """The migration thread in postcopy, as QEMU runs it (reference section 2.1).
+
+        While the window's budget is spent, qemu_savevm_state_iterate() returns at once: a request
+        that wakes the sleeping thread (migration_rate_limit) is *not* served, and QEMU spins until
+        the window rolls over. shmig sleeps to the window's end instead of spinning; the outcome is
+        the same. With budget left, ram_save_iterate runs: requests first, then the background,
+        for as long as the budget lasts or requests keep coming, at most MAX_WAIT.
+        """
         src = self.src
+        limiter = src.limiter
+        max_wait = src.clock.real(MAX_WAIT)
         while True:
-            self.serve_requests()
             if src.return_error is not None:
                 raise src.return_error
-            if src.limiter.exceeded():
-                src.limiter.wait(self.rate_wake)  # a queued request ends the sleep early
+            if limiter.exceeded():
+                limiter.sleep()  # until the window ends: the gate a request cannot pass
                 continue
-            if not self.background() and not src.requests:
-                return
+            t0 = time.monotonic()
+            while not limiter.exceeded() or src.requests:  # ram_save_iterate
+                self.serve_requests()
+                if src.return_error is not None:
+                    raise src.return_error
+                if limiter.exceeded():
+                    continue  # only requests may go on past the budget
+                if not self.background() and not src.requests:
+                    return
+                if time.monotonic() - t0 > max_wait:
+                    break
 
 
 class Preempt(Policy):

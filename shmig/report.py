@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import stats
+from .clock import Clock
 from .pattern import check
 from .units import fmt_size
 
@@ -57,6 +58,8 @@ class Report:
     destination: dict[str, Any] = field(default_factory=dict)
     integrity: dict[str, Any] = field(default_factory=lambda: {"ok": False, "pages_checked": 0,
                                                                 "first_bad_page": None})
+    link: dict[str, Any] = field(default_factory=dict)
+    time_dilation: dict[str, Any] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -85,6 +88,14 @@ class Report:
             ("channels", ", ".join(f"{k} {fmt_size(v)}" for k, v in ram.get("channel_bytes", {}).items())),
             ("dirty syncs", f"{self.dirty_sync_count} ({self.precopy_rounds} precopy rounds)"),
         ]
+        link = self.link
+        if link.get("nominal_bps"):
+            util = link.get("utilisation")
+            rows.append(("link", f"{_gbps(link['nominal_bps'])} nominal, carried {_gbps(link.get('achieved_bps'))}"
+                         f" while backlogged ({_n(None if util is None else util * 100, '.1f')}%)"))
+        if self.time_dilation.get("factor", 1) != 1:
+            rows.append(("time dilation", f"{self.time_dilation['factor']:g}x: the emulated world ran that"
+                         " many times slower; every time here is emulated time"))
         if c.get("mode") != "precopy":
             rows += [
                 ("postcopy", f"{self.postcopy_phase_ms:.1f} ms, {fmt_size(self.postcopy_bytes)},"
@@ -109,7 +120,20 @@ class Report:
                      else f"FAILED: {integ.get('detail')}"))
         w = max(len(k) for k, _ in rows)
         lines += [f"  {k:<{w}}  {v}" for k, v in rows]
+        warning = self.link_warning()
+        if warning:
+            lines.append(f"  warning: {warning}")
         return "\n".join(lines)
+
+    def link_warning(self) -> str | None:
+        """A limited link that ran below 95% of its rate: the machine, not the link, set the pace."""
+        util = self.link.get("utilisation")
+        if util is None or util >= LINK_KEPT_UP:
+            return None
+        return (f"the emulated {_gbps(self.link['nominal_bps'])} link carried only"
+                f" {_gbps(self.link.get('achieved_bps'))} ({util:.0%}) while it had data queued: this"
+                " machine could not keep up, so the figures are those of a slower link; rerun with"
+                " --time-dilation auto")
 
 
     def _recovery_summary(self) -> str:
@@ -130,6 +154,13 @@ def _count(n: int, one: str, many: str | None = None) -> str:
 
 
 MIN_BASELINE_S = 0.2
+LINK_KEPT_UP = 0.95
+
+
+def _gbps(bps: float | None) -> str:
+    if bps is None:
+        return "-"
+    return f"{bps / 1e9:.2f} Gbit/s" if bps >= 1e9 else f"{bps / 1e6:.0f} Mbit/s"
 
 
 def _n(v: float | None, spec: str) -> str:
@@ -140,10 +171,34 @@ def _ms(a: int | None, b: int | None) -> float | None:
     return None if a is None or b is None else round((b - a) / 1e6, 3)
 
 
-def _accesses_until(vcpu: dict[str, Any], t_run: int | None, phase_ms: float | None) -> int:
+class _Emulated:
+    """Real monotonic stamps to emulated ones: ``t0 + (t - t0) / N`` (the run's Clock)."""
+
+    def __init__(self, t0: int, clock: Clock):
+        self.t0 = t0
+        self.clock = clock
+
+    def __call__(self, t: int | None) -> int | None:
+        return None if t is None else self.t0 + int(self.clock.emulated_ns(t - self.t0))
+
+    def duration(self, ns: float) -> float:
+        return self.clock.emulated_ns(ns)
+
+    def faults(self, a: np.ndarray) -> np.ndarray:
+        """[start, end] rows; an unresolved end (-1) stays -1."""
+        if self.clock.dilation == 1 or not a.size:
+            return a
+        out = (self.t0 + (a - self.t0) / self.clock.dilation).astype(np.int64)
+        out[a < 0] = -1
+        return out
+
+
+def _accesses_until(vcpu: dict[str, Any], t_run: int | None, phase_ms: float | None, emu: _Emulated) -> int:
     """A vCPU's accesses on the destination during the postcopy phase only: once every page is
     there it runs unhindered until it is told to stop, which says nothing about the migration."""
     log = np.frombuffer(vcpu.get("progress", b""), np.int64).reshape(-1, 2)
+    if len(log):
+        log = np.stack([emu.faults(log[:, :1])[:, 0], log[:, 1]], axis=1)
     if t_run is None or phase_ms is None or not len(log):
         return int(vcpu["accesses_dst"])
     return int(round(np.interp(t_run + phase_ms * 1e6, log[:, 0], log[:, 1], left=0)))
@@ -152,14 +207,19 @@ def _accesses_until(vcpu: dict[str, Any], t_run: int | None, phase_ms: float | N
 def build_report(m: Migration) -> Report:
     cfg = m.cfg
     rep = Report(config=cfg.to_dict(), error=m.error, timeline=m.samples)
+    rep.time_dilation = {"factor": cfg.clock.dilation, "calibration": m.calibration}
+    if m.link is not None:
+        rep.link = m.link.usage()
     rep.postcopy_pauses, rep.recoveries = m.postcopy_pauses, m.recoveries
-    rep.postcopy_paused_ms = round(sum(b - a for a, b in m.pause_intervals) / 1e6, 3)
+    rep.postcopy_paused_ms = round(cfg.clock.emulated_ms(sum(b - a for a, b in m.pause_intervals)), 3)
     if m.error is not None:
         return rep
-    ev = m.events
+    # Every process stamps real monotonic time; from here on every stamp is emulated time (the
+    # run's clock, time dilation undone), so each figure below is an emulated duration.
+    emu = _Emulated(m.t0, cfg.clock)
+    ev = {k: emu(t) for k, t in m.events.items()}
     by_title = {p.title: p.stats or {} for p in m.procs}
     src = by_title.get("mig/src", {})
-    src.get("events", {})
     t_end = ev.get("complete")
     rep.total_time_ms = _ms(m.t0, t_end)
     rep.setup_time_ms = _ms(m.t0, ev.get("setup_done"))
@@ -170,7 +230,7 @@ def build_report(m: Migration) -> Report:
         resumed = ev.get("guest_resumed", ev.get("guest_resume_requested"))
         rep.switchover_pause_ms = _ms(ev.get("guest_stopped"), resumed)
         # postcopy ends when the last page is placed (the EOS and the controller come after)
-        placed = [s.get("last_place_ns") for k, s in by_title.items() if k.startswith("mig/dst")]
+        placed = [emu(s.get("last_place_ns")) for k, s in by_title.items() if k.startswith("mig/dst")]
         t_placed = max((t for t in placed if t), default=None)
         rep.postcopy_phase_ms = _ms(ev.get("running"), t_placed or t_end)
     else:
@@ -203,12 +263,12 @@ def build_report(m: Migration) -> Report:
     rep.faults_injected = list(src.get("faults_injected", []))
     rep.faults_not_injected = list(src.get("faults_not_injected", []))
     rep.pauses = [{"reason": pz["reason"], "during": pz["during"], "pages_resent": pz.get("pages_resent", 0),
-                   **{f"{k}_t_ms": _ms(m.t0, pz.get(f"{k}_ns")) for k in
+                   **{f"{k}_t_ms": _ms(m.t0, emu(pz.get(f"{k}_ns"))) for k in
                       ("paused", "recv_bitmap", "preempt_channel", "resumed")}}
                   for pz in src.get("pauses", [])]
 
     vcpus = sorted((p.stats for p in m.procs if p.title.startswith("guest/")), key=lambda s: s["vcpu"])
-    intervals = [np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:] for s in vcpus]
+    intervals = [emu.faults(np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:]) for s in vcpus]
     all_f = np.concatenate(intervals) if intervals else np.empty((0, 2), np.int64)
     done = all_f[all_f[:, 1] >= 0]
     lat_ns = done[:, 1] - done[:, 0]
@@ -219,9 +279,9 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_blocktime_ms = round(rep.postcopy_blocktime_ms, 3)
 
     acc_src = sum(s["accesses_src"] for s in vcpus)
-    per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms) for s in vcpus]
+    per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms, emu) for s in vcpus]
     acc_dst = sum(per_vcpu)
-    run_src = sum(s["run_src_ns"] for s in vcpus) / 1e9
+    run_src = emu.duration(sum(s["run_src_ns"] for s in vcpus)) / 1e9
     postcopy_s = (rep.postcopy_phase_ms or 0) / 1e3
     # the guest's normal speed: measured on the source when it ran there long enough to tell,
     # else the rate it is paced at; a few ms of running (postcopy right after setup) say nothing

@@ -16,13 +16,17 @@ import os
 import select
 import struct
 import time
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import msgpack
+
+if TYPE_CHECKING:
+    from .link import Link
 
 PREFIX = struct.Struct("<II")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 26
+HEAD_ROOM = 2048  # bounds a data frame's prefix and header (page indices, zero flags) for the room check
 PIPE_BUF = 4096  # writes up to this size are atomic, so several vCPUs may share the fault pipe
 
 
@@ -106,17 +110,26 @@ def writev_all(fd: int, bufs: list) -> int:
 
 
 class FrameWriter:
-    """Sends frames on one pipe; counts what it sent."""
+    """Sends frames on one pipe; counts what it sent.
 
-    def __init__(self, fd: int, name: str):
+    A data channel's writer goes through the link's socket queue (``link``, channel ``ch``): a
+    frame that does not fit waits for Linux's write-space wake-up, and what is written is queued
+    until the link has carried it.
+    """
+
+    def __init__(self, fd: int, name: str, link: Link | None = None, ch: int = 0):
         self.fd = fd
         self.name = name
+        self.link = link
+        self.ch = ch
         self.bytes_out = 0
         self.frames_out = 0
+        self.blocked_ns = 0  # time spent waiting for write space
 
     def send(self, kind: int, fields: Sequence[Any] = (), payload: Sequence[Any] = (),
              send_ns: int | None = None) -> int:
         plen = sum(memoryview(p).nbytes for p in payload) if payload else 0
+        self._wait_space(plen)
         head = frame_head(kind, fields, plen, send_ns)
         with self._sending(head, plen):
             if plen == 0 and len(head) <= PIPE_BUF:  # the common small message: one atomic write
@@ -129,6 +142,7 @@ class FrameWriter:
     def send_file(self, kind: int, fields: Sequence[Any], fd: int, offset: int, nbytes: int) -> int:
         """A frame whose payload is ``nbytes`` of file ``fd`` at ``offset``, spliced into the pipe:
         the kernel moves page references instead of copying the bytes."""
+        self._wait_space(nbytes)
         head = frame_head(kind, fields, nbytes)
         with self._sending(head, nbytes):
             writev_all(self.fd, [head])
@@ -137,9 +151,18 @@ class FrameWriter:
                 offset += os.splice(fd, self.fd, end - offset, offset_src=offset)
         return len(head) + nbytes
 
+    def _wait_space(self, plen: int) -> None:
+        """A data channel's frame waits for room in the socket queue before its header (and send
+        time) is made: it enters the queue when the sender gets past this."""
+        if self.link is not None:
+            self.blocked_ns += self.link.wait_for_space(self.ch, plen + HEAD_ROOM)
+
     @contextlib.contextmanager
     def _sending(self, head: bytes, plen: int) -> Iterator[None]:
-        """A vanished receiver is a closed channel; a frame sent is counted."""
+        """A vanished receiver is a closed channel; a frame sent is counted (and queued, on a
+        data channel: before it is written, so the receiver never carries what is not counted)."""
+        if self.link is not None:
+            self.link.sent(self.ch, len(head) + plen)
         try:
             yield
         except BrokenPipeError:

@@ -231,7 +231,7 @@ def test_failure_during_recovery(variant, second):
     breaks a new channel during the recovery handshake; both sides pause again, and the second
     recovery completes the migration."""
     first = "return-path" if second != "return-path" else "precopy-channel"
-    c = cfg(variant, inject_faults=[f"{first}@100ms", f"{second}@110ms"], recover_after=0.2)
+    c = cfg(variant, inject_faults=[f"{first}@20%", f"{second}@300ms"], recover_after=0.4)
     r = shmig.run(c)
     assert_recovered(r, c, pauses=2, recoveries=1)
     assert [f["during"] for f in r.faults_injected] == ["postcopy", "recovery"], r.faults_injected

@@ -557,7 +557,7 @@ def test_wait_sleeps_when_readahead_is_full(pipe):
         calls += 1
         rd.wait(timeout)
 
-    Link._until(time.monotonic_ns() + 50_000_000, counting_wait)  # pace for 50 ms, as Link.carry does
+    Link.until(time.monotonic_ns() + 50_000_000, counting_wait)  # pace for 50 ms, as Link.carry does
     # a sleeping wait needs a handful of calls; the busy loop makes tens of thousands
     assert calls < 100, f"wait() was called {calls} times in 50 ms"
 
