@@ -53,12 +53,16 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     f.add_argument("--recover-after", help="how long a postcopy-paused migration waits before it recovers"
                    " (default 100ms)")
     p.add_argument("--deadline", help="the run fails after this long, naming who waited for what (default 300s)")
+    p.add_argument("--time-dilation", metavar="N|auto",
+                   help="run the emulated world N times slower (links faster than this machine);"
+                        " auto picks the smallest N that sustains the link; every time reported is"
+                        " emulated time (default 1)")
 
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
                "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
-               "inject_faults", "recover_after")
+               "time_dilation", "inject_faults", "recover_after")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
@@ -119,17 +123,25 @@ def cmd_compare(ns: argparse.Namespace) -> int:
              else base.pop("host_pages", [parse_size(base.pop("host_page", 4096))]))
     base.pop("host_pages", None)
     base.pop("host_page", None)
+    by_host_page = base.pop("by_host_page", None)
+    qemu = base.pop("qemu", None)
     for m in modes:
         if m not in MODE_VARIANTS:
             raise ConfigError(f"unknown mode {m!r} in --modes: use {', '.join(MODE_VARIANTS)}")
+    if ns.repeat is not None and ns.repeat < 1:
+        raise ConfigError("--repeat must be at least 1")
     progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not ns.quiet else None
-    results = compare(base, modes, pages, log=progress)
+    # a preset's per-host-page overrides give way to what the command line says
+    given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
+    by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
+                    for hp, over in (by_host_page or {}).items()}
+    results = compare(base, modes, pages, log=progress, repeat=ns.repeat or 1, by_host_page=by_host_page)
     if ns.json:
         with open(ns.json, "w") as f:
-            json.dump([{"mode": m, "host_page": hp, "report": r.to_dict()} for (m, hp), r in results.items()],
-                      f, indent=2)
-    print(format_table(results, modes, pages))
-    return 0 if all(r.ok for r in results.values()) else EXIT_FAILED
+            json.dump([{"mode": m, "host_page": hp, "run": i, "report": r.to_dict()}
+                       for (m, hp), c in results.items() for i, r in enumerate(c.reports)], f, indent=2)
+    print(format_table(results, modes, pages, qemu))
+    return 0 if all(c.ok for c in results.values()) else EXIT_FAILED
 
 
 def cmd_clean(ns: argparse.Namespace) -> int:
@@ -157,6 +169,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", help=f"comma-separated, from {','.join(MODE_VARIANTS)} (default: all)")
     c.add_argument("--host-pages", help="comma-separated host page sizes, e.g. 4KiB,2MiB,1GiB")
     c.add_argument("--preset", choices=sorted(PRESETS), help="a ready experiment (see README)")
+    c.add_argument("--repeat", type=int, metavar="N",
+                   help="run every cell N times with seeds seed..seed+N-1 and pool their faults"
+                        " (for cells with few faults, e.g. 1GiB pages)")
     c.add_argument("--json", metavar="PATH", help="write every report as JSON")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .config import Config
-from .controller import run
+from .controller import calibrate_dilation, run
 from .report import Report
 from .units import fmt_size
 
@@ -18,16 +20,32 @@ MODE_VARIANTS: dict[str, dict[str, Any]] = {
     "preempt-full-hint": {"mode": "preempt-full", "page_hint": True},
 }
 
+# QEMU's own numbers: mean page-request latency (ms) in the postcopy-preempt cover letters v2-v9
+# (reference 1.3). The letter's "Preempt full" column is 7.1 with break-huge, shmig's "preempt".
+QEMU_COVER_LETTER: dict[tuple[int, str], float] = {
+    (4096, "vanilla"): 10.68, (4096, "preempt"): 0.57,
+    (2 << 20, "vanilla"): 10.58, (2 << 20, "preempt-nobreak"): 5.49, (2 << 20, "preempt"): 5.02,
+    (1 << 30, "vanilla"): 2046.65, (1 << 30, "preempt-nobreak"): 933.185, (1 << 30, "preempt"): 649.445,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The RFC/v2 cover letter's experiment on this machine: a 10 Gbit/s NIC; per channel the queue a
     # Linux TCP connection holds at most by default (tcp_wmem max 4 MiB + tcp_rmem max 6 MiB); one
-    # vCPU writing at random as fast as it can over all of RAM; postcopy after one precopy round.
-    # RAM holds four 1 GiB pages. Nothing here is tuned to the results.
+    # vCPU writing at random as fast as it can over all of RAM. The letter's guest dirties its whole
+    # working set continuously, so postcopy starts right after setup: every page is still to send at
+    # switchover, as it is there, without spending a precopy round on it. The one-way latency stands
+    # for the NIC's round trip: the Preempt-Full letter calls ~230 us "close to the extreme of 4K page
+    # request latency of any TCP roundtrip of the 10Gbps nic", so each way is half of it. The machine
+    # cannot carry 10 Gbit/s while the vCPU holds a core: time is dilated as much as it needs.
+    # RAM is 1 GiB (hundreds of faults per cell), 4 GiB for 1 GiB pages (four pages a run, so three
+    # runs are pooled). Nothing here is tuned to the results.
     "cover-letter": {
-        "ram": "4GiB", "bandwidth": "10Gbit/s", "socket_buffer": "10MiB", "workload": "random",
-        "vcpus": 1, "precopy_rounds": 1, "deadline": "600s",
+        "ram": "1GiB", "bandwidth": "10Gbit/s", "socket_buffer": "10MiB", "latency": "115us",
+        "workload": "random", "vcpus": 1, "precopy_rounds": 0, "time_dilation": "auto", "deadline": "120s",
         "modes": ["vanilla", "preempt-nobreak", "preempt", "preempt-full"],
         "host_pages": [4096, 2 << 20, 1 << 30],
+        "by_host_page": {1 << 30: {"ram": "4GiB", "repeat": 3}},
+        "qemu": QEMU_COVER_LETTER,
     },
     # Locality (QEMU 10.1's page hint): a guest streaming through its working set more slowly than
     # the source's postcopy rate limit, everything still to come when it resumes. Vanilla's scan
@@ -44,17 +62,68 @@ def variant_config(base: dict[str, Any], mode: str, host_page: int) -> Config:
     return Config.from_strings(**base, host_page=host_page, **MODE_VARIANTS[mode])
 
 
+@dataclass
+class Cell:
+    """One (mode, host page) of a compare: one run, or several with different seeds, pooled."""
+
+    reports: list[Report] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.reports) and all(r.ok for r in self.reports)
+
+    @property
+    def faults(self) -> int:
+        return sum(r.postcopy_latency_us.get("count", 0) for r in self.reports)
+
+    @property
+    def mean_us(self) -> float | None:
+        """The pooled mean: every fault of every run counts once."""
+        n = self.faults
+        if not n:
+            return None
+        return sum(r.postcopy_latency_us["mean"] * r.postcopy_latency_us["count"]
+                   for r in self.reports if r.postcopy_latency_us.get("count")) / n
+
+    @property
+    def run_means_us(self) -> list[float]:
+        return [r.postcopy_latency_us["mean"] for r in self.reports if r.postcopy_latency_us.get("count")]
+
+
 def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
-            log: Callable[[str], None] | None = None) -> dict[tuple[str, int], Report]:
-    """Run every (mode, host page) pair; configurations are all validated before the first run."""
-    cfgs = {(m, hp): variant_config(base, m, hp).validate() for hp in host_pages for m in modes}
-    out: dict[tuple[str, int], Report] = {}
-    for (m, hp), cfg in cfgs.items():
+            log: Callable[[str], None] | None = None, repeat: int = 1,
+            by_host_page: dict[int, dict[str, Any]] | None = None) -> dict[tuple[str, int], Cell]:
+    """Run every (mode, host page) pair ``repeat`` times (seeds ``seed``, ``seed + 1``, ...; a host
+    page size may override options and its own ``repeat``). Every configuration is validated before
+    the first run; ``time_dilation="auto"`` is calibrated once, on the first, so every cell runs on
+    the same clock."""
+    plans = {}
+    for hp in host_pages:
+        over = dict((by_host_page or {}).get(hp, {}))
+        n = int(over.pop("repeat", repeat))
+        for m in modes:
+            plans[(m, hp)] = (variant_config({**base, **over}, m, hp).validate(), n)
+    first = next(iter(plans.values()))[0] if plans else None
+    if first is not None and first.time_dilation == "auto":
+        factor, _ = calibrate_dilation(first)
         if log:
-            log(f"running {m} with {fmt_size(hp)} host pages ...")
-        out[(m, hp)] = rep = run(cfg)
-        if log and not rep.ok:
-            log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")
+            log(f"time dilation: {factor:g}x (calibrated on {first.mode}, {fmt_size(first.host_page)} pages)")
+        for cfg, _ in plans.values():
+            cfg.time_dilation = factor
+    total = sum(n for _, n in plans.values())
+    out: dict[tuple[str, int], Cell] = {}
+    done = 0
+    for (m, hp), (cfg, n) in plans.items():
+        cell = out[(m, hp)] = Cell()
+        for i in range(n):
+            done += 1
+            if log:
+                log(f"[{done}/{total}] running {m} with {fmt_size(hp)} host pages"
+                    + (f" (seed {cfg.seed + i})" if n > 1 else "") + " ...")
+            rep = run(dataclasses.replace(cfg, seed=cfg.seed + i))
+            cell.reports.append(rep)
+            if log and not rep.ok:
+                log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")
     return out
 
 
@@ -64,38 +133,73 @@ def _ms(us: float | None) -> str:
     return f"{us / 1e3:.2f}"
 
 
-def format_table(results: dict[tuple[str, int], Report], modes: Sequence[str],
-                 host_pages: Sequence[int]) -> str:
-    """The cover-letter table (mean fault latency, ms), then one detailed row per run."""
+def format_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], host_pages: Sequence[int],
+                 qemu: dict[tuple[int, str], float] | None = None) -> str:
+    """The cover-letter table (mean fault latency, ms), QEMU's beside it if given, then every run."""
     lines = ["Average page-request latency (ms), as in QEMU's postcopy-preempt cover letter", ""]
     head = ["host page", *modes]
     rows = []
     for hp in host_pages:
         row = [fmt_size(hp)]
         for m in modes:
-            r = results.get((m, hp))
-            lat = r.postcopy_latency_us if r else {}
-            row.append(_ms(lat.get("mean")) if r and r.ok and lat.get("count") else ("FAILED" if r and not r.ok else "-"))
+            c = results.get((m, hp))
+            if c is None:
+                row.append("-")
+            elif not c.ok:
+                row.append("FAILED")
+            else:
+                means = c.run_means_us
+                spread = f" ({_ms(min(means))}-{_ms(max(means))}, n={c.faults})" if len(means) > 1 else ""
+                row.append(_ms(c.mean_us) + spread)
         rows.append(row)
     lines += markdown_table(head, rows)
+    if qemu:
+        lines += ["", "Beside QEMU's own numbers (ms; the ratio of ratios is shmig's vanilla/X over QEMU's):", ""]
+        lines += markdown_table(*qemu_table(results, modes, host_pages, qemu))
     lines += ["", "Every run:", ""]
-    head = ["mode", "host page", "faults", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests",
-            "blocktime ms", "guest accesses", "preempts", "total s", "integrity"]
+    head = ["mode", "host page", "seed", "faults", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests",
+            "blocktime ms", "guest accesses", "preempts", "link util", "dilation", "total s", "integrity"]
     rows = []
     for hp in host_pages:
         for m in modes:
-            r = results.get((m, hp))
-            if r is None:
-                continue
-            lat = r.postcopy_latency_us
-            rows.append([m, fmt_size(hp), str(lat.get("count", 0)), _ms(lat.get("mean")), _ms(lat.get("p50")),
-                         _ms(lat.get("p90")), _ms(lat.get("p99")), _ms(lat.get("max")),
-                         str(r.postcopy_requests), f"{r.postcopy_blocktime_ms:.0f}",
-                         str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions),
-                         f"{r.total_time_ms / 1e3:.1f}" if r.total_time_ms else "-",
-                         "ok" if r.ok else f"FAILED ({r.error})"])
+            c = results.get((m, hp))
+            for r in c.reports if c else []:
+                lat = r.postcopy_latency_us
+                util = r.link.get("utilisation")
+                rows.append([m, fmt_size(hp), str(r.config.get("seed")), str(lat.get("count", 0)),
+                             _ms(lat.get("mean")), _ms(lat.get("p50")), _ms(lat.get("p90")), _ms(lat.get("p99")),
+                             _ms(lat.get("max")), str(r.postcopy_requests), f"{r.postcopy_blocktime_ms:.0f}",
+                             str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions),
+                             "-" if util is None else f"{util:.2f}",
+                             f"{r.time_dilation.get('factor', 1):g}x",
+                             f"{r.total_time_ms / 1e3:.1f}" if r.total_time_ms else "-",
+                             "ok" if r.ok else f"FAILED ({r.error})"])
     lines += markdown_table(head, rows)
+    warnings = sorted({w for c in results.values() for r in c.reports if (w := r.link_warning())})
+    lines += [f"warning: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def qemu_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], host_pages: Sequence[int],
+               qemu: dict[tuple[int, str], float]) -> tuple[list[str], list[list[str]]]:
+    head = ["host page", "mode", "shmig ms", "QEMU ms", "vanilla/mode shmig", "vanilla/mode QEMU", "ratio of ratios"]
+    rows = []
+    for hp in host_pages:
+        van = results.get(("vanilla", hp))
+        for m in modes:
+            c = results.get((m, hp))
+            ours = c.mean_us / 1e3 if c and c.ok and c.mean_us else None
+            theirs = qemu.get((hp, m))
+            r_ours = r_theirs = None
+            if m != "vanilla" and van and van.ok and van.mean_us and ours:
+                r_ours = van.mean_us / 1e3 / ours
+            if m != "vanilla" and theirs and qemu.get((hp, "vanilla")):
+                r_theirs = qemu[(hp, "vanilla")] / theirs
+            rr = None if r_ours is None or r_theirs is None else r_ours / r_theirs
+            rows.append([fmt_size(hp), m, "-" if ours is None else f"{ours:.2f}",
+                         "-" if theirs is None else f"{theirs:g}", "-" if r_ours is None else f"{r_ours:.1f}x",
+                         "-" if r_theirs is None else f"{r_theirs:.1f}x", "-" if rr is None else f"{rr:.2f}"])
+    return head, rows
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:

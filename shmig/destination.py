@@ -22,7 +22,8 @@ from . import memory
 from .config import TARGET_PAGE
 from .memory import populate
 from .process import Child
-from .wire import ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect
+from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, SocketReader,
+                   TruncatedFrame, expect)
 
 F_GETPIPE_SZ = 1032
 MAX_FRAME = (1 << 20) + 65536
@@ -46,10 +47,11 @@ class Receiver(Child):
         # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
         # as the destination places pages). The kernel holds it when the pipe could be made that
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
-        # receiver reads ahead into a buffer of its own for the part the pipe cannot hold.
+        # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
+        # thread of its own, as the kernel would.
         readahead = max(0, cfg.socket_buffer - pipe_cap)
-        self.reader = FrameReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME,
-                                  direct=readahead == 0)
+        self.reader = (SocketReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME) if readahead
+                       else FrameReader(fd, self.channel, max_frame=MAX_FRAME, direct=True))
         self.ch = 0 if self.channel == "precopy" else 1
         self.dst_mv = memoryview(self.mem.dst)
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
@@ -204,7 +206,7 @@ class Receiver(Child):
     def postcopy_pause_incoming(self, reason: str) -> None:
         """The channel is gone; a host page only partly assembled from it is dropped (it never
         entered receivedmap, so the source sends it again after the recovery)."""
-        os.close(self.reader.fd)
+        self.reader.close()
         if self.asm_hp >= 0:
             self.stats["partial_host_pages_dropped"] = self.stats.get("partial_host_pages_dropped", 0) + 1
             self.asm_hp, self.asm_count = -1, 0

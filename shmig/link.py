@@ -136,6 +136,9 @@ class Link:
 
     def _carried(self, ch: int, q: int) -> None:
         """Under the lock: ``q`` bytes left channel ``ch``'s queue; wake its sender if waiting."""
+        if self.state[CARRIED_ALL] == 0 and self.state[BUSY_SINCE] >= 0:
+            # the first frame ever taken: until now the receivers were starting up, not the link
+            self.state[BUSY_SINCE] = time.monotonic_ns()
         self.state[self._w(ch, CARRIED)] += q
         self.state[CARRIED_ALL] += q
         self._queue_change(-q)

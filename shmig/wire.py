@@ -15,6 +15,7 @@ import enum
 import os
 import select
 import struct
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -211,7 +212,9 @@ class FrameReader:
         self.readahead = 0 if direct else readahead
         self.pending = 0  # direct mode: payload bytes of the last frame still in the pipe
         self._peeked: tuple[int, tuple[list, int, int]] | None = None
-        self.cap = readahead + max_frame + 65536
+        # twice what may be buffered at once: the buffered bytes move to the front only once the
+        # front half is free, so each byte is moved at most once however deep the read-ahead
+        self.cap = 2 * (readahead + max_frame + 65536)
         self.buf = bytearray(self.cap)
         self.mv = memoryview(self.buf)
         self.start = 0
@@ -251,10 +254,13 @@ class FrameReader:
                 buf = bytearray(self.cap)
                 buf[:n] = self.mv[self.start:self.end]
                 self.buf, self.mv = buf, memoryview(buf)
-            else:
+                self.start, self.end = 0, n
+            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
                 self.mv[:n] = self.mv[self.start:self.end]
-            self.start, self.end = 0, n
+                self.start, self.end = 0, n
             want = min(want, self.cap - self.end)
+            if want <= 0:
+                return 0
         try:
             got = os.readv(self.fd, [self.mv[self.end:self.end + want]])
         except BlockingIOError:
@@ -295,10 +301,14 @@ class FrameReader:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            r, _, _ = select.select([self.fd], [], [], left)
-            if not r and left is not None:
+            if not self._await(left) and left is not None:
                 return None
         return self._take() if take else None
+
+    def _await(self, timeout: float | None) -> bool:
+        """Sleep until more bytes may be read (or ``timeout``); True if they may."""
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(r)
 
     def peek_head(self) -> tuple[int, int]:
         """(size, send_ns) of the next frame, waiting until it is whole, without taking it."""
@@ -335,10 +345,13 @@ class FrameReader:
         else:
             payload = self.mv[h0 + hlen:h0 + hlen + plen]
             self.start += size
-        if self.start == self.end:
-            self.start = self.end = 0
+        self._rewind()
         self.frames_in += 1
         return Frame(header[0], header[1], header[2:], payload, size)
+
+    def _rewind(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
 
     def read_payload_into(self, views: list) -> None:
         """Direct mode: read the pending payload straight into ``views`` (which add up to it)."""
@@ -375,6 +388,10 @@ class FrameReader:
         self.read_payload_into([view])
         return view
 
+    def close(self) -> None:
+        """A broken channel is given up (a postcopy pause)."""
+        os.close(self.fd)
+
     def reopen(self, fd: int) -> None:
         """Read a new pipe from now on (a recovered channel): what was read ahead belonged to the old
         one and is dropped, as a broken connection's receive queue is."""
@@ -390,6 +407,117 @@ class FrameReader:
             if not self.fill():
                 return False
         return True
+
+
+class SocketReader(FrameReader):
+    """A data channel's receive side when the pipe cannot hold the whole socket buffer: a thread
+    drains the pipe into the read-ahead buffer as bytes arrive, as the kernel fills a socket's
+    receive buffer while the application is busy. So the sender's writes complete as fast as
+    memory copies them, not at the pace the receiver happens to look at its pipe.
+
+    The thread only ever writes past ``end``; the consumer moves the buffered bytes to the front
+    (or grows the buffer) only at a frame boundary and never while the thread is reading.
+    """
+
+    def __init__(self, fd: int, name: str, readahead: int, max_frame: int):
+        super().__init__(fd, name, readahead=readahead, max_frame=max_frame)
+        self._cond = threading.Condition()
+        self._reading = False
+        self._error: BaseException | None = None
+        threading.Thread(target=self._pump, name=f"{name} socket", daemon=True).start()
+
+    def _room(self) -> int:
+        """Under the lock: bytes the thread may read now at ``end``."""
+        return min(self.cap - self.end, max(self.readahead, self._need()) - self.buffered)
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                select.select([self.fd], [], [])  # readable: data, or the writer has gone
+                with self._cond:
+                    while (n := self._room()) <= 0:
+                        self._cond.wait()
+                    self._reading = True
+                    at = self.end
+                got = -1
+                try:
+                    got = os.readv(self.fd, [self.mv[at:at + n]])
+                except BlockingIOError:
+                    pass
+                finally:
+                    with self._cond:  # the bytes count where they were read, before anything moves
+                        self._reading = False
+                        if got > 0:
+                            self.end += got
+                            self.bytes_in += got
+                        elif got == 0:
+                            self.eof = True
+                        self._cond.notify_all()
+                if got == 0:
+                    return
+        except BaseException as e:  # surfaced to the consumer as a closed channel
+            with self._cond:
+                self._error = e
+                self.eof = True
+                self._cond.notify_all()
+
+    def fill(self) -> int:
+        """At a frame boundary: make room for the thread if the buffer's tail is short."""
+        need = self._need()
+        if self.cap - self.end >= max(self.readahead, need) - self.buffered and need <= self.cap:
+            return 0
+        with self._cond:
+            while self._reading:
+                self._cond.wait()
+            n = self.buffered
+            if need > self.cap:
+                self.cap = need + 65536
+                buf = bytearray(self.cap)
+                buf[:n] = self.mv[self.start:self.end]
+                self.buf, self.mv = buf, memoryview(buf)
+            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
+                self.mv[:n] = self.mv[self.start:self.end]
+            else:
+                return 0
+            self.start, self.end = 0, n
+            self._peeked = None
+            self._cond.notify_all()
+        return 0
+
+    def _await(self, timeout: float | None) -> bool:
+        if self._error is not None:
+            raise ProtocolError(f"{self.name} channel: receiving failed ({self._error})")
+        with self._cond:
+            end = self.end
+            self._cond.wait_for(lambda: self.end != end or self.eof, timeout)
+            return self.end != end
+
+    def wait(self, timeout: float | None) -> None:
+        if timeout:
+            time.sleep(timeout)  # the thread reads meanwhile
+
+    def _rewind(self) -> None:
+        # never back to the front here: the frame just taken is still being placed from there,
+        # and the thread would read new bytes over it; fill() moves bytes at the next boundary
+        with self._cond:
+            self._cond.notify_all()  # a frame was taken: room for the thread
+
+    def close(self) -> None:
+        """The thread reads EOF from now on and ends (room is made for it, in case it waits for
+        some), and only then is the descriptor closed: it never reads one that was reused."""
+        shutdown_pipe(self.fd, write_end=False)
+        with self._cond:
+            self.start = self.end = 0  # what it held is lost with the channel
+            self._peeked = None
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self.eof and not self._reading, timeout=10):
+                raise ProtocolError(f"{self.name} channel: its receiving thread did not stop")
+        os.close(self.fd)
+
+    def reopen(self, fd: int) -> None:
+        super().reopen(fd)
+        self._error = None
+        threading.Thread(target=self._pump, name=f"{self.name} socket", daemon=True).start()
 
 
 def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:

@@ -290,3 +290,38 @@ def test_latency_is_propagation_the_link_carries_the_next_frame_meanwhile(monkey
         assert arrivals[1] - arrivals[0] == pytest.approx(wire, rel=1e-3)
     finally:
         link.close()
+
+
+# -- end to end: what the mechanisms do to a migration -------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_the_gate_holds_requests_but_not_preempt_full():
+    """Behind QEMU's rate limits, vanilla's requests wait for the next 100 ms window once the budget
+    is spent (some faults last most of a window); preempt-full's return thread ignores the limit."""
+    base = dict(ram=64 * MiB, wss=32 * MiB, workload="random", max_bandwidth=50 * MiB,
+                max_postcopy_bandwidth=50 * MiB, precopy_rounds=0, deadline=60)
+    van = shmig.run(shmig.Config(mode="vanilla", **base))
+    full = shmig.run(shmig.Config(mode="preempt-full", **base))
+    assert_ok(van)
+    assert_ok(full)
+    v, f = van.postcopy_latency_us, full.postcopy_latency_us
+    assert v["count"] > 0 and f["count"] > 0
+    assert v["max"] >= 40_000, v  # waited for a window to roll over
+    assert f["mean"] * 4 <= v["mean"], (f, v)
+
+
+@pytest.mark.timeout(120)
+def test_preempt_71_has_a_second_mode_where_its_thread_waits_for_write_space():
+    """7.1's one sending thread, blocked on a full precopy channel, serves a request only once the
+    queue has drained by a third (4 MiB behind 1 Gbit/s: ~11 ms): a second mode at [8, 16) ms that
+    preempt-full, whose return thread writes the postcopy channel itself, does not have."""
+    base = dict(ram=128 * MiB, workload="random", bandwidth=1e9 / 8, socket_buffer=4 * MiB,
+                precopy_rounds=0, deadline=60)
+    d71 = shmig.run(shmig.Config(mode="preempt", **base))
+    d80 = shmig.run(shmig.Config(mode="preempt-full", **base))
+    assert_ok(d71)
+    assert_ok(d80)
+    a, b = d71.postcopy_latency_dist, d80.postcopy_latency_dist
+    share = lambda d: d[13] / max(sum(d), 1)  # noqa: E731  bucket 13: [8 ms, 16 ms)
+    assert a[13] > a[12], f"no second mode at [8,16) ms: {a}"
+    assert share(a) >= 2 * share(b), (a, b)
