@@ -1,17 +1,23 @@
-"""The ``shmig`` command: ``run`` one migration, ``compare`` modes side by side, ``clean`` leftovers."""
+"""The ``shmig`` command: ``run`` one migration, ``compare`` modes side by side, ``sweep`` one option,
+``plot`` and ``report`` saved JSON, ``clean`` leftovers."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import memory
+from . import sweep
 from .compare import PRESETS, MODE_VARIANTS, compare, format_table
+from .compare import Cell
 from .config import MODES, WORKLOADS, Config, ConfigError
 from .controller import Migration
-from .report import Report
+from .policies import load_entry_points, load_policy
+from .progress import LiveStatus
+from .report import Report, SavedRun, load_runs
 from .stats import format_dist
 from .units import UnitError, parse_size
 
@@ -21,7 +27,12 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     g = p.add_argument_group("migration")
     if with_mode:
-        g.add_argument("--mode", choices=MODES, help="request-servicing policy (default: preempt)")
+        g.add_argument("--mode", help=f"request-servicing policy: {', '.join(MODES)} or one loaded with"
+                       " --policy (default: preempt)")
+    g.add_argument("--policy", action="append", metavar="[NAME=]MODULE:CLASS",
+                   help="load your own shmig.policies.Policy subclass as mode NAME (default: its `name`"
+                        " attribute); repeatable. Installed packages' `shmig.policies` entry points load by"
+                        " themselves")
     g.add_argument("--ram", help="guest RAM, e.g. 128MiB (default 128MiB)")
     g.add_argument("--host-page", help="4KiB, 2MiB or 1GiB (default 4KiB)")
     g.add_argument("--precopy-rounds", type=int,
@@ -69,32 +80,10 @@ def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(ns, k) for k in CONFIG_KEYS if getattr(ns, k, None) is not None}
 
 
-class Progress:
-    """One status line on stderr while a run goes, when stderr is a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, s: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        sys.stderr.write(f"\r  {s['t_ms'] / 1e3:6.1f}s {s['phase']:<10} remaining {s['remaining_pages']:>9}"
-                         f" pages  received {s['received_pages']:>9}  faults waiting"
-                         f" {s['faults_outstanding']:>2}  guest {s['guest_accesses']:>10} accesses ")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 110 + "\r")
-
-
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = Config.from_strings(**_config_kwargs(ns)).validate()
-    progress = Progress(sys.stderr.isatty() and not ns.quiet)
-    try:
-        report = Migration(cfg, on_sample=progress, trace=ns.trace).start().wait()
-    finally:
-        progress.done()
+    with LiveStatus(enabled=_live(ns)) as ui:
+        report = Migration(cfg, on_sample=ui.on_sample, trace=ns.trace).start().wait()
     if ns.json:
         with open(ns.json, "w") as f:
             f.write(report.to_json())
@@ -106,12 +95,63 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return _exit_code(report)
 
 
+def _live(ns: argparse.Namespace) -> bool:
+    """The live status line: on a terminal, unless -q."""
+    return sys.stderr.isatty() and not ns.quiet
+
+
+def _register_policies(ns: argparse.Namespace) -> None:
+    """Installed packages' entry points, then every --policy; each becomes a mode `compare` and
+    `sweep` accept too (and run when no --modes is given)."""
+    names, problems = load_entry_points()
+    for line in problems:
+        print(f"shmig: warning: {line}", file=sys.stderr)
+    names += [load_policy(spec) for spec in ns.policy or ()]
+    for name in names:
+        MODE_VARIANTS.setdefault(name, {"mode": name})
+
+
+def _plot_check(path: str | None) -> None:
+    """Before any run: matplotlib is there and the picture can be written."""
+    if path:
+        from .plot import check_output
+
+        check_output(path)
+
+
+def _plot(runs: list[SavedRun], path: str | None, quiet: bool) -> None:
+    if path and runs:
+        from .plot import plot_runs
+
+        plot_runs(runs, path)
+        if not quiet:
+            print(f"shmig: wrote {path}", file=sys.stderr)
+
+
 def _exit_code(report: Report) -> int:
     if report.ok:
         return 0
     if report.error and report.error.startswith("interrupted"):
         return EXIT_INTERRUPTED
     return EXIT_FAILED
+
+
+COMPARE_RUN = re.compile(r"\[(\d+)/(\d+)\] running (.*?)(?: \.\.\.)?$")
+
+
+def _compare_log(ui: LiveStatus, quiet: bool) -> Callable[[str], None]:
+    """compare()'s log: "[i/n] running ..." starts a run of the live line (which then names it);
+    every other line stays, unless -q."""
+    def log(msg: str) -> None:
+        m = COMPARE_RUN.match(msg)
+        if m:
+            ui.total = int(m.group(2))
+            ui.begin(m.group(3))
+            if ui.on_sample is not None:
+                return
+        if not quiet:
+            ui.log(msg)
+    return log
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
@@ -130,18 +170,75 @@ def cmd_compare(ns: argparse.Namespace) -> int:
             raise ConfigError(f"unknown mode {m!r} in --modes: use {', '.join(MODE_VARIANTS)}")
     if ns.repeat is not None and ns.repeat < 1:
         raise ConfigError("--repeat must be at least 1")
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not ns.quiet else None
+    _plot_check(ns.plot)
+    ui = LiveStatus(enabled=_live(ns))
     # a preset's per-host-page overrides give way to what the command line says
     given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
     by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
                     for hp, over in (by_host_page or {}).items()}
-    results = compare(base, modes, pages, log=progress, repeat=ns.repeat or 1, by_host_page=by_host_page)
+    with ui:
+        results = compare(base, modes, pages, log=_compare_log(ui, ns.quiet), repeat=ns.repeat or 1,
+                          by_host_page=by_host_page, on_sample=ui.on_sample)
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump([{"mode": m, "host_page": hp, "run": i, "report": r.to_dict()}
                        for (m, hp), c in results.items() for i, r in enumerate(c.reports)], f, indent=2)
     print(format_table(results, modes, pages, qemu))
+    _plot([SavedRun(m, hp, r) for (m, hp), c in results.items() for r in c.reports], ns.plot, ns.quiet)
     return 0 if all(c.ok for c in results.values()) else EXIT_FAILED
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    knob = sweep.knob_name(ns.knob, CONFIG_KEYS)
+    modes = ns.modes.split(",") if ns.modes else [Config.mode]
+    plan = sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes)
+    _plot_check(ns.plot)
+    with LiveStatus(len(plan), enabled=_live(ns), announce=not ns.quiet) as ui:
+        done, interrupted = sweep.sweep(knob, plan, ui)
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(sweep.to_json(done), f, indent=2)
+    if done:
+        print(sweep.format_sweep(done))
+    _plot(done, ns.plot, ns.quiet)
+    if interrupted:
+        print(f"shmig: interrupted: {len(done)} of {len(plan)} runs finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if all(r.report.ok for r in done) else EXIT_FAILED
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plot import plot_files
+
+    plot_files(ns.reports, ns.output)
+    print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    """The summary of a saved run, the table of a saved compare or sweep, as they were printed."""
+    for i, path in enumerate(ns.reports):
+        runs = load_runs(path)
+        if i:
+            print()
+        if len(ns.reports) > 1:
+            print(f"== {path}")
+        if runs[0].knob:
+            print(sweep.format_sweep(runs))
+        elif len(runs) == 1:
+            rep = runs[0].report
+            print(rep.summary())
+            if ns.dist and rep.postcopy_latency_us.get("count"):
+                print("Postcopy Latency Distribution:")
+                print(format_dist(rep.postcopy_latency_dist))
+        else:
+            cells: dict[tuple[str, int], Cell] = {}
+            for r in runs:  # a --repeat compare holds several runs per cell
+                cells.setdefault((r.mode, r.host_page), Cell()).reports.append(r.report)
+            modes = list(dict.fromkeys(m for m, _ in cells))
+            pages = list(dict.fromkeys(hp for _, hp in cells))
+            print(format_table(cells, modes, pages))
+    return 0
 
 
 def cmd_clean(ns: argparse.Namespace) -> int:
@@ -173,8 +270,34 @@ def parser() -> argparse.ArgumentParser:
                    help="run every cell N times with seeds seed..seed+N-1 and pool their faults"
                         " (for cells with few faults, e.g. 1GiB pages)")
     c.add_argument("--json", metavar="PATH", help="write every report as JSON")
+    c.add_argument("--plot", metavar="PNG", help="draw the fault-latency distributions (needs matplotlib)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
+    s = sub.add_parser("sweep", help="run one option over several values (and modes) and print one table",
+                       description="Run every value of one `shmig run` option with every mode, e.g."
+                                   " `shmig sweep socket-buffer 1MiB,4MiB,16MiB --modes vanilla,preempt-full"
+                                   " --bandwidth 1Gbit/s`. Ctrl-C stops the sweep; the finished runs are"
+                                   " printed (and saved with --json).")
+    s.add_argument("knob", metavar="KNOB", help="the option to vary, as spelled on the command line"
+                   " (socket-buffer, bandwidth, host-page, vcpus, ...)")
+    s.add_argument("values", metavar="VALUES", help="comma-separated values, e.g. 1MiB,4MiB,16MiB"
+                   " (on,off for flags)")
+    _config_args(s, with_mode=False)
+    s.add_argument("--modes", help="comma-separated, from precopy,"
+                   f"{','.join(MODE_VARIANTS)} (default: preempt)")
+    s.add_argument("--json", metavar="PATH", help="write every report as JSON")
+    s.add_argument("--plot", metavar="PNG", help="draw p50/p99 latency, guest progress and total time"
+                   " against KNOB (needs matplotlib)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_sweep)
+    pl = sub.add_parser("plot", help="draw saved reports (run, compare or sweep --json) into a picture")
+    pl.add_argument("reports", nargs="+", metavar="REPORT.json")
+    pl.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture (.png, .svg or .pdf)")
+    pl.set_defaults(func=cmd_plot)
+    rp = sub.add_parser("report", help="print the summary (or table) of saved reports")
+    rp.add_argument("reports", nargs="+", metavar="REPORT.json")
+    rp.add_argument("--dist", action="store_true", help="a single run: print the fault-latency distribution")
+    rp.set_defaults(func=cmd_report)
     k = sub.add_parser("clean", help="remove /dev/shm segments left by runs whose owner died")
     k.set_defaults(func=cmd_clean)
     return p
@@ -186,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = ["run", *argv]
     ns = parser().parse_args(argv)
     try:
+        if hasattr(ns, "policy"):
+            _register_policies(ns)
         return ns.func(ns)
     except (ConfigError, UnitError) as e:
         print(f"shmig: error: {e}", file=sys.stderr)

@@ -36,6 +36,7 @@ from .pattern import fill_initial
 from .process import Child
 from .report import Report, build_report
 from .source import Source
+from .stats import dist_quantile
 from .trace import write_trace
 from .wire import FrameReader, FrameWriter, ProtocolError
 
@@ -449,7 +450,13 @@ class Migration:
             "received_pages": int(np.count_nonzero(mem.received)),
             "faults_outstanding": int(np.count_nonzero(mem.wait[:, 0] >= 0)),
             "guest_accesses": int(c[memory.C_GUEST0:memory.C_GUEST0 + self.cfg.vcpus].sum()),
+            "rounds": int(c[memory.C_ROUNDS]),
+            "requests": int(c[memory.C_REQUESTS]),
         }
+        dist = mem.lat_dist.sum(axis=0)  # the faults resolved so far, in QEMU's buckets
+        s["faults_done"] = int(dist.sum())
+        p50 = dist_quantile(dist, 0.5)
+        s["fault_p50_us"] = None if p50 is None else round(self.cfg.clock.emulated_ns(p50), 1)  # us, emulated
         self.samples.append(s)
         if self.on_sample is not None:
             self.on_sample(s)

@@ -97,7 +97,10 @@ class Vcpu(Child):
                 break
             self.sleep_on_efd(RECHECK)
         w[0] = -1
-        self.faults.append((hp, t0, time.monotonic_ns() if received[tp] else -1))
+        t1 = time.monotonic_ns() if received[tp] else -1
+        self.faults.append((hp, t0, t1))
+        if t1 >= 0:  # QEMU's log2 bucket, so the controller can show the latency while it runs
+            self.mem.lat_dist[self.vcpu, min(max(((t1 - t0) // 1000).bit_length() - 1, 0), 23)] += 1
 
     def run_chunk(self, phase: int) -> int:
         pages = self.stream.next_chunk(CHUNK)

@@ -33,6 +33,8 @@ DST_POSTCOPY = 1
 
 # counters sampled by the controller for the time series; each is written by one process only
 C_PRECOPY_BYTES, C_POSTCOPY_BYTES, C_REMAINING, C_PLACED, C_REQUESTS, C_PHASE = range(6)
+C_ROUNDS = 6  # precopy rounds completed (the source)
+LAT_BUCKETS = 24  # per vCPU, faults so far in QEMU's log2 latency buckets (stats.BUCKETS)
 C_GUEST0 = 16  # + vcpu: accesses so far
 NCOUNTERS = C_GUEST0 + 64
 
@@ -138,6 +140,7 @@ class GuestMemory:
                 ("ctl", np.int64, (16,)),
                 ("counters", np.int64, (NCOUNTERS,)),
                 ("wait", np.int64, (cfg.vcpus, 2)),
+                ("lat_dist", np.int64, (cfg.vcpus, LAT_BUCKETS)),
                 ("link", np.int64, (STATE_WORDS,)),
                 ("status", np.uint8, (self.nprocs, STATUS_LEN)),
                 ("stamps", np.uint64, (cfg.vcpus, n)),
@@ -195,7 +198,7 @@ class GuestMemory:
     def close(self) -> None:
         """Drop every view, then close (and unlink if not yet done). Views must not outlive this."""
         for name in ("src", "dst", "ctl", "counters", "wait", "link", "status", "stamps", "dirty",
-                     "received"):
+                     "received", "lat_dist"):
             self.__dict__.pop(name, None)
         self.unlink()
         for shm in self._segs:

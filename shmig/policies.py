@@ -254,3 +254,90 @@ def register(mode: str, cls: type[Policy]) -> None:
 
 def make_policy(cfg: Config, src: Source) -> Policy:
     return POLICIES.get(cfg.mode, Policy)(cfg, src)
+
+
+# -- policies from outside the package (``--policy``, entry points) -------------------------------
+# (imported here rather than at the top: this section is what the command line needs, nothing above)
+
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from importlib.metadata import entry_points  # noqa: E402
+
+from .config import ConfigError  # noqa: E402
+
+BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
+ENTRY_POINT_GROUP = "shmig.policies"
+
+
+def _import_class(target: str) -> type:
+    """``pkg.mod:Class`` (imported like ``python -m`` would, the current directory first on the
+    path, so a module next to you works with the installed ``shmig`` script too) or
+    ``path/to/file.py:Class``."""
+    module, sep, attr = target.rpartition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"--policy {target!r}: use module:Class (e.g. examples.prefetch:PrefetchNeighbours)")
+    try:
+        if module.endswith(".py") or os.sep in module:
+            path = os.path.abspath(module)
+            if not os.path.isfile(path):
+                raise ConfigError(f"--policy {target!r}: no such file {module!r}")
+            name = "shmig_policy_" + os.path.splitext(os.path.basename(path))[0]
+            mod = sys.modules.get(name)
+            if getattr(mod, "__file__", None) != path:  # loaded once per process, like an import
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[name] = mod
+                spec.loader.exec_module(mod)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module: any error in it is bad input
+        raise ConfigError(f"--policy {target!r}: cannot import {module!r}: {type(e).__name__}: {e}") from None
+    cls = getattr(mod, attr, None)
+    if cls is None:
+        raise ConfigError(f"--policy {target!r}: module {module!r} has no {attr!r}")
+    return cls
+
+
+def register_class(mode: str, cls: object, origin: str) -> str:
+    """``register`` with the checks a name from the command line needs: a Policy subclass, and a
+    mode name that does not shadow a built-in mode or another policy."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise ConfigError(f"{origin}: {cls!r} is not a subclass of shmig.policies.Policy")
+    if not mode or mode in BUILTIN_MODES or POLICIES.get(mode, cls) is not cls:
+        taken = "a built-in mode" if mode in BUILTIN_MODES else "already taken"
+        raise ConfigError(f"{origin}: mode name {mode!r} is {taken}: set a `name` attribute on the class"
+                          f" or give one with NAME=module:Class")
+    register(mode, cls)
+    return mode
+
+
+def load_policy(spec: str) -> str:
+    """Register the policy ``[NAME=]module:Class`` names (``--policy``) and return its mode name:
+    NAME if given, else the class's own ``name`` attribute."""
+    mode, eq, target = spec.partition("=")
+    if not eq:
+        mode, target = "", spec
+    cls = _import_class(target)
+    return register_class(mode or str(getattr(cls, "name", "")), cls, f"--policy {spec!r}")
+
+
+def load_entry_points() -> tuple[list[str], list[str]]:
+    """Register every policy that an installed package declares in the ``shmig.policies`` entry-point
+    group (the entry point's name is the mode name). Returns (modes registered, one line per entry
+    point that could not be loaded), so one broken plugin does not stop every other command."""
+    names, problems = [], []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            names.append(register_class(ep.name, ep.load(), f"entry point {ep.name} = {ep.value}"))
+        except ConfigError as e:
+            problems.append(str(e))
+        except Exception as e:
+            problems.append(f"entry point {ep.name} = {ep.value}: {type(e).__name__}: {e}")
+    return names, problems

@@ -7,7 +7,7 @@ the JSON document; ``summary()`` is the human table the CLI prints.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,6 +61,10 @@ class Report:
     link: dict[str, Any] = field(default_factory=dict)
     time_dilation: dict[str, Any] = field(default_factory=dict)
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    # every resolved fault, by start time: [t_ms since the start, latency_us, vcpu]
+    faults: list[list[float]] = field(default_factory=list)
+    # [name, start_ms, end_ms] of setup, precopy, switchover (downtime) and postcopy
+    phases: list[list[Any]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +72,12 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Report":
+        """A saved report (``to_dict``/JSON) back; keys this version does not know are ignored and
+        missing ones keep their defaults, so reports of other versions still load."""
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -277,6 +287,8 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_blocktime_ms, per = stats.blocktime(intervals, t_end)
     rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
     rep.postcopy_blocktime_ms = round(rep.postcopy_blocktime_ms, 3)
+    rep.faults = fault_list(intervals, m.t0)
+    rep.phases = phase_list(m.t0, ev)
 
     acc_src = sum(s["accesses_src"] for s in vcpus)
     per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms, emu) for s in vcpus]
@@ -310,3 +322,74 @@ def build_report(m: Migration) -> Report:
     if not res.ok:
         rep.error = f"integrity check failed: {res.detail}"
     return rep
+
+
+def fault_list(intervals: list[np.ndarray], t0: int) -> list[list[float]]:
+    """Every resolved fault as [t_ms, latency_us, vcpu], sorted by time: what a plot of faults over
+    time needs, a few bytes per fault."""
+    done = [iv[iv[:, 1] >= 0] for iv in intervals]
+    if not done:
+        return []
+    f = np.concatenate(done)
+    vcpu = np.repeat(np.arange(len(done)), [len(d) for d in done])
+    order = np.argsort(f[:, 0], kind="stable")
+    f, vcpu = f[order], vcpu[order]
+    t_ms = np.round((f[:, 0] - t0) / 1e6, 3).tolist()
+    lat_us = np.round((f[:, 1] - f[:, 0]) / 1e3, 1).tolist()
+    return [list(row) for row in zip(t_ms, lat_us, vcpu.tolist())]
+
+
+PHASES = (("setup", None, "setup_done"), ("precopy", "setup_done", "stop_vm"),
+          ("switchover", "stop_vm", "running"), ("postcopy", "running", "complete"))
+
+
+def phase_list(t0: int, events: dict[str, int]) -> list[list[Any]]:
+    """[name, start_ms, end_ms] of each phase that happened (precopy mode: its stop-and-copy ends
+    at the destination's end of stream)."""
+    ev = dict(events)
+    postcopy = "running" in ev
+    if not postcopy:  # precopy: the downtime is the stop-and-copy, until the end of stream
+        ev["running"] = ev.get("eos_mig/dst/listen", ev.get("complete"))
+    out = []
+    for name, a, b in PHASES if postcopy else PHASES[:-1]:
+        start, end = (t0 if a is None else ev.get(a)), ev.get(b)
+        if start is not None and end is not None and end >= start:
+            out.append([name, round((start - t0) / 1e6, 3), round((end - t0) / 1e6, 3)])
+    return out
+
+
+@dataclass
+class SavedRun:
+    """One run read back from a ``run``, ``compare`` or ``sweep`` JSON file."""
+
+    mode: str
+    host_page: int
+    report: Report
+    knob: str | None = None  # sweep files: the option swept and this run's value of it
+    value: str | None = None
+
+
+def load_runs(path: str) -> list[SavedRun]:
+    """Every run in a JSON file written by ``shmig run|compare|sweep --json``; a file that is none
+    of these is bad input (ConfigError, one line)."""
+    from .config import ConfigError
+
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise ConfigError(f"{path} is not JSON ({e}): give a file written by shmig run|compare|sweep --json") from None
+    entries = data if isinstance(data, list) else [data]
+    runs = []
+    for e in entries:
+        rep = e.get("report", e) if isinstance(e, dict) else None
+        if not isinstance(rep, dict) or not isinstance(rep.get("config"), dict) or "status" not in rep:
+            raise ConfigError(f"{path} is not a shmig report: give a file written by shmig run|compare|sweep --json")
+        c = rep["config"]
+        runs.append(SavedRun(e.get("mode", c.get("mode")), e.get("host_page", c.get("host_page")),
+                             Report.from_dict(rep), e.get("knob"), e.get("value")))
+    if not runs:
+        raise ConfigError(f"{path} holds no runs")
+    return runs

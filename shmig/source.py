@@ -331,6 +331,7 @@ class Source(Child):
                 return "postcopy"
             elapsed = max(time.monotonic() - t0, 1e-6)
             self.rounds += 1
+            self.mem.counters[memory.C_ROUNDS] = self.rounds
             self.sync()
             bw = (self.stats["transferred"] - before) / elapsed  # real bytes per real second
             threshold = bw * self.clock.real(cfg.downtime_limit)
@@ -622,6 +623,7 @@ class Source(Child):
                     raise ProtocolError(f"return path: request for host page {hp!r} outside RAM")
                 self.link.deliver(f.send_ns, rp.wait)
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU
+                self.mem.counters[memory.C_REQUESTS] += 1
                 self.policy.on_request(hp)
         except BROKEN as e:
             if self.pausable:  # postcopy_pause_return_path_thread
