@@ -288,7 +288,8 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
     rep.postcopy_blocktime_ms = round(rep.postcopy_blocktime_ms, 3)
     rep.faults = fault_list(intervals, m.t0)
-    rep.phases = phase_list(m.t0, ev)
+    rep.phases = phase_list(m.t0, ev) + [["postcopy-paused", _ms(m.t0, emu(a)), _ms(m.t0, emu(b))]
+                                         for a, b in m.pause_intervals]  # each inside postcopy
 
     acc_src = sum(s["accesses_src"] for s in vcpus)
     per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms, emu) for s in vcpus]
