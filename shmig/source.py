@@ -465,8 +465,9 @@ class Source(Child):
                     self.fault_cond.wait(0.005)  # the destination is still loading the package
                 else:
                     faults = self.faults.due(self.remaining)
-                    self.break_channels(faults)
-                    self.request_pause(f"injected fault {faults[0]}")
+                    if faults:
+                        self.break_channels(faults)
+                        self.request_pause(f"injected fault {faults[0]}")
 
     def inject(self, faults: list[Fault], writer: FrameWriter | None = None,
                tps: np.ndarray | None = None) -> None:
