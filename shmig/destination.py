@@ -182,7 +182,7 @@ class Receiver(Child):
                 os.eventfd_write(self.efds[v], 1)
 
     def final_stats(self) -> dict[str, Any]:
-        self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)
+        self.stats["link_wait_ms"] = round(self.cfg.clock.emulated_ms(self.wait_ns), 3)
         return self.stats
 
 
