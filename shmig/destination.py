@@ -186,7 +186,7 @@ class Receiver(Child):
                 os.eventfd_write(self.efds[v], 1)
 
     def final_stats(self) -> dict[str, Any]:
-        self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)
+        self.stats["link_wait_ms"] = round(self.cfg.clock.emulated_ms(self.wait_ns), 3)
         return self.stats
 
     # -- postcopy recovery (postcopy_pause_incoming, loadvm_postcopy_handle_resume) ------------------

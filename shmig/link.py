@@ -94,9 +94,12 @@ class Link:
         t0 = time.monotonic_ns()
         fd = self.space_fds[ch]
         waiting = self._w(ch, WAITING)
-        self.state[waiting] = 1
         try:
-            while self.queued(ch) > self.wake_at:  # checked after raising the flag: no lost wake-up
+            while True:
+                with self.lock:  # flag and queue under the receiver's lock: no lost wake-up
+                    self.state[waiting] = 1
+                    if self.queued(ch) <= self.wake_at:
+                        break
                 r, _, _ = select.select([fd], [], [], RECHECK)
                 if r:
                     try:

@@ -8,11 +8,18 @@ these and ``register`` it under a new mode name.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 import threading
 import time
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .config import ConfigError
 
 MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
 
@@ -257,15 +264,6 @@ def make_policy(cfg: Config, src: Source) -> Policy:
 
 
 # -- policies from outside the package (``--policy``, entry points) -------------------------------
-# (imported here rather than at the top: this section is what the command line needs, nothing above)
-
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from importlib.metadata import entry_points  # noqa: E402
-
-from .config import ConfigError  # noqa: E402
 
 BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 ENTRY_POINT_GROUP = "shmig.policies"

@@ -230,6 +230,7 @@ def build_report(m: Migration) -> Report:
     ev = {k: emu(t) for k, t in m.events.items()}
     by_title = {p.title: p.stats or {} for p in m.procs}
     src = by_title.get("mig/src", {})
+    rep.link["sender_blocked_ms"] = src.get("sender_blocked_ms", {})  # waiting for write space
     t_end = ev.get("complete")
     rep.total_time_ms = _ms(m.t0, t_end)
     rep.setup_time_ms = _ms(m.t0, ev.get("setup_done"))

@@ -640,6 +640,8 @@ class Source(Child):
 
     def final_stats(self) -> dict[str, Any]:
         st = dict(self.stats)
+        st["sender_blocked_ms"] = {w.name: round(self.clock.emulated_ms(w.blocked_ns), 3)
+                                   for w in (self.pre, self.post) if w is not None}
         st["dirty_sync_count"] = self.dirty_sync_count
         st["precopy_rounds"] = self.rounds
         st["events"] = self.events
