@@ -56,6 +56,13 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     w.add_argument("--vcpus", type=int, help="vCPU processes (default 1)")
     w.add_argument("--seed", type=int, help="initial content and access streams (default 1)")
     w.add_argument("--zero-fraction", type=float, help="share of all-zero pages (default 0.1)")
+    f = p.add_argument_group("postcopy recovery")
+    f.add_argument("--inject-fault", dest="inject_faults", action="append", metavar="WHAT@WHEN",
+                   help="break a channel during postcopy: WHAT is precopy-channel, postcopy-channel or"
+                   " return-path; WHEN is a share of the pages left at postcopy start (50%%) or a time"
+                   " since postcopy started (300ms); repeatable")
+    f.add_argument("--recover-after", help="how long a postcopy-paused migration waits before it recovers"
+                   " (default 100ms)")
     p.add_argument("--deadline", help="the run fails after this long, naming who waited for what (default 300s)")
     p.add_argument("--time-dilation", metavar="N|auto",
                    help="run the emulated world N times slower (links faster than this machine);"
@@ -66,7 +73,7 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
                "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
-               "time_dilation")
+               "time_dilation", "inject_faults", "recover_after")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class Config:
     deadline: float = 300.0  # the whole run (emulated time); a hang fails with who waited for what
     time_dilation: float | str = 1.0  # N: the emulated world runs N times slower; "auto" calibrates
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
+    inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
+    recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     @classmethod
@@ -70,7 +72,7 @@ class Config:
             "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
             "dirty_rate": parse_rate, "bandwidth": parse_rate, "max_bandwidth": parse_rate,
             "max_postcopy_bandwidth": parse_rate, "latency": parse_time, "downtime_limit": parse_time,
-            "deadline": parse_time, "time_dilation": parse_dilation,
+            "deadline": parse_time, "time_dilation": parse_dilation, "recover_after": parse_time,
         }
         args = {}
         for k, v in kw.items():
@@ -173,6 +175,7 @@ class Config:
             bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")
         if not self.break_huge and self.mode != "preempt":
             bad("--no-break-huge only applies to --mode preempt")
+        self._validate_faults()
         try:
             st = os.statvfs("/dev/shm")
             free = st.f_bavail * st.f_frsize
@@ -182,6 +185,29 @@ class Config:
             bad(f"--ram {fmt_size(self.ram)} needs {fmt_size(self.shm_bytes())} of /dev/shm (source and"
                 f" destination copies) but only {fmt_size(free)} is free: use a smaller --ram")
         return self
+
+    def _validate_faults(self) -> None:
+        """--inject-fault and --recover-after: every spec parses and can happen in this mode."""
+        from .faults import MAX_FAULTS, Fault, FaultSpecError
+
+        if self.recover_after is not None and not 0 <= self.recover_after <= self.deadline:
+            raise ConfigError(f"--recover-after must be between 0 and the deadline ({self.deadline:g}s),"
+                              f" e.g. 100ms")
+        if isinstance(self.inject_faults, str):
+            raise ConfigError("inject_faults is a list of specs: use inject_faults=['postcopy-channel@50%']")
+        if len(self.inject_faults) > MAX_FAULTS:
+            raise ConfigError(f"--inject-fault: at most {MAX_FAULTS} faults per run")
+        for spec in self.inject_faults:
+            try:
+                f = Fault.parse(spec)
+            except FaultSpecError as e:
+                raise ConfigError(f"--inject-fault: {e}") from None
+            if not self.postcopy:
+                raise ConfigError(f"--inject-fault {spec}: faults break a channel during postcopy, and mode"
+                                  f" precopy has none: use --mode vanilla, preempt or preempt-full")
+            if f.what == "postcopy-channel" and not self.uses_preempt_channel:
+                raise ConfigError(f"--inject-fault {spec}: mode {self.mode} has no postcopy (preempt) channel:"
+                                  f" use --mode preempt or preempt-full, or break precopy-channel or return-path")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import sys
 import threading
 import time
@@ -17,14 +18,17 @@ from typing import Any
 
 import numpy as np
 
+from . import memory
 from .config import TARGET_PAGE
 from .events import K
 from .memory import populate
 from .process import Child
-from .wire import Frame, FrameReader, FrameWriter, Msg, ProtocolError, SocketReader, expect
+from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, SocketReader,
+                   TruncatedFrame, expect)
 
 F_GETPIPE_SZ = 1032
 MAX_FRAME = (1 << 20) + 65536
+BROKEN = (ChannelClosed, TruncatedFrame)  # a channel closed under us: in postcopy, a reason to pause
 
 
 class Receiver(Child):
@@ -80,18 +84,18 @@ class Receiver(Child):
         """The frame the link carried since ``t0``. A PAGES frame's row is written once it is
         placed (trace_place): one row, and none before a waiting vCPU is woken."""
         self.t_taken = time.monotonic_ns()
-        self.rx = (t0, carried)
+        self.rx = (t0, carried, f.send_ns)
         if f.kind != Msg.PAGES:
-            self.tr.put(K.RECV, t0, self.t_taken, self.ch, self.reader.frames_in, f.size, f.kind,
-                        self.link.queued(self.ch), carried)
+            self.tr.put(K.RECV, t0, self.t_taken, self.ch, f.send_ns, f.size, f.kind, self.link.queued(self.ch),
+                        carried)
 
     def trace_place(self, f: Frame) -> None:
         """The PAGES frame just placed, from when it was whole at the head of the queue."""
-        t0, carried = self.rx
+        t0, carried, send_ns = self.rx
         tps = f.fields[0]  # uint32 target pages, little-endian
-        self.tr.put(K.PLACE_URGENT if f.fields[2] else K.PLACE, t0, time.monotonic_ns(), self.ch,
-                    self.reader.frames_in, f.size, len(tps) // 4, int.from_bytes(tps[:4], "little"),
-                    int.from_bytes(tps[-4:], "little"), self.t_taken, carried, self.link.queued(self.ch))
+        self.tr.put(K.PLACE_URGENT if f.fields[2] else K.PLACE, t0, time.monotonic_ns(), self.ch, send_ns, f.size,
+                    len(tps) // 4, int.from_bytes(tps[:4], "little"), int.from_bytes(tps[-4:], "little"),
+                    self.t_taken, carried, self.link.queued(self.ch))
 
     def place(self, f: Frame) -> None:
         """A PAGES frame: its pages go into destination RAM without a Python loop per page."""
@@ -202,11 +206,46 @@ class Receiver(Child):
                 os.eventfd_write(self.efds[v], 1)
                 if self.tr:
                     t = time.monotonic_ns()
-                    self.tr.put(K.WAKE, t, t, hp, v, self.ch, self.reader.frames_in)
+                    self.tr.put(K.WAKE, t, t, hp, v, self.ch, self.rx[2])
 
     def final_stats(self) -> dict[str, Any]:
-        self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)
+        self.stats["link_wait_ms"] = round(self.cfg.clock.emulated_ms(self.wait_ns), 3)
         return self.stats
+
+    # -- postcopy recovery (postcopy_pause_incoming, loadvm_postcopy_handle_resume) ------------------
+    recovering = False  # paused, or recovering: until the new channel is confirmed
+    _hup: tuple[int, select.poll] | None = None  # (fd, a poll object watching it for POLLHUP)
+
+    def check_open(self) -> None:
+        """Between frames: a channel the source has closed is broken now (POLLHUP: no writer is left,
+        however much is still queued), and what it still holds or was read ahead of it is lost with
+        it, as a dropped connection's receive queue is, rather than loaded late."""
+        if self._hup is None or self._hup[0] != self.reader.fd:
+            self._hup = (self.reader.fd, select.poll())
+            self._hup[1].register(self.reader.fd, 0)  # POLLHUP is reported whatever the mask
+        if self.reader.eof or self._hup[1].poll(0):
+            raise ChannelClosed(f"{self.channel} channel closed")
+
+    def postcopy_pause_incoming(self, reason: str) -> None:
+        """The channel is gone; a host page only partly assembled from it is dropped (it never
+        entered receivedmap, so the source sends it again after the recovery)."""
+        self.reader.close()
+        if self.asm_hp >= 0:
+            self.stats["partial_host_pages_dropped"] = self.stats.get("partial_host_pages_dropped", 0) + 1
+            self.asm_hp, self.asm_count = -1, 0
+        self.recovering = True
+        self.stats["postcopy_pauses"] = self.stats.get("postcopy_pauses", 0) + 1
+        self.status(f"postcopy-paused ({reason}): waiting for the controller's 'recover'")
+        self.event("postcopy_paused", reason)
+
+    def wait_recover(self) -> dict[str, int]:
+        """migrate-recover: the controller's new pipe ends; this receiver reads its new channel."""
+        name, names = self.recv_ctrl()
+        if name != "recover":
+            raise ProtocolError(f"control channel: expected 'recover', got {name!r}")
+        fds = self.take_channels(names)
+        self.reader.reopen(fds[self.channel])
+        return fds
 
 
 class Listen(Receiver):
@@ -224,6 +263,8 @@ class Listen(Receiver):
         self.stopping = threading.Event()
         self.stats.update({"requests_sent": 0, "faults_seen": 0, "faults_deduplicated": 0})
         self.fault_error: BaseException | None = None
+        self.rp_lock = threading.Lock()  # rp_mutex: the fault thread and the listen thread share the return path
+        self.rp_paused = False  # the return path is down: requests wait for the RESUME
         sys.setswitchinterval(0.0005)  # the fault thread must not wait 5 ms for the listen thread's GIL
 
     def run(self) -> None:
@@ -234,28 +275,8 @@ class Listen(Receiver):
         fault = threading.Thread(target=self.fault_loop, name="fault", daemon=True)
         fault.start()
         self.status("loading the precopy channel")
-        while True:
-            f = self.next()
-            if f.kind == Msg.PAGES:
-                self.place(f)
-                if self.tr:
-                    self.trace_place(f)
-            elif f.kind == Msg.ROUND:
-                pass
-            elif f.kind == Msg.DISCARD:
-                self.discard(f)
-            elif f.kind == Msg.PACKAGED:
-                self.in_postcopy = True  # LISTEN + RUN: the guest now runs here
-                self.ctrl_out.ctrl("event", ["running", time.monotonic_ns()])
-                if self.tr:
-                    self.tr.instant(K.RUNNING)
-                self.status("postcopy: loading the precopy channel")
-            elif f.kind == Msg.EOS:
-                break
-            else:
-                raise ProtocolError(f"precopy channel: unexpected {Msg(f.kind).name}")
-            if self.fault_error is not None:
-                raise self.fault_error
+        while not self.load():
+            self.wait_recover_main()
         self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
         self.status("EOS: waiting for the controller's 'shut' (every page placed)")
         name, _ = self.recv_ctrl()
@@ -265,6 +286,70 @@ class Listen(Receiver):
         fault.join(timeout=5)
         self.rp.send(Msg.SHUT, ())
         self.ctrl_out.ctrl("stats", self.final_stats())
+
+    def load(self) -> bool:
+        """qemu_loadvm_state_main on the main channel: True at EOS; False when the channel broke
+        during postcopy (the migration is paused)."""
+        try:
+            while True:
+                if self.in_postcopy:
+                    self.check_open()
+                f = self.next()
+                if f.kind == Msg.PAGES:
+                    self.place(f)
+                    if self.tr:
+                        self.trace_place(f)
+                elif f.kind == Msg.ROUND:
+                    pass
+                elif f.kind == Msg.DISCARD:
+                    self.discard(f)
+                elif f.kind == Msg.PACKAGED:
+                    self.in_postcopy = True  # LISTEN + RUN: the guest now runs here
+                    self.mem.ctl[memory.DST_POSTCOPY] = 1
+                    self.ctrl_out.ctrl("event", ["running", time.monotonic_ns()])
+                    if self.tr:
+                        self.tr.instant(K.RUNNING)
+                    self.status("postcopy: loading the precopy channel")
+                elif f.kind == Msg.RECV_BITMAP and self.recovering:
+                    self.rp.send(Msg.RECV_BITMAP, (), [np.packbits(self.received, bitorder="little")])
+                elif f.kind == Msg.RESUME and self.recovering:
+                    self.resume_incoming()
+                elif f.kind == Msg.EOS:
+                    return True
+                else:
+                    raise ProtocolError(f"precopy channel: unexpected {Msg(f.kind).name}")
+                if self.fault_error is not None:
+                    raise self.fault_error
+        except BROKEN as e:
+            if not self.in_postcopy:
+                raise
+            self.postcopy_pause_incoming(str(e))
+            return False
+
+    def postcopy_pause_incoming(self, reason: str) -> None:
+        """The main channel and the return path go together; the fault thread stops sending."""
+        with self.rp_lock:
+            self.rp_paused = True
+            os.close(self.rp.fd)
+        super().postcopy_pause_incoming(reason)
+
+    def wait_recover_main(self) -> None:
+        self.rp.fd = self.wait_recover()["return"]  # the fault thread does not use it until RESUME
+        self.status("postcopy-recover: waiting for the source's RECV_BITMAP and RESUME")
+
+    def resume_incoming(self) -> None:
+        """loadvm_postcopy_handle_resume: RESUME_ACK, then every request still waited for goes again
+        (migrate_send_rp_req_pages_pending): those in flight when the channels broke are lost."""
+        with self.rp_lock:
+            self.rp.send(Msg.RESUME_ACK, ())
+            pending = np.flatnonzero(self.requested & (self.received[::self.k] == 0)).tolist()
+            for hp in pending:
+                self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
+            self.stats["requests_sent"] += len(pending)
+            self.stats["requests_resent"] = self.stats.get("requests_resent", 0) + len(pending)
+            self.rp_paused = False
+        self.recovering = False
+        self.status("postcopy: loading the precopy channel (recovered)")
 
     def discard(self, f: Frame) -> None:
         """CMD_POSTCOPY_RAM_DISCARD: those host pages leave receivedmap and will fault."""
@@ -305,9 +390,18 @@ class Listen(Receiver):
                     if self.tr:
                         self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 2)
                     continue
-                self.requested[hp] = True
-                self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
-                self.stats["requests_sent"] += 1
+                with self.rp_lock:
+                    self.requested[hp] = True
+                    if self.rp_paused:
+                        if self.tr:
+                            self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 3)
+                        continue  # sent with every pending request at the RESUME
+                    try:
+                        self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
+                    except ChannelClosed:
+                        self.rp_paused = True  # the source is pausing; the listen thread will see it
+                        continue
+                    self.stats["requests_sent"] += 1
                 if self.tr:
                     self.tr.put(K.FAULT_SEEN, t_rx, time.monotonic_ns(), vcpu, hp, 0)
         except BaseException as e:
@@ -326,15 +420,33 @@ class PreemptReceiver(Receiver):
         expect(self.next(), Msg.HELLO, 0, self.channel)
         self.in_postcopy = True
         self.status("loading the postcopy channel")
-        while True:
-            f = self.next()
-            if f.kind == Msg.PAGES:
-                self.place(f)
-                if self.tr:
-                    self.trace_place(f)
-            elif f.kind == Msg.EOS:
-                break
-            else:
-                raise ProtocolError(f"postcopy channel: unexpected {Msg(f.kind).name}")
+        while not self.load():
+            self.wait_recover()
+            self.status("postcopy-recover: waiting for the new postcopy channel's HELLO")
         self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
         self.ctrl_out.ctrl("stats", self.final_stats())
+
+    def load(self) -> bool:
+        """The preempt thread's loop: True at EOS; False when the channel broke during postcopy."""
+        try:
+            while True:
+                if self.mem.ctl[memory.DST_POSTCOPY]:
+                    self.check_open()
+                f = self.next()
+                if self.recovering:  # a recovered channel starts with its HELLO, like the first one
+                    expect(f, Msg.HELLO, 0, self.channel)
+                    self.recovering = False
+                    self.status("loading the postcopy channel (recovered)")
+                elif f.kind == Msg.PAGES:
+                    self.place(f)
+                    if self.tr:
+                        self.trace_place(f)
+                elif f.kind == Msg.EOS:
+                    return True
+                else:
+                    raise ProtocolError(f"postcopy channel: unexpected {Msg(f.kind).name}")
+        except BROKEN as e:
+            if not self.mem.ctl[memory.DST_POSTCOPY]:
+                raise
+            self.postcopy_pause_incoming(str(e))
+            return False

@@ -94,9 +94,12 @@ class Link:
         t0 = time.monotonic_ns()
         fd = self.space_fds[ch]
         waiting = self._w(ch, WAITING)
-        self.state[waiting] = 1
         try:
-            while self.queued(ch) > self.wake_at:  # checked after raising the flag: no lost wake-up
+            while True:
+                with self.lock:  # flag and queue under the receiver's lock: no lost wake-up
+                    self.state[waiting] = 1
+                    if self.queued(ch) <= self.wake_at:
+                        break
                 r, _, _ = select.select([fd], [], [], RECHECK)
                 if r:
                     try:
@@ -170,6 +173,25 @@ class Link:
             if left <= 0:
                 return
             wait(left / 1e9)
+
+    # -- postcopy recovery -------------------------------------------------------------------------
+    def drop_queues(self) -> None:
+        """The channels broke: what they had queued is lost. A sender blocked waiting for room (which
+        the paused receivers would never make) wakes, and finds its channel gone."""
+        with self.lock:
+            for ch in range(len(CHANNELS)):
+                self._queue_change(-self.queued(ch))
+                self.state[self._w(ch, SENT)] = self.state[self._w(ch, CARRIED)]
+                os.eventfd_write(self.space_fds[ch], 1)
+
+    def reset(self) -> None:
+        """A recovery, every receiver paused: new connections with empty queues on an idle link."""
+        self.drop_queues()
+        with self.lock:
+            self._queue_change(-int(self.state[QUEUED_ALL]))  # bytes the old receivers carried late
+            for ch in range(len(CHANNELS)):
+                self.state[self._w(ch, WAITING)] = 0
+            self.state[FREE_AT] = 0
 
     # -- what it carried ---------------------------------------------------------------------------
     def usage(self) -> dict[str, float | None]:

@@ -27,6 +27,9 @@ STATUS_LEN = 96
 # guest phase word (ctl[PHASE]): what the vCPUs should be doing
 RUN_SRC, PAUSE, RUN_DST, QUIT = 0, 1, 2, 3
 PHASE = 0
+# ctl[DST_POSTCOPY]: set by mig/dst/listen once it has loaded the package (QEMU's postcopy-active on
+# the destination); from then on a broken channel pauses the migration instead of failing it
+DST_POSTCOPY = 1
 
 # counters sampled by the controller for the time series; each is written by one process only
 C_PRECOPY_BYTES, C_POSTCOPY_BYTES, C_REMAINING, C_PLACED, C_REQUESTS, C_PHASE = range(6)

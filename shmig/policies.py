@@ -8,12 +8,18 @@ these and ``register`` it under a new mode name.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 import threading
 import time
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .config import ConfigError
 from .events import K
 
 MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
@@ -87,6 +93,10 @@ class Policy:
 
     def send_background_host_page(self, hp: int) -> None:
         self.src.send_host_page(hp, self.src.pre, urgent=False)
+
+    def resume_prepare(self) -> None:
+        """ram_resume_prepare, after a postcopy recovery reloaded the dirty bitmap: whatever this policy
+        remembered about pages in flight is void (the requests still wanted will be sent again)."""
 
     def run_postcopy(self) -> None:
         """The migration thread in postcopy, as QEMU runs it (reference section 2.1).
@@ -165,6 +175,9 @@ class Preempt(Policy):
             return True  # the interrupted host page is resumed before any other is started
         return super().background()
 
+    def resume_prepare(self) -> None:
+        self.preempted = None  # the interrupted huge page is dirty again as a whole: sent from its start
+
     def may_preempt(self) -> bool:
         """postcopy_needs_preempt: break-huge on, a huge host page, a request pending."""
         return self.cfg.break_huge and self.src.k > 1
@@ -201,6 +214,9 @@ class PreemptFull(Policy):
     @property
     def rate_wake(self) -> threading.Event | None:
         return None  # the return thread sends by itself; nothing to wake
+
+    def resume_prepare(self) -> None:
+        self.bg_hp, self.hint = -1, None
 
     def serve_requests(self) -> None:
         pass  # the return thread serves them (on_request)
@@ -255,15 +271,6 @@ def make_policy(cfg: Config, src: Source) -> Policy:
 
 
 # -- policies from outside the package (``--policy``, entry points) -------------------------------
-# (imported here rather than at the top: this section is what the command line needs, nothing above)
-
-import importlib  # noqa: E402
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-from importlib.metadata import entry_points  # noqa: E402
-
-from .config import ConfigError  # noqa: E402
 
 BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 ENTRY_POINT_GROUP = "shmig.policies"

@@ -12,12 +12,14 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
+import time
 import traceback
 from typing import Any
 
 from .config import Config
-from .events import Recorder
+from .events import K, Recorder
 from .link import Link
 from .memory import GuestMemory
 from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError
@@ -135,3 +137,27 @@ class Child:
         if f is None or f.kind != Msg.CTRL or len(f.fields) < 2:
             raise ProtocolError(f"{self.title} control channel: malformed message")
         return f.fields[0], f.fields[1]
+
+    def take_channels(self, names: Any) -> dict[str, int]:
+        """The new pipe ends of a recovery, which the controller passed (SCM_RIGHTS) on this child's
+        fd socket just before the command naming them: pipes cannot be inherited after fork."""
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError(f"{self.title} control channel: bad channel list {names!r}")
+        sock = socket.socket(fileno=os.dup(self.fds["fdsock"]))
+        try:
+            _, fds, flags, _ = socket.recv_fds(sock, 16, len(names) + 1)
+        finally:
+            sock.close()
+        if len(fds) != len(names) or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"{self.title} fd socket: got {len(fds)} descriptors for {names}")
+        return dict(zip(names, fds))
+
+    def event(self, name: str, *info: Any) -> int:
+        """Tell the controller something happened now (its timeline, the report)."""
+        t = time.monotonic_ns()
+        self.ctrl_out.ctrl("event", [name, t, *info])
+        if self.tr:
+            self.tr.put(K.MILESTONE, t, t, self.tr.intern(name), self.tr.intern(str(info[0])) if info else -1)
+        return t

@@ -43,6 +43,16 @@ class Report:
     postcopy_latency_dist: list[int] = field(default_factory=lambda: [0] * stats.BUCKETS)
     preemptions: int = 0
     urgent_on_precopy: int = 0
+    # postcopy recovery: how often a broken channel paused the migration, how long the guest waited
+    # for it (faults stay blocked meanwhile, so blocktime and fault latency include it), what went again
+    postcopy_pauses: int = 0
+    recoveries: int = 0
+    postcopy_paused_ms: float = 0.0
+    postcopy_pages_resent: int = 0  # pages sent before the pause that the destination never received
+    postcopy_requests_resent: int = 0  # requests still waited for at the RESUME
+    faults_injected: list[dict[str, Any]] = field(default_factory=list)
+    faults_not_injected: list[str] = field(default_factory=list)
+    pauses: list[dict[str, Any]] = field(default_factory=list)
     guest_progress: dict[str, Any] = field(default_factory=dict)
     guest_slowdown: float | None = None
     destination: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +118,8 @@ class Report:
                 ("blocktime", f"{self.postcopy_blocktime_ms:.1f} ms (per vCPU "
                  + ", ".join(f"{b:.1f}" for b in self.postcopy_vcpu_blocktime_ms) + " ms)"),
             ]
+            if self.postcopy_pauses or c.get("inject_faults"):
+                rows.append(("recovery", self._recovery_summary()))
             gp = self.guest_progress
             if gp:
                 rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
@@ -132,6 +144,23 @@ class Report:
                 f" {_gbps(self.link.get('achieved_bps'))} ({util:.0%}) while it had data queued: this"
                 " machine could not keep up, so the figures are those of a slower link; rerun with"
                 " --time-dilation auto")
+
+
+    def _recovery_summary(self) -> str:
+        text = (f"{_count(self.postcopy_pauses, 'pause')}, {_count(self.recoveries, 'recovery', 'recoveries')},"
+                f" paused {self.postcopy_paused_ms:.1f} ms; {_count(self.postcopy_pages_resent, 'page')} and"
+                f" {_count(self.postcopy_requests_resent, 'request')} sent again")
+        if self.faults_injected:
+            text += "; injected " + ", ".join(f"{f['fault']} at {f['postcopy_ms']:.0f} ms of postcopy"
+                                              + (" (during a recovery)" if f["during"] == "recovery" else "")
+                                              for f in self.faults_injected)
+        if self.faults_not_injected:
+            text += f"; never injected (the migration ended first): {', '.join(self.faults_not_injected)}"
+        return text
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else (many or one + 's')}"
 
 
 MIN_BASELINE_S = 0.2
@@ -191,6 +220,8 @@ def build_report(m: Migration) -> Report:
     rep.time_dilation = {"factor": cfg.clock.dilation, "calibration": m.calibration}
     if m.link is not None:
         rep.link = m.link.usage()
+    rep.postcopy_pauses, rep.recoveries = m.postcopy_pauses, m.recoveries
+    rep.postcopy_paused_ms = round(cfg.clock.emulated_ms(sum(b - a for a, b in m.pause_intervals)), 3)
     if m.error is not None:
         return rep
     # Every process stamps real monotonic time; from here on every stamp is emulated time (the
@@ -199,6 +230,7 @@ def build_report(m: Migration) -> Report:
     ev = {k: emu(t) for k, t in m.events.items()}
     by_title = {p.title: p.stats or {} for p in m.procs}
     src = by_title.get("mig/src", {})
+    rep.link["sender_blocked_ms"] = src.get("sender_blocked_ms", {})  # waiting for write space
     t_end = ev.get("complete")
     rep.total_time_ms = _ms(m.t0, t_end)
     rep.setup_time_ms = _ms(m.t0, ev.get("setup_done"))
@@ -237,6 +269,14 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_bytes = rep.ram["postcopy_bytes"]
     rep.preemptions = int(src.get("preemptions", 0))
     rep.urgent_on_precopy = int(src.get("urgent_on_precopy", 0))
+    rep.postcopy_pages_resent = int(src.get("postcopy_pages_resent", 0))
+    rep.postcopy_requests_resent = int(by_title.get("mig/dst/listen", {}).get("requests_resent", 0))
+    rep.faults_injected = list(src.get("faults_injected", []))
+    rep.faults_not_injected = list(src.get("faults_not_injected", []))
+    rep.pauses = [{"reason": pz["reason"], "during": pz["during"], "pages_resent": pz.get("pages_resent", 0),
+                   **{f"{k}_t_ms": _ms(m.t0, emu(pz.get(f"{k}_ns"))) for k in
+                      ("paused", "recv_bitmap", "preempt_channel", "resumed")}}
+                  for pz in src.get("pauses", [])]
 
     vcpus = sorted((p.stats for p in m.procs if p.title.startswith("guest/")), key=lambda s: s["vcpu"])
     intervals = [emu.faults(np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:]) for s in vcpus]
@@ -249,7 +289,8 @@ def build_report(m: Migration) -> Report:
     rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
     rep.postcopy_blocktime_ms = round(rep.postcopy_blocktime_ms, 3)
     rep.faults = fault_list(intervals, m.t0)
-    rep.phases = phase_list(m.t0, ev)
+    rep.phases = phase_list(m.t0, ev) + [["postcopy-paused", _ms(m.t0, emu(a)), _ms(m.t0, emu(b))]
+                                         for a, b in m.pause_intervals]  # each inside postcopy
 
     acc_src = sum(s["accesses_src"] for s in vcpus)
     per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms, emu) for s in vcpus]

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .config import ConfigError
-from .events import MILESTONES, K, rows
+from .events import K, rows
 from .report import _Emulated
 from .wire import KINDS, Msg
 
@@ -51,18 +51,20 @@ def check_output(path: str) -> None:
 
 
 class _Flows:
-    """Where each fault's steps happened: (pid, tid, slice start µs, slice duration µs) by key."""
+    """Where each fault's steps happened, as slices: (pid, tid, start µs, duration µs)."""
 
     def __init__(self) -> None:
         # real start ns, vcpu, host page, the fault's slice, its args, its "woken" slice
         self.faults: list[tuple[int, int, int, tuple, dict[str, Any], tuple | None]] = []
-        self.seen: dict[tuple[int, int], list[tuple[float, tuple]]] = defaultdict(list)
-        self.request: dict[int, tuple] = {}
+        self.seen: dict[tuple[int, int], list[tuple[float, tuple]]] = defaultdict(list)  # (vcpu, hp)
+        self.request: dict[int, tuple] = {}  # host page
+        # frames, by channel and send time (the header's, which both sides know)
         self.send: dict[tuple[int, int], tuple] = {}
         self.recv: dict[tuple[int, int], tuple] = {}
         self.place: dict[tuple[int, int], tuple] = {}
-        self.placed: list[tuple[int, int, int, int, float]] = []  # ch, seq, first tp, last tp, start µs
-        self.wake: dict[tuple[int, int], list[tuple[float, int, int]]] = defaultdict(list)
+        self.placed: list[tuple[int, int, int, int]] = []  # ch, send ns, first and last target page
+        self.placed_at: list[float] = []  # when each began (µs)
+        self.wake: dict[tuple[int, int], list[tuple[float, int, int]]] = defaultdict(list)  # (hp, vcpu)
 
 
 class _Builder:
@@ -73,6 +75,7 @@ class _Builder:
         self.emu = _Emulated(m.t0, m.cfg.clock)
         self.ev: list[dict[str, Any]] = []
         self.flows = _Flows()
+        self.sends: list[np.ndarray] = []  # per channel: [start ns, end ns, seq] of its PAGES frames
         self.queued: list[list[tuple[float, int]]] = [[], []]
         self.remaining: list[tuple[float, int]] = []
         self.faulting: list[tuple[float, int]] = []
@@ -118,8 +121,26 @@ class _Builder:
         self.meta(pid0, pid0, "thread_name", "phases")
         for name, start, end in self.rep.phases:  # report.phase_list: the one source of phases
             self.slice(pid0, pid0, name, round(start * 1e3, 3), round(end * 1e3, 3), cat="phase")
+        threads = []  # (pid, tid, process title, rows, interned names), every process's threads
         for i, p in enumerate(m.procs):
-            self.process(i + 1, p.process.pid, p.title, p.trace)
+            pid = p.process.pid
+            self.meta(pid, pid, "process_name", p.title)
+            self.meta(pid, pid, "process_sort_index", i + 1)
+            joined: dict[int, tuple[str, bytearray, list[str]]] = {}
+            for tid, name, data, names in p.trace:
+                joined.setdefault(tid, (name, bytearray(), names))[1].extend(data)
+            for j, (tid, (name, data, names)) in enumerate(sorted(joined.items(), key=lambda t: t[0] != pid)):
+                self.meta(pid, tid, "thread_name", name)
+                self.meta(pid, tid, "thread_sort_index", j)
+                r = rows(bytes(data))
+                threads.append((pid, tid, p.title, r[np.argsort(r["t0"], kind="stable")], names))
+        every = np.concatenate([t[3] for t in threads]) if threads else rows(b"")
+        for ch in range(len(CHANNELS)):  # the source's frames, to find a received frame's send
+            sent = every[((every["kind"] == K.SEND) | (every["kind"] == K.SEND_URGENT)) & (every["a"] == ch)]
+            sent = sent[np.argsort(sent["t0"])]
+            self.sends.append(np.stack([sent["t0"], sent["t1"], sent["b"]], axis=1))
+        for pid, tid, title, r, names in threads:
+            self.thread(pid, tid, title, r, names)
         self.fault_flows()
         self.counters()
         return {"traceEvents": self.ev, "displayTimeUnit": "ms",
@@ -127,24 +148,20 @@ class _Builder:
                                        f" started (time dilation {m.cfg.clock.dilation:g})",
                               "config": m.cfg.to_dict()}}
 
-    def process(self, order: int, pid: int, title: str, chunks: list[list]) -> None:
-        self.meta(pid, pid, "process_name", title)
-        self.meta(pid, pid, "process_sort_index", order)
-        threads: dict[int, tuple[str, bytearray]] = {}
-        for tid, name, data in chunks:
-            threads.setdefault(tid, (name, bytearray()))[1].extend(data)
-        for j, (tid, (name, data)) in enumerate(sorted(threads.items(), key=lambda t: t[0] != pid)):
-            self.meta(pid, tid, "thread_name", name)
-            self.meta(pid, tid, "thread_sort_index", j)
-            r = rows(bytes(data))
-            r = r[np.argsort(r["t0"], kind="stable")]
-            self.thread(pid, tid, title, r, self.us(r["t0"]).tolist(), self.us(r["t1"]).tolist())
+    def frame(self, ch: int, send_ns: int) -> int | None:
+        """The sequence number of the frame the source sent on ``ch`` at ``send_ns`` (its header's
+        stamp falls inside the source's send: a channel's sends never overlap)."""
+        s = self.sends[ch]
+        i = int(np.searchsorted(s[:, 0], send_ns, side="right")) - 1
+        return int(s[i, 2]) if i >= 0 and send_ns <= s[i, 1] else None
 
-    def thread(self, pid: int, tid: int, title: str, r: np.ndarray, ts0: list[float], ts1: list[float]) -> None:
+    def thread(self, pid: int, tid: int, title: str, r: np.ndarray, names: list[str]) -> None:
         """One thread's rows as slices, instants, flow anchors and counter samples."""
         fl = self.flows
         vals = r.tolist()
+        ts0, ts1 = self.us(r["t0"]).tolist(), self.us(r["t1"]).tolist()
         preempted: dict[int, tuple[float, int]] = {}
+        paused: tuple[float, str] | None = None
         for i, (t0, t1, kind, a, b, c, d, e, f, g, h, j) in enumerate(vals):
             s, end = ts0[i], ts1[i]
             if kind in (K.SEND, K.SEND_URGENT):
@@ -171,7 +188,13 @@ class _Builder:
             elif kind == K.ROUND:
                 self.slice(pid, tid, f"precopy round {a}", s, end)
             elif kind == K.MILESTONE:
-                self.instant(pid, tid, MILESTONES[a], s)
+                name, said = names[a], names[b] if b >= 0 else None
+                if paused is not None and name in ("postcopy_paused", "postcopy_resumed"):
+                    self.slice(pid, tid, "postcopy paused", paused[0], s, {"reason": paused[1]})
+                    paused = None
+                if name == "postcopy_paused" and title == "mig/src":  # until resumed (or paused again)
+                    paused = (s, said or "")
+                self.instant(pid, tid, name, s, {"reason": said} if said else None)
             elif kind == K.STOP_VM:
                 self.slice(pid, tid, "stop the guest", s, end)
             elif kind == K.DISCARD:
@@ -185,13 +208,15 @@ class _Builder:
                         "host_page": a, "interrupted_at_page": at, "resumed_at_page": b,
                         "resumed_as": "urgent, on precopy" if c else "background"})
             elif kind == K.RECV:
-                self.link(pid, tid, Msg(d).name if d in KINDS else str(d), a, b, c, s, end, f, e)
+                self.link(pid, tid, Msg(d).name if d in KINDS else str(d), a, b, c, s, end, f, e, end)
             elif kind in (K.PLACE, K.PLACE_URGENT):
                 taken = self.us1(g)
                 self.link(pid, tid, "PAGES", a, b, c, s, taken, h, j, end)
                 fl.place[(a, b)] = self.slice(pid, tid, "place urgent" if kind == K.PLACE_URGENT else "place", taken,
-                                              end, {"frame": b, "bytes": c, "pages": d, "first_page": e, "last_page": f})
-                fl.placed.append((a, b, e, f, taken))
+                                              end, {"frame": self.frame(a, b), "bytes": c, "pages": d,
+                                                    "first_page": e, "last_page": f})
+                fl.placed.append((a, b, e, f))
+                fl.placed_at.append(taken)
             elif kind == K.WAKE:
                 self.instant(pid, tid, f"wake vcpu{b}", s, {"host_page": a})
                 fl.wake[(a, b)].append((s, c, d))
@@ -201,7 +226,7 @@ class _Builder:
                 self.instant(pid, tid, "PACKAGED: the guest runs here", s)
             elif kind == K.FAULT_SEEN:  # an instant when nothing is sent: 1 µs wide, so an arrow can bind
                 stop = end if c == 0 else min(s + 1.0, ts0[i + 1] if i + 1 < len(ts0) else s + 1.0)
-                what = ("request", "already placed", "already requested")[c]
+                what = ("request", "already placed", "already requested", "request held (postcopy paused)")[c]
                 fl.seen[(a, b)].append((s, self.slice(pid, tid, f"FAULT hp {b}: {what}", s, stop,
                                                       {"vcpu": a, "host_page": b})))
             elif kind == K.FAULT:
@@ -217,15 +242,15 @@ class _Builder:
         for hp, (start, at) in preempted.items():
             self.instant(pid, tid, f"hp {hp} preempted", start, {"interrupted_at_page": at})
 
-    def link(self, pid: int, tid: int, what: str, ch: int, seq: int, nbytes: int, s: float, end: float,
-             carried: int, queued: int, queued_at: float | None = None) -> None:
+    def link(self, pid: int, tid: int, what: str, ch: int, send_ns: int, nbytes: int, s: float, end: float,
+             carried: int, queued: int, queued_at: float) -> None:
         """A frame from the head of channel ``ch``'s queue until the link had carried it and its
-        one-way latency had passed; ``queued`` bytes were in the queue at ``queued_at`` (its end)."""
-        self.flows.recv[(ch, seq)] = self.slice(pid, tid, f"link {CHANNELS[ch]}: {what}", s, end, {
-            "frame": seq, "bytes": nbytes})
+        one-way latency had passed; ``queued`` bytes were in the queue at ``queued_at``."""
+        args = {"bytes": nbytes, "frame": self.frame(ch, send_ns)} if what == "PAGES" else {"bytes": nbytes}
+        self.flows.recv[(ch, send_ns)] = self.slice(pid, tid, f"link {CHANNELS[ch]}: {what}", s, end, args)
         if self.latency_ns:  # from when the link had carried it
             self.slice(pid, tid, "one-way latency", min(max(s, self.us1(carried)), end), end)
-        self.queued[ch].append((end if queued_at is None else queued_at, queued))
+        self.queued[ch].append((queued_at, queued))
 
     # -- flows ---------------------------------------------------------------------------------------
     def fault_flows(self) -> None:
@@ -234,7 +259,8 @@ class _Builder:
         previous one (the page was already on its way when the guest touched it) is left out."""
         fl = self.flows
         k = self.k
-        placed = np.array(fl.placed, np.float64).reshape(-1, 5)  # ch, seq, first, last page, start µs
+        placed = np.array(fl.placed, np.int64).reshape(-1, 4)
+        placed_at = np.array(fl.placed_at)
         for fid, (_, vcpu, hp, start, args, woken) in enumerate(sorted(fl.faults), start=1):
             end = start[2] + start[3]
             steps = [start]
@@ -245,17 +271,19 @@ class _Builder:
             if hp in fl.request:
                 steps.append(fl.request[hp])
             # the frame that woke it (a vCPU waits on a host page once: it is never discarded again)
-            frame = next(((ch, seq) for t, ch, seq in fl.wake.get((hp, vcpu), []) if t >= start[2]), None)
+            frame = next(((ch, sent) for t, ch, sent in fl.wake.get((hp, vcpu), []) if t >= start[2]), None)
             if frame is None and len(placed):  # it found the page by itself: the last frame holding it
-                hit = np.flatnonzero((placed[:, 2] < (hp + 1) * k) & (placed[:, 3] >= hp * k) & (placed[:, 4] <= end))
+                hit = np.flatnonzero((placed[:, 2] < (hp + 1) * k) & (placed[:, 3] >= hp * k) & (placed_at <= end))
                 if hit.size:
-                    frame = tuple(int(x) for x in placed[hit[np.argmax(placed[hit, 4])], :2])
+                    frame = tuple(int(x) for x in placed[hit[np.argmax(placed_at[hit])], :2])
             if frame is not None:
-                sent = fl.send.get(frame)
-                args["came_in"] = f"{CHANNELS[frame[0]]} frame {frame[1]}" + (
-                    "" if sent is None else ", sent before the fault" if sent[2] < start[2]
-                    else ", sent after the request" if hp in fl.request and sent[2] >= fl.request[hp][2] else "")
-                steps += [x for x in (sent, fl.recv.get(frame), fl.place.get(frame)) if x]
+                seq = self.frame(*frame)
+                send = None if seq is None else fl.send.get((frame[0], seq))
+                args["came_in"] = f"{CHANNELS[frame[0]]} frame {seq}" + (
+                    "" if send is None else ", sent before the fault" if send[2] < start[2]
+                    else ", sent after the request" if hp in fl.request and send[2] >= fl.request[hp][2]
+                    else ", sent during the fault")
+                steps += [x for x in (send, fl.recv.get(frame), fl.place.get(frame)) if x]
             pid, tid, ts, dur = woken or start
             last = round(ts + min(NS, dur / 2) if woken else ts + max(dur - NS, dur / 2), 3)  # the end's ts
             kept = [steps[0]]

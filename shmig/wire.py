@@ -44,6 +44,10 @@ class Msg(enum.IntEnum):
     FAULT = 10  # vCPU -> fault thread: fields: vcpu, host page
     CTRL = 11  # controller <-> child: fields: name, object
     ROUND = 12  # precopy round boundary (for the destination's stats only)
+    RECV_BITMAP = 13  # recovery: MIG_CMD_RECV_BITMAP on the main channel; the reply (MIG_RP_MSG_RECV_BITMAP)
+    #                   on the return path carries receivedmap as a little-endian bitmap payload
+    RESUME = 14  # recovery: MIG_CMD_POSTCOPY_RESUME
+    RESUME_ACK = 15  # recovery: MIG_RP_MSG_RESUME_ACK
 
 
 KINDS = frozenset(int(k) for k in Msg)
@@ -55,6 +59,22 @@ class ProtocolError(Exception):
 
 class ChannelClosed(EOFError):
     """The other end closed the pipe at a frame boundary."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The pipe closed in the middle of a frame: a broken channel (during postcopy, a reason to pause,
+    as a dropped connection is; anywhere else, a protocol error like any other)."""
+
+
+def shutdown_pipe(fd: int, write_end: bool) -> None:
+    """QEMU's qemu_file_shutdown for a pipe end: from now on ``fd`` reads EOF or writes EPIPE, and the
+    peer sees the channel close once no syscall still holds the old end. ``dup2`` swaps the file
+    under the descriptor atomically, so another thread using ``fd`` never sees it closed or reused."""
+    r, w = os.pipe()
+    dead, other = (w, r) if write_end else (r, w)
+    os.close(other)
+    os.dup2(dead, fd, inheritable=False)
+    os.close(dead)
 
 
 def pack_header(kind: int, fields: Sequence[Any], send_ns: int | None = None) -> bytes:
@@ -275,7 +295,7 @@ class FrameReader:
                 continue
             if self.eof:
                 if self.buffered:
-                    raise ProtocolError(f"{self.name} channel: truncated frame ({self.buffered} bytes"
+                    raise TruncatedFrame(f"{self.name} channel: truncated frame ({self.buffered} bytes"
                                         f" of {self._need()} before the pipe closed)")
                 raise ChannelClosed(f"{self.name} channel closed")
             left = None if deadline is None else deadline - time.monotonic()
@@ -346,7 +366,7 @@ class FrameReader:
                 select.select([self.fd], [], [])
                 continue
             if n == 0:
-                raise ProtocolError(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
+                raise TruncatedFrame(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
                                     f" missing when the pipe closed)")
             self.pending -= n
             self.bytes_in += n
@@ -367,6 +387,19 @@ class FrameReader:
         view = self.mv[:n]
         self.read_payload_into([view])
         return view
+
+    def close(self) -> None:
+        """A broken channel is given up (a postcopy pause)."""
+        os.close(self.fd)
+
+    def reopen(self, fd: int) -> None:
+        """Read a new pipe from now on (a recovered channel): what was read ahead belonged to the old
+        one and is dropped, as a broken connection's receive queue is."""
+        self.fd = fd
+        self.start = self.end = self.pending = 0
+        self._peeked = None
+        self.eof = False
+        os.set_blocking(fd, False)
 
     def has_frame(self) -> bool:
         """True if a whole frame is buffered (after a non-blocking read)."""
@@ -468,6 +501,23 @@ class SocketReader(FrameReader):
         # and the thread would read new bytes over it; fill() moves bytes at the next boundary
         with self._cond:
             self._cond.notify_all()  # a frame was taken: room for the thread
+
+    def close(self) -> None:
+        """The thread reads EOF from now on and ends (room is made for it, in case it waits for
+        some), and only then is the descriptor closed: it never reads one that was reused."""
+        shutdown_pipe(self.fd, write_end=False)
+        with self._cond:
+            self.start = self.end = 0  # what it held is lost with the channel
+            self._peeked = None
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self.eof and not self._reading, timeout=10):
+                raise ProtocolError(f"{self.name} channel: its receiving thread did not stop")
+        os.close(self.fd)
+
+    def reopen(self, fd: int) -> None:
+        super().reopen(fd)
+        self._error = None
+        threading.Thread(target=self._pump, name=f"{self.name} socket", daemon=True).start()
 
 
 def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:

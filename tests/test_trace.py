@@ -138,6 +138,25 @@ def test_run_trace_follows_a_fault_across_every_process(capsys, tmp_path):
             "faults outstanding", "guest accesses"} <= counters
 
 
+@pytest.mark.timeout(60)
+def test_trace_of_a_recovered_migration(tmp_path):
+    """A broken channel: the source's pause is a slice until its recovery, and the frames lost with
+    the channel do not confuse which frame carried a page (frames are named by their send time)."""
+    path = tmp_path / "t.json"
+    cfg = Config.from_strings(ram="16MiB", mode="preempt", bandwidth="100MiB/s",
+                              inject_faults=["postcopy-channel@50%"])
+    rep = Migration(cfg, trace=str(path)).start().wait()
+    assert rep.ok and rep.recoveries == 1, rep.error
+    doc = json.loads(path.read_text())
+    slices = check_schema(doc)
+    assert len(flows(doc, slices)) == rep.postcopy_latency_us["count"]
+    procs, threads = tracks(doc)
+    paused = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["name"] == "postcopy paused"]
+    assert len(paused) == rep.postcopy_pauses
+    assert {(procs[e["pid"]], threads[(e["pid"], e["tid"])]) for e in paused} == {("mig/src", "migration")}
+    assert paused[0]["args"]["reason"] == "injected fault postcopy-channel@50%"
+
+
 def test_recorder_rows_per_thread():
     """Each thread writes its own buffer (no lock), which grows past its first size."""
     import threading
@@ -149,8 +168,9 @@ def test_recorder_rows_per_thread():
     t.start()
     t.join()
     got = {}
-    for tid, name, data in tr.chunks():
-        assert len(data) % ROW.size == 0
+    assert tr.intern("postcopy_paused") == 0 and tr.intern("x") == 1 and tr.intern("postcopy_paused") == 0
+    for tid, name, data, names in tr.chunks():
+        assert len(data) % ROW.size == 0 and names == ["postcopy_paused", "x"]
         got.setdefault(name, bytearray()).extend(data)
     assert sorted(got) == ["migration", "return"]
     main = rows(bytes(got["migration"]))
