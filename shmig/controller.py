@@ -86,7 +86,7 @@ class _Proc:
         self.ctrl_out = ctrl_out
         self.stats: dict[str, Any] | None = None
         self.exited = False
-        self.trace: list[list] = []  # [thread id, thread name, rows] chunks (events.Recorder.chunks)
+        self.trace: list[list] = []  # its events: [thread id, thread name, rows, names] (Recorder.chunks)
 
 
 class Migration:

@@ -31,6 +31,7 @@ import numpy as np
 
 from .config import ConfigError
 from .events import K, rows
+from .link import CHANNELS
 from .report import _Emulated
 from .wire import KINDS, Msg
 
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
     from .controller import Migration
     from .report import Report
 
-CHANNELS = ("precopy", "postcopy")
 FLOW = {"cat": "fault", "name": "fault"}  # a v1 flow is (id, cat, name): every step shares them
 NS = 1e-3  # one nanosecond in microseconds: flow points sit just inside the slice they bind to
 

@@ -79,6 +79,21 @@ def flows(doc: dict[str, Any], slices: dict) -> dict[int, list[dict[str, Any]]]:
     return by_id
 
 
+def check_frames(doc: dict[str, Any]) -> None:
+    """Every placed frame is matched to the source's send of it: same channel, bytes and pages."""
+    procs, _ = tracks(doc)
+    xs = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    sent = {(e["name"].split()[1], e["args"]["frame"]): e["args"] for e in xs if e["name"].startswith("send ")
+            and "frame" in e.get("args", {})}
+    placed = [e for e in xs if e["name"].startswith("place")]
+    assert placed
+    for e in placed:
+        ch = "precopy" if procs[e["pid"]] == "mig/dst/listen" else "postcopy"
+        s = sent[(ch, e["args"]["frame"])]
+        assert (s["bytes"], s["pages"], s["first_page"]) == (e["args"]["bytes"], e["args"]["pages"],
+                                                            e["args"]["first_page"]), (s, e)
+
+
 def tracks(doc: dict[str, Any]) -> tuple[dict[int, str], dict[tuple[int, int], str]]:
     procs, threads = {}, {}
     for e in doc["traceEvents"]:
@@ -98,6 +113,7 @@ def test_run_trace_follows_a_fault_across_every_process(capsys, tmp_path):
     doc = json.loads(path.read_text())
     rep = json.loads((tmp_path / "r.json").read_text())
     slices = check_schema(doc)
+    check_frames(doc)
     procs, threads = tracks(doc)
     pid = {name: p for p, name in procs.items()}
     for title in ("mig/src", "mig/dst/listen", "mig/dst/preempt", "guest/vcpu0"):
@@ -149,6 +165,7 @@ def test_trace_of_a_recovered_migration(tmp_path):
     assert rep.ok and rep.recoveries == 1, rep.error
     doc = json.loads(path.read_text())
     slices = check_schema(doc)
+    check_frames(doc)
     assert len(flows(doc, slices)) == rep.postcopy_latency_us["count"]
     procs, threads = tracks(doc)
     paused = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["name"] == "postcopy paused"]
