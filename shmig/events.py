@@ -15,7 +15,6 @@ The buffers go to the controller as bytes in "trace" control messages after the 
 
 from __future__ import annotations
 
-import enum
 import struct
 import threading
 import time
@@ -24,14 +23,16 @@ from typing import Iterator
 import numpy as np
 
 ROW = struct.Struct("<12q")
+_pack, _SIZE = ROW.pack_into, ROW.size
 FIELDS = ("t0", "t1", "kind", "a", "b", "c", "d", "e", "f", "g", "h", "i")
 DTYPE = np.dtype([(name, "<i8") for name in FIELDS])
 INITIAL_ROWS = 4096  # per thread; doubles when full
 CHUNK_ROWS = 2700  # rows per control message (259200 bytes, well under a frame header's limit)
 
 
-class K(enum.IntEnum):
-    """Event kinds, and what their arguments a..i hold."""
+class K:
+    """Event kinds, and what their arguments a..i hold (plain ints: an IntEnum member costs a
+    descriptor call at every hook)."""
 
     # mig/src
     SEND = 1  # a PAGES frame written: a channel, b frame seq on the channel, c bytes, d pages,
@@ -105,8 +106,8 @@ class Recorder:
         off = buf.off
         if off == len(buf.data):
             buf.data.extend(bytes(off))
-        ROW.pack_into(buf.data, off, t0, t1, kind, a, b, c, d, e, f, g, h, i)
-        buf.off = off + ROW.size
+        _pack(buf.data, off, t0, t1, kind, a, b, c, d, e, f, g, h, i)
+        buf.off = off + _SIZE
 
     def instant(self, kind: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:
         """An event that takes no time, stamped now."""
