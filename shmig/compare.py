@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .config import Config
 from .controller import run
@@ -44,18 +44,70 @@ def variant_config(base: dict[str, Any], mode: str, host_page: int) -> Config:
     return Config.from_strings(**base, host_page=host_page, **MODE_VARIANTS[mode])
 
 
+def label_of(cfg: Config) -> str:
+    """The name of what ``cfg`` runs, from what it is rather than what was asked for: ``--modes
+    preempt --no-break-huge`` runs (and is labelled) preempt-nobreak."""
+    for name, kw in MODE_VARIANTS.items():
+        if (cfg.mode == kw["mode"] and cfg.break_huge == kw.get("break_huge", True)
+                and cfg.page_hint == kw.get("page_hint", False)):
+            return name
+    return cfg.mode + ("-nobreak" if not cfg.break_huge else "") + ("-hint" if cfg.page_hint else "")
+
+
+def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int]) -> dict[tuple[str, int], Config]:
+    """Every (label, host page) run, all validated before the first one starts; two requested
+    modes that come out the same run once."""
+    out: dict[tuple[str, int], Config] = {}
+    for hp in host_pages:
+        for m in modes:
+            cfg = variant_config(base, m, hp).validate()
+            out.setdefault((label_of(cfg), hp), cfg)
+    return out
+
+
+K = TypeVar("K")
+
+
+class SeriesInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a series of runs: the whole series stops. ``results`` holds the runs that
+    finished before it (the interrupted one is not among them)."""
+
+    def __init__(self, results: dict[Any, Report], total: int):
+        super().__init__(f"interrupted: {len(results)} of {total} runs finished")
+        self.results = results
+        self.total = total
+
+
+def run_series(cfgs: Mapping[K, Config], log: Callable[[str], None] | None = None,
+               describe: Callable[[K], str] = str) -> dict[K, Report]:
+    """Run each configuration in turn (compare, sweeps). Ctrl-C stops the series, not just the
+    run it lands in: it raises SeriesInterrupted carrying the finished runs, so that they can be
+    printed and saved before exiting 130."""
+    out: dict[K, Report] = {}
+    for key, cfg in cfgs.items():
+        if log:
+            log(f"running {describe(key)} ...")
+        try:
+            rep = run(cfg)
+        except KeyboardInterrupt:  # landed outside wait() (while starting): same thing
+            raise SeriesInterrupted(out, len(cfgs)) from None
+        if rep.interrupted:
+            raise SeriesInterrupted(out, len(cfgs))
+        out[key] = rep
+        if log and not rep.ok:
+            log(f"  {describe(key)}: {rep.status}: {rep.error}")
+    return out
+
+
 def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
             log: Callable[[str], None] | None = None) -> dict[tuple[str, int], Report]:
-    """Run every (mode, host page) pair; configurations are all validated before the first run."""
-    cfgs = {(m, hp): variant_config(base, m, hp).validate() for hp in host_pages for m in modes}
-    out: dict[tuple[str, int], Report] = {}
-    for (m, hp), cfg in cfgs.items():
-        if log:
-            log(f"running {m} with {fmt_size(hp)} host pages ...")
-        out[(m, hp)] = rep = run(cfg)
-        if log and not rep.ok:
-            log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")
-    return out
+    """Run every (mode, host page) pair, keyed by (label of what ran, host page); configurations
+    are all validated before the first run. Ctrl-C raises SeriesInterrupted (see run_series)."""
+    return run_series(plan(base, modes, host_pages), log, describe=describe_run)
+
+
+def describe_run(key: tuple[str, int]) -> str:
+    return f"{key[0]} with {fmt_size(key[1])} host pages"
 
 
 def _ms(us: float | None) -> str:

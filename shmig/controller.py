@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import select
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -28,7 +29,7 @@ from .process import Child
 from .report import Report, build_report
 from .source import Source
 from .trace import write_trace
-from .wire import FrameReader, FrameWriter, ProtocolError
+from .wire import FrameReader, FrameWriter, ProtocolError, ctrl_fields
 
 F_SETPIPE_SZ = 1031
 SAMPLE_EVERY = 0.1
@@ -79,6 +80,7 @@ class Migration:
         self.cfg = config.validate()
         self.on_sample = on_sample
         self.trace = trace  # path of a Chrome/Perfetto trace to write at the end
+        self.trace_error: str | None = None  # why the trace could not be written
         self.mem: GuestMemory | None = None
         self.procs: list[_Proc] = []
         self.fds: list[int] = []
@@ -163,8 +165,6 @@ class Migration:
         try:
             self._loop()
             report = self._report()
-            if self.trace:
-                write_trace(self.trace, self)
         except KeyboardInterrupt:
             self.error = f"interrupted (SIGINT) during {self.phase}"
             report = self._report()
@@ -172,7 +172,18 @@ class Migration:
             report = self._report()
         finally:
             self.close()
+        if self.trace:  # a failed or interrupted run is the one whose trace matters most
+            self._write_trace(self.trace)
         return report
+
+    def _write_trace(self, path: str) -> None:
+        """The trace, whatever became of the run; a path that cannot be written costs the trace,
+        never the report (``trace_error`` says why, and a RuntimeWarning is raised for API users)."""
+        try:
+            write_trace(path, self)
+        except OSError as e:
+            self.trace_error = f"--trace {path}: cannot write it ({e.strerror or e})"
+            warnings.warn(self.trace_error, RuntimeWarning, stacklevel=3)
 
     def _fail(self, msg: str) -> None:
         """The first failure wins, except that a child killed by a signal is the cause of whatever
@@ -227,10 +238,7 @@ class Migration:
     def _drain(self, p: _Proc) -> None:
         try:
             while p.ctrl_in.has_frame():
-                f = p.ctrl_in.next_frame(0)
-                if f is None or len(f.fields) < 2:
-                    raise ProtocolError(f"{p.title} control channel: malformed message")
-                self._handle(p, f.fields[0], f.fields[1])
+                self._handle(p, *ctrl_fields(p.ctrl_in.next_frame(0), f"{p.title} control"))
         except ProtocolError as e:
             self._fail(str(e))
 

@@ -19,7 +19,7 @@ from typing import Any
 from .config import Config
 from .link import Link
 from .memory import GuestMemory
-from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError
+from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError, ctrl_fields
 
 PR_SET_PDEATHSIG = 1
 
@@ -123,7 +123,4 @@ class Child:
     # -- control helpers ----------------------------------------------------
     def recv_ctrl(self) -> tuple[str, Any]:
         """The next message from the controller (blocking)."""
-        f = self.ctrl_in.next_frame()
-        if f is None or f.kind != Msg.CTRL or len(f.fields) < 2:
-            raise ProtocolError(f"{self.title} control channel: malformed message")
-        return f.fields[0], f.fields[1]
+        return ctrl_fields(self.ctrl_in.next_frame(), f"{self.title} control")

@@ -310,6 +310,7 @@ class Source(Child):
             self.pre.send(Msg.ROUND, (self.rounds,))
             if not cfg.postcopy or postcopy_rounds is None:
                 if self.remaining * TARGET_PAGE <= threshold or self.rounds >= cfg.max_rounds:
+                    self.stats["converged"] = self.remaining * TARGET_PAGE <= threshold
                     self.stats["expected_downtime_ms"] = round(
                         self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e3, 3)
                     return "complete"

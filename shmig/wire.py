@@ -346,3 +346,29 @@ def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:
         raise ProtocolError(f"{channel} channel: expected {kind.name} with {nfields} fields,"
                             f" got {Msg(frame.kind).name} with {len(frame.fields)}")
     return frame.fields
+
+
+# what a control message carries, by name (children -> controller and back); a name not listed
+# here passes with any object and is the receiver's to refuse
+CTRL_OBJECTS: dict[str, tuple[type, ...]] = {
+    "error": (str,), "stats": (dict,), "event": (list,), "ready": (int,), "paused": (int,),
+    "resumed": (int,),
+}
+
+
+def ctrl_fields(frame: Frame | None, channel: str) -> tuple[str, Any]:
+    """(name, object) of a control message, checked before anyone acts on it: a corrupt control
+    channel is a protocol error naming it, never an exception in the controller's bookkeeping."""
+    if frame is None or frame.kind != Msg.CTRL or len(frame.fields) < 2 or not isinstance(frame.fields[0], str):
+        raise ProtocolError(f"{channel} channel: malformed message"
+                            + ("" if frame is None else f" {Msg(frame.kind).name} {str(frame.fields)[:60]}"))
+    name, obj = frame.fields[0], frame.fields[1]
+    want = CTRL_OBJECTS.get(name)
+    ok = want is None or (isinstance(obj, want) and not isinstance(obj, bool))
+    if ok and name == "event":
+        ok = len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], int)
+    elif ok and name == "stats":
+        ok = all(isinstance(k, str) for k in obj)
+    if not ok:
+        raise ProtocolError(f"{channel} channel: malformed {name!r} message ({str(obj)[:60]})")
+    return name, obj

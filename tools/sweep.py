@@ -10,25 +10,32 @@ from __future__ import annotations
 
 import sys
 
-from shmig.compare import markdown_table
-from shmig.config import Config
-from shmig.controller import run
+from shmig.compare import SeriesInterrupted, markdown_table, run_series
+from shmig.config import Config, ConfigError
 
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 2
-    name, values = argv[0].replace("-", "_"), argv[1].split(",")
+    name, values = argv[0].replace("-", "_"), [v.strip() for v in argv[1].split(",")]
     fixed: dict[str, object] = {}
     rest = argv[2:]
     for i in range(0, len(rest), 2):
         key = rest[i].lstrip("-").replace("-", "_")
         val = rest[i + 1] if i + 1 < len(rest) else "true"
-        fixed[key] = {"true": True, "false": False}.get(val, int(val) if val.isdigit() else val)
+        fixed[key] = {"true": True, "false": False}.get(val, val)
+    try:  # every point validated before the first run
+        cfgs = {v: Config.from_strings(**{**fixed, name: v}).validate() for v in values}
+    except ConfigError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        results, interrupted = run_series(cfgs), False
+    except SeriesInterrupted as e:  # Ctrl-C stops the sweep; the points already run are printed
+        results, interrupted = e.results, True
     rows = []
-    for v in values:
-        rep = run(Config.from_strings(**{**fixed, name: v}))
+    for v, rep in results.items():
         lat = rep.postcopy_latency_us
         rows.append([v, rep.status if rep.ok else f"FAILED {rep.error}", f"{rep.total_time_ms or 0:.0f}",
                      f"{rep.downtime_ms or 0:.1f}", str(lat.get("count", 0)), f"{lat.get('mean', 0):.0f}",
@@ -36,7 +43,10 @@ def main(argv: list[str]) -> int:
                      str(rep.guest_progress.get("postcopy_accesses", "-"))])
     print("\n".join(markdown_table([name, "status", "total ms", "downtime ms", "faults", "mean us", "p50 us",
                            "p99 us", "blocktime ms", "guest accesses"], rows)))
-    return 0
+    if interrupted:
+        print(f"sweep: interrupted: {len(results)} of {len(cfgs)} runs finished", file=sys.stderr)
+        return 130
+    return 0 if all(r.ok for r in results.values()) else 1
 
 
 if __name__ == "__main__":
