@@ -41,7 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def variant_config(base: dict[str, Any], mode: str, host_page: int) -> Config:
-    return Config.from_strings(**base, host_page=host_page, **MODE_VARIANTS[mode])
+    """The variant's own settings over the common ones (``--no-break-huge`` with preempt-nobreak
+    says the same thing twice, which is no error)."""
+    return Config.from_strings(**{**base, "host_page": host_page, **MODE_VARIANTS[mode]})
 
 
 def label_of(cfg: Config) -> str:

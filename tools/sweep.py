@@ -31,7 +31,8 @@ def main(argv: list[str]) -> int:
         print(f"sweep: error: {e}", file=sys.stderr)
         return 2
     try:
-        results, interrupted = run_series(cfgs), False
+        results, interrupted = run_series(cfgs, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                                          describe=lambda v: f"{name}={v}"), False
     except SeriesInterrupted as e:  # Ctrl-C stops the sweep; the points already run are printed
         results, interrupted = e.results, True
     rows = []
