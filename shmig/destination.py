@@ -232,7 +232,10 @@ class Listen(Receiver):
 
     def discard(self, f: Frame) -> None:
         """CMD_POSTCOPY_RAM_DISCARD: those host pages leave receivedmap and will fault."""
-        runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel)[0], np.uint32).reshape(-1, 2)
+        try:
+            runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel)[0], np.uint32).reshape(-1, 2)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"precopy channel: bad DISCARD ranges ({e})") from None
         nhost = self.cfg.nhost
         if runs.size and int((runs[:, 0].astype(np.int64) + runs[:, 1]).max()) > nhost:
             raise ProtocolError("precopy channel: discard range beyond RAM")
@@ -253,7 +256,7 @@ class Listen(Receiver):
                 if f is None:
                     continue
                 vcpu, hp = expect(f, Msg.FAULT, 2, "fault")[:2]
-                if not isinstance(hp, int) or not 0 <= hp < self.cfg.nhost:
+                if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.cfg.nhost:
                     raise ProtocolError(f"fault channel: host page {hp!r} outside RAM")
                 self.stats["faults_seen"] += 1
                 if self.received[hp * k]:

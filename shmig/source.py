@@ -389,7 +389,7 @@ class Source(Child):
                 if f.kind != Msg.REQ or len(f.fields) < 1:
                     raise ProtocolError(f"return path: unexpected {Msg(f.kind).name}")
                 hp = f.fields[0]
-                if not isinstance(hp, int) or not 0 <= hp < self.nhost:
+                if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.nhost:
                     raise ProtocolError(f"return path: request for host page {hp!r} outside RAM")
                 self.link.arrive(f.send_ns, rp.wait)
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU

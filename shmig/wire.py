@@ -24,6 +24,7 @@ PREFIX = struct.Struct("<II")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 26
 PIPE_BUF = 4096  # writes up to this size are atomic, so several vCPUs may share the fault pipe
+FUTURE_NS = 1_000_000_000  # every process stamps frames with one clock: a later send time is corrupt
 
 
 class Msg(enum.IntEnum):
@@ -277,6 +278,9 @@ class FrameReader:
         if (not isinstance(header, list) or len(header) < 2 or not isinstance(header[0], int)
                 or header[0] not in KINDS or not isinstance(header[1], int)):
             raise ProtocolError(f"{self.name} channel: unknown frame {str(header)[:80]}")
+        if header[1] > time.monotonic_ns() + FUTURE_NS:  # the link would hold it until then: a hang
+            raise ProtocolError(f"{self.name} channel: frame sent {(header[1] - time.monotonic_ns()) / 1e9:.3g}s"
+                                f" in the future")
         self._peeked = (self.start, (header, hlen, plen))
         return header, hlen, plen
 
@@ -366,7 +370,7 @@ def ctrl_fields(frame: Frame | None, channel: str) -> tuple[str, Any]:
     want = CTRL_OBJECTS.get(name)
     ok = want is None or (isinstance(obj, want) and not isinstance(obj, bool))
     if ok and name == "event":
-        ok = len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], int)
+        ok = len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], int) and not isinstance(obj[1], bool)
     elif ok and name == "stats":
         ok = all(isinstance(k, str) for k in obj)
     if not ok:
