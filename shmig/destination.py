@@ -60,6 +60,8 @@ class Receiver(Child):
         self.link.arrive(send_ns, self.reader.wait)
         f = self.reader.next_frame()
         assert f is not None
+        if f.kind != Msg.PAGES and (f.payload is None or f.payload.nbytes):  # only pages carry a payload
+            raise ProtocolError(f"{self.channel} channel: {Msg(f.kind).name} frame with a payload")
         self.stats["frames"] += 1
         self.stats["bytes"] += f.size
         return f

@@ -256,6 +256,22 @@ def test_postcopy_channel(rig, data):
     assert_named_error(err, "postcopy")
 
 
+FOUND = {  # what fuzzing found, kept as fixed cases: (receiver, frames after the opening one, words)
+    "discard-ranges-not-bytes": (Listen, pack_frame(Msg.DISCARD, (None,)), "bad DISCARD ranges"),
+    "discard-ranges-odd-length": (Listen, pack_frame(Msg.DISCARD, (b"\x01\x00\x00\x00",)), "bad DISCARD ranges"),
+    "payload-on-a-round": (Listen, pack_frame(Msg.ROUND, (1,), b"\0\0\0"), "ROUND frame with a payload"),
+    "payload-on-eos": (PreemptReceiver, pack_frame(Msg.EOS, (), b"x"), "EOS frame with a payload"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOUND))
+def test_found_by_fuzzing(rig, case):
+    cls, frames, words = FOUND[case]
+    first = pack_frame(Msg.PING, (1,)) if cls is Listen else pack_frame(Msg.HELLO, ())
+    err = run_receiver(rig, cls, first + frames)
+    assert isinstance(err, ProtocolError) and words in str(err), repr(err)
+
+
 @pytest.mark.timeout(120)
 @FUZZ
 @given(data=st.data())
@@ -361,6 +377,19 @@ def test_controller_refuses_a_corrupt_control_message(data, words):
     assert time.monotonic() - t0 < 10
     assert r.status == "failed" and "guest/vcpu0 control channel" in r.error and words in r.error, r.error
     assert all(p.process.exitcode is not None for p in m.procs)
+
+
+@pytest.mark.parametrize("frame,words", [
+    (pack_frame(Msg.FAULT, (0, False)), "host page False outside RAM"),
+    (pack_frame(Msg.FAULT, (0, 10**9)), "host page 1000000000 outside RAM"),
+])
+def test_fault_channel_found_by_fuzzing(rig4k, frame, words):
+    with example(rig4k) as rig:
+        _, ret_w = rig.pipe()
+        pre_r, _ = rig.pipe()
+        rx = rig.child(Listen, {"precopy": pre_r, "return": ret_w, "fault": feed(rig, frame)})
+        rx.fault_loop()
+        assert isinstance(rx.fault_error, ProtocolError) and words in str(rx.fault_error), repr(rx.fault_error)
 
 
 @pytest.mark.timeout(30)
