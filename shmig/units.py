@@ -14,6 +14,7 @@ The conventions are QEMU's, so that a QEMU user's habits are never misread:
 
 from __future__ import annotations
 
+import math
 import re
 
 _PREFIX = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -34,6 +35,8 @@ def _split(text: str, what: str, example: str, negative: str, shown: object = No
         raise UnitError(f"cannot read {shown!r} as {what} (e.g. {example})")
     if m.group(1) == "-" and float(m.group(2)) != 0:
         raise UnitError(f"{shown!r} is negative: {negative}")
+    if not math.isfinite(float(m.group(2))):
+        raise UnitError(f"{shown!r} is too large to mean anything (e.g. {example})")
     return float(m.group(2)), m.group(3)
 
 
@@ -56,7 +59,10 @@ def parse_size(value: str | int | float) -> int:
     exp, _, rest = _prefix(unit)
     if rest.lower() not in ("", "b"):
         raise UnitError(f"unknown size unit {unit!r} in {value!r} (use {SIZE_UNITS})")
-    return int(round(num * 1024**exp))
+    n = num * 1024**exp
+    if n != int(n):
+        raise UnitError(f"{value!r} is not a whole number of bytes (e.g. 64MiB or 1.5KiB)")
+    return int(n)
 
 
 def parse_rate(value: str | int | float | None, zero_is_unlimited: bool = True) -> float | None:

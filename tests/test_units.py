@@ -233,3 +233,18 @@ def test_fmt_rate():
 @pytest.mark.parametrize("s,text", [(1.0, "1s"), (0.05, "50ms"), (50e-6, "50us"), (2e-9, "2ns"), (300.0, "300s")])
 def test_fmt_time(s, text):
     assert fmt_time(s) == text
+
+
+@pytest.mark.parametrize("text,words", [
+    ("1e400", "too large"), ("4097.5", "not a whole number of bytes"), ("0.5", "not a whole number of bytes"),
+    ("0.1MiB", "not a whole number of bytes")])
+def test_parse_size_refuses_what_no_size_is(text, words):
+    with pytest.raises(UnitError, match=words):
+        parse_size(text)
+
+
+def test_non_finite_durations_and_rates_are_refused():
+    with pytest.raises(UnitError, match="too large"):
+        parse_time("1e400s")
+    with pytest.raises(UnitError, match="too large"):
+        parse_rate("1e400MiB/s")
