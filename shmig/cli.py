@@ -1,19 +1,25 @@
-"""The ``shmig`` command: ``run`` one migration, ``compare`` modes side by side, ``clean`` leftovers."""
+"""The ``shmig`` command: ``run`` one migration, ``compare`` modes side by side, ``sweep`` one option,
+``plot`` and ``report`` saved JSON, ``clean`` leftovers."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from . import memory
-from .compare import PRESETS, MODE_VARIANTS, SeriesInterrupted, describe_run, format_table, plan, run_series
+from . import sweep
+from .compare import PRESETS, MODE_VARIANTS, SeriesInterrupted, compare, format_table, plan
+from .compare import Cell
 from .config import MODES, WORKLOADS, Config, ConfigError
 from .controller import Migration
-from .report import Report
+from .policies import load_entry_points, load_policy
+from .progress import LiveStatus
+from .report import Report, SavedRun, load_runs
 from .stats import format_dist
 from .units import UnitError, fmt_size, parse_size
 
@@ -28,7 +34,12 @@ UNITS_HELP = ("Units follow QEMU: sizes are binary whatever the spelling (64M = 
 def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     g = p.add_argument_group("migration")
     if with_mode:
-        g.add_argument("--mode", choices=MODES, help="request-servicing policy (default: preempt)")
+        g.add_argument("--mode", help=f"request-servicing policy: {', '.join(MODES)} or one loaded with"
+                       " --policy (default: preempt)")
+    g.add_argument("--policy", action="append", metavar="[NAME=]MODULE:CLASS",
+                   help="load your own shmig.policies.Policy subclass as mode NAME (default: its `name`"
+                        " attribute); repeatable. Installed packages' `shmig.policies` entry points load by"
+                        " themselves")
     g.add_argument("--ram", help="guest RAM, e.g. 128MiB (default 128MiB)")
     g.add_argument("--host-page", help="4KiB, 2MiB or 1GiB (default 4KiB)")
     g.add_argument("--precopy-rounds", type=int,
@@ -48,7 +59,7 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited;"
                    " 0 is refused: leave the option out or say 'unlimited')")
     n.add_argument("--latency", help="one-way latency with a unit, e.g. 50us or 2ms, at most 1s (default 0)")
-    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks (default 4MiB)")
+    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
     w = p.add_argument_group("guest")
     w.add_argument("--workload", choices=WORKLOADS, help="access pattern (default random)")
     w.add_argument("--wss", help="working-set size (default: all RAM)")
@@ -57,49 +68,38 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     w.add_argument("--vcpus", type=int, help="vCPU processes (default 1)")
     w.add_argument("--seed", type=int, help="initial content and access streams, 0 to 2^64-1 (default 1)")
     w.add_argument("--zero-fraction", type=float, help="share of all-zero pages (default 0.1)")
+    f = p.add_argument_group("postcopy recovery")
+    f.add_argument("--inject-fault", dest="inject_faults", action="append", metavar="WHAT@WHEN",
+                   help="break a channel during postcopy: WHAT is precopy-channel, postcopy-channel or"
+                   " return-path; WHEN is a share of the pages left at postcopy start (50%%) or a time"
+                   " since postcopy started (300ms); repeatable")
+    f.add_argument("--recover-after", help="how long a postcopy-paused migration waits before it recovers"
+                   " (default 100ms)")
     p.add_argument("--deadline", help="the run fails after this long, naming who waited for what (default 300s)")
+    p.add_argument("--time-dilation", metavar="N|auto",
+                   help="run the emulated world N times slower (links faster than this machine);"
+                        " auto picks the smallest N that sustains the link; every time reported is"
+                        " emulated time (default 1)")
 
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
-               "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline")
+               "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
+               "time_dilation", "inject_faults", "recover_after")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(ns, k) for k in CONFIG_KEYS if getattr(ns, k, None) is not None}
 
 
-class Progress:
-    """One status line on stderr while a run goes, when stderr is a terminal."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def __call__(self, s: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        sys.stderr.write(f"\r  {s['t_ms'] / 1e3:6.1f}s {s['phase']:<10} remaining {s['remaining_pages']:>9}"
-                         f" pages  received {s['received_pages']:>9}  faults waiting"
-                         f" {s['faults_outstanding']:>2}  guest {s['guest_accesses']:>10} accesses ")
-        sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + " " * 110 + "\r")
-
-
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = Config.from_strings(**_config_kwargs(ns)).validate()
     check_output("--json", ns.json)
     check_output("--trace", ns.trace)
-    progress = Progress(sys.stderr.isatty() and not ns.quiet)
-    m = Migration(cfg, on_sample=progress, trace=ns.trace)
-    try:
-        with warnings.catch_warnings():  # a trace that cannot be written is reported below, once
-            warnings.simplefilter("ignore", RuntimeWarning)
-            report = m.start().wait()
-    finally:
-        progress.done()
+    with LiveStatus(enabled=_live(ns)) as ui, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a trace that cannot be written is said below, once
+        m = Migration(cfg, on_sample=ui.on_sample, trace=ns.trace)
+        report = m.start().wait()
     lost = [m.trace_error] if m.trace_error else []
     if ns.json:
         lost += _write_or_print("--json", ns.json, report.to_json())
@@ -112,16 +112,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         error(report.error or report.status)
     for line in lost:
         error(line)
-    code = _exit_code(report)
-    return code or (EXIT_FAILED if lost else 0)
-
-
-def _exit_code(report: Report) -> int:
-    if report.ok:
-        return 0
-    if report.interrupted:
-        return EXIT_INTERRUPTED
-    return EXIT_FAILED
+    return _exit_code(report) or (EXIT_FAILED if lost else 0)
 
 
 def error(line: str) -> None:
@@ -164,6 +155,65 @@ def _list_arg(text: str, option: str) -> list[str]:
     return items
 
 
+def _live(ns: argparse.Namespace) -> bool:
+    """The live status line: on a terminal, unless -q."""
+    return sys.stderr.isatty() and not ns.quiet
+
+
+def _register_policies(ns: argparse.Namespace) -> None:
+    """Installed packages' entry points, then every --policy; each becomes a mode `compare` and
+    `sweep` accept too (and run when no --modes is given)."""
+    names, problems = load_entry_points()
+    for line in problems:
+        print(f"shmig: warning: {line}", file=sys.stderr)
+    names += [load_policy(spec) for spec in ns.policy or ()]
+    for name in names:
+        MODE_VARIANTS.setdefault(name, {"mode": name})
+
+
+def _plot_check(path: str | None) -> None:
+    """Before any run: matplotlib is there and the picture can be written."""
+    if path:
+        from .plot import check_output
+
+        check_output(path)
+
+
+def _plot(runs: list[SavedRun], path: str | None, quiet: bool) -> None:
+    if path and runs:
+        from .plot import plot_runs
+
+        plot_runs(runs, path)
+        if not quiet:
+            print(f"shmig: wrote {path}", file=sys.stderr)
+
+
+def _exit_code(report: Report) -> int:
+    if report.ok:
+        return 0
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILED
+
+
+COMPARE_RUN = re.compile(r"\[(\d+)/(\d+)\] running (.*?)(?: \.\.\.)?$")
+
+
+def _compare_log(ui: LiveStatus, quiet: bool) -> Callable[[str], None]:
+    """compare()'s log: "[i/n] running ..." starts a run of the live line (which then names it);
+    every other line stays, unless -q."""
+    def log(msg: str) -> None:
+        m = COMPARE_RUN.match(msg)
+        if m:
+            ui.total = int(m.group(2))
+            ui.begin(m.group(3))
+            if ui.on_sample is not None:
+                return
+        if not quiet:
+            ui.log(msg)
+    return log
+
+
 def cmd_compare(ns: argparse.Namespace) -> int:
     base = dict(PRESETS[ns.preset]) if ns.preset else {}
     base.update(_config_kwargs(ns))
@@ -173,32 +223,100 @@ def cmd_compare(ns: argparse.Namespace) -> int:
              else base.pop("host_pages", [parse_size(base.pop("host_page", 4096))]))
     base.pop("host_pages", None)
     base.pop("host_page", None)
+    by_host_page = base.pop("by_host_page", None)
+    qemu = base.pop("qemu", None)
     for m in modes:
         if m not in MODE_VARIANTS:
             raise ConfigError(f"unknown mode {m!r} in --modes: use {', '.join(MODE_VARIANTS)}")
-    cfgs = plan(base, modes, pages)  # every run validated, labelled with what it actually runs
+    if ns.repeat is not None and ns.repeat < 1:
+        raise ConfigError("--repeat must be at least 1")
+    # a preset's per-host-page overrides give way to what the command line says
+    given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
+    by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
+                    for hp, over in (by_host_page or {}).items()}
+    labels = list(dict.fromkeys(label for label, _ in plan(base, modes, pages, 1, by_host_page)))  # what runs
+    _plot_check(ns.plot)
     check_output("--json", ns.json)
-    labels = list(dict.fromkeys(label for label, _ in cfgs))
-    progress = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not ns.quiet else None
+    ui = LiveStatus(enabled=_live(ns))
     try:
-        results = run_series(cfgs, log=progress, describe=describe_run)
-        interrupted = False
-    except SeriesInterrupted as e:  # Ctrl-C stops the whole compare; what finished is kept
-        results, interrupted = e.results, True
+        with ui:
+            results = compare(base, modes, pages, log=_compare_log(ui, ns.quiet), repeat=ns.repeat or 1,
+                              by_host_page=by_host_page, on_sample=ui.on_sample)
+        interrupted = None
+    except SeriesInterrupted as e:  # one Ctrl-C stops the whole compare; what finished is kept
+        results, interrupted = e.results or {}, e
     lost = []
     if ns.json:
         lost = _write_or_print("--json", ns.json, json.dumps(
-            [{"mode": m, "host_page": hp, "report": r.to_dict()} for (m, hp), r in results.items()], indent=2))
-    print(format_table(results, labels, pages))
-    for (m, hp), r in results.items():
-        if not r.ok:
-            error(f"{m} with {fmt_size(hp)} host pages: {r.error or r.status}")
+            [{"mode": m, "host_page": hp, "run": i, "report": r.to_dict()}
+             for (m, hp), c in results.items() for i, r in enumerate(c.reports)], indent=2))
+    print(format_table(results, labels, pages, qemu))
+    _plot([SavedRun(m, hp, r) for (m, hp), c in results.items() for r in c.reports], ns.plot, ns.quiet)
+    for (m, hp), c in results.items():
+        for r in c.reports:
+            if not r.ok:
+                error(f"{m} with {fmt_size(hp)} host pages: {r.error or r.status}")
+    for line in lost:
+        error(line)
+    if interrupted is not None:
+        done = sum(len(c.reports) for c in results.values())
+        print(f"shmig: interrupted: {done} of {interrupted.total} runs finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if all(c.ok for c in results.values()) and not lost else EXIT_FAILED
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    knob = sweep.knob_name(ns.knob, CONFIG_KEYS)
+    modes = _list_arg(ns.modes, "--modes") if ns.modes else [Config.mode]
+    runs = sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes)
+    _plot_check(ns.plot)
+    check_output("--json", ns.json)
+    with LiveStatus(len(runs), enabled=_live(ns), announce=not ns.quiet) as ui:
+        done, interrupted = sweep.sweep(knob, runs, ui)
+    lost = _write_or_print("--json", ns.json, json.dumps(sweep.to_json(done), indent=2)) if ns.json else []
+    if done:
+        print(sweep.format_sweep(done))
+    _plot(done, ns.plot, ns.quiet)
     for line in lost:
         error(line)
     if interrupted:
-        print(f"shmig: interrupted: {len(results)} of {len(cfgs)} runs finished", file=sys.stderr)
+        print(f"shmig: interrupted: {len(done)} of {len(runs)} runs finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0 if all(r.ok for r in results.values()) and not lost else EXIT_FAILED
+    return 0 if all(r.report.ok for r in done) and not lost else EXIT_FAILED
+
+
+def cmd_plot(ns: argparse.Namespace) -> int:
+    from .plot import plot_files
+
+    plot_files(ns.reports, ns.output)
+    print(f"wrote {ns.output}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    """The summary of a saved run, the table of a saved compare or sweep, as they were printed."""
+    for i, path in enumerate(ns.reports):
+        runs = load_runs(path)
+        if i:
+            print()
+        if len(ns.reports) > 1:
+            print(f"== {path}")
+        if runs[0].knob:
+            print(sweep.format_sweep(runs))
+        elif len(runs) == 1:
+            rep = runs[0].report
+            print(rep.summary())
+            if ns.dist and rep.postcopy_latency_us.get("count"):
+                print("Postcopy Latency Distribution:")
+                print(format_dist(rep.postcopy_latency_dist))
+        else:
+            cells: dict[tuple[str, int], Cell] = {}
+            for r in runs:  # a --repeat compare holds several runs per cell
+                cells.setdefault((r.mode, r.host_page), Cell()).reports.append(r.report)
+            modes = list(dict.fromkeys(m for m, _ in cells))
+            pages = list(dict.fromkeys(hp for _, hp in cells))
+            print(format_table(cells, modes, pages))
+    return 0
 
 
 def cmd_clean(ns: argparse.Namespace) -> int:
@@ -227,9 +345,39 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--modes", help=f"comma-separated, from {','.join(MODE_VARIANTS)} (default: all)")
     c.add_argument("--host-pages", help="comma-separated host page sizes, e.g. 4KiB,2MiB,1GiB")
     c.add_argument("--preset", choices=sorted(PRESETS), help="a ready experiment (see README)")
+    c.add_argument("--repeat", type=int, metavar="N",
+                   help="run every cell N times with seeds seed..seed+N-1 and pool their faults"
+                        " (for cells with few faults, e.g. 1GiB pages)")
     c.add_argument("--json", metavar="PATH", help="write every report as JSON")
+    c.add_argument("--plot", metavar="PNG", help="draw the fault-latency distributions (needs matplotlib)")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
+    s = sub.add_parser("sweep", help="run one option over several values (and modes) and print one table",
+                       description="Run every value of one `shmig run` option with every mode, e.g."
+                                   " `shmig sweep socket-buffer 1MiB,4MiB,16MiB --modes vanilla,preempt-full"
+                                   " --bandwidth 1Gbit/s`. Ctrl-C stops the sweep; the finished runs are"
+                                   " printed (and saved with --json).", epilog=UNITS_HELP, allow_abbrev=False)
+    s.add_argument("knob", metavar="KNOB", help="the option to vary, as spelled on the command line"
+                   " (socket-buffer, bandwidth, host-page, vcpus, ...)")
+    s.add_argument("values", metavar="VALUES", help="comma-separated values, e.g. 1MiB,4MiB,16MiB"
+                   " (on,off for flags)")
+    _config_args(s, with_mode=False)
+    s.add_argument("--modes", help="comma-separated, from precopy,"
+                   f"{','.join(MODE_VARIANTS)} (default: preempt)")
+    s.add_argument("--json", metavar="PATH", help="write every report as JSON")
+    s.add_argument("--plot", metavar="PNG", help="draw p50/p99 latency, guest progress and total time"
+                   " against KNOB (needs matplotlib)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=cmd_sweep)
+    pl = sub.add_parser("plot", help="draw saved reports (run, compare or sweep --json) into a picture",
+                        allow_abbrev=False)
+    pl.add_argument("reports", nargs="+", metavar="REPORT.json")
+    pl.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture (.png, .svg or .pdf)")
+    pl.set_defaults(func=cmd_plot)
+    rp = sub.add_parser("report", help="print the summary (or table) of saved reports", allow_abbrev=False)
+    rp.add_argument("reports", nargs="+", metavar="REPORT.json")
+    rp.add_argument("--dist", action="store_true", help="a single run: print the fault-latency distribution")
+    rp.set_defaults(func=cmd_report)
     k = sub.add_parser("clean", help="remove /dev/shm segments left by runs whose owner died", allow_abbrev=False)
     k.set_defaults(func=cmd_clean)
     return p
@@ -269,6 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     ns = p.parse_args(join_dashed_values(argv, p))
     try:
+        if hasattr(ns, "policy"):
+            _register_policies(ns)
         return ns.func(ns)
     except (ConfigError, UnitError) as e:
         error(str(e))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 from .config import Config
-from .controller import run
+from .controller import calibrate_dilation, run
 from .report import Report
 from .units import fmt_size
 
@@ -18,16 +20,33 @@ MODE_VARIANTS: dict[str, dict[str, Any]] = {
     "preempt-full-hint": {"mode": "preempt-full", "page_hint": True},
 }
 
+# QEMU's own numbers: mean page-request latency (ms) in the postcopy-preempt cover letters v2-v9
+# (reference 1.3). The letter's "Preempt full" column is 7.1 with break-huge, shmig's "preempt".
+QEMU_COVER_LETTER: dict[tuple[int, str], float] = {
+    (4096, "vanilla"): 10.68, (4096, "preempt"): 0.57,
+    (2 << 20, "vanilla"): 10.58, (2 << 20, "preempt-nobreak"): 5.49, (2 << 20, "preempt"): 5.02,
+    (1 << 30, "vanilla"): 2046.65, (1 << 30, "preempt-nobreak"): 933.185, (1 << 30, "preempt"): 649.445,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The RFC/v2 cover letter's experiment on this machine: a 10 Gbit/s NIC; per channel the queue a
     # Linux TCP connection holds at most by default (tcp_wmem max 4 MiB + tcp_rmem max 6 MiB); one
-    # vCPU writing at random as fast as it can over all of RAM; postcopy after one precopy round.
-    # RAM holds four 1 GiB pages. Nothing here is tuned to the results.
+    # vCPU writing at random as fast as it can over all of RAM. The letter's guest dirties its whole
+    # working set continuously, so postcopy starts right after setup: every page is still to send at
+    # switchover, as it is there, without spending a precopy round on it. The one-way latency stands
+    # for the NIC's round trip: the Preempt-Full letter calls ~230 us "close to the extreme of 4K page
+    # request latency of any TCP roundtrip of the 10Gbps nic", so each way is half of it. The machine
+    # cannot carry 10 Gbit/s while the vCPU holds a core: time is dilated as much as it needs.
+    # RAM is 512 MiB (a hundred faults or more per cell), 2 GiB for 1 GiB pages (two pages a run, so
+    # two runs are pooled): sizes that keep the preset within 3 minutes. Nothing here is tuned to the
+    # results.
     "cover-letter": {
-        "ram": "4GiB", "bandwidth": "10Gbit/s", "socket_buffer": "10MiB", "workload": "random",
-        "vcpus": 1, "precopy_rounds": 1, "deadline": "600s",
+        "ram": "512MiB", "bandwidth": "10Gbit/s", "socket_buffer": "10MiB", "latency": "115us",
+        "workload": "random", "vcpus": 1, "precopy_rounds": 0, "time_dilation": "auto", "deadline": "120s",
         "modes": ["vanilla", "preempt-nobreak", "preempt", "preempt-full"],
         "host_pages": [4096, 2 << 20, 1 << 30],
+        "by_host_page": {1 << 30: {"ram": "2GiB", "repeat": 2}},
+        "qemu": QEMU_COVER_LETTER,
     },
     # Locality (QEMU 10.1's page hint): a guest streaming through its working set more slowly than
     # the source's postcopy rate limit, everything still to come when it resumes. Vanilla's scan
@@ -56,60 +75,106 @@ def label_of(cfg: Config) -> str:
     return cfg.mode + ("-nobreak" if not cfg.break_huge else "") + ("-hint" if cfg.page_hint else "")
 
 
-def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int]) -> dict[tuple[str, int], Config]:
-    """Every (label, host page) run, all validated before the first one starts; two requested
-    modes that come out the same run once."""
-    out: dict[tuple[str, int], Config] = {}
-    for hp in host_pages:
-        for m in modes:
-            cfg = variant_config(base, m, hp).validate()
-            out.setdefault((label_of(cfg), hp), cfg)
-    return out
-
-
-K = TypeVar("K")
-
-
 class SeriesInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a series of runs: the whole series stops. ``results`` holds the runs that
-    finished before it (the interrupted one is not among them)."""
+    """Ctrl-C during a series of runs (compare, sweep): the whole series stops, not just the run
+    it landed in. ``results`` holds what had finished, for the caller to print and save."""
 
-    def __init__(self, results: dict[Any, Report], total: int):
-        super().__init__(f"interrupted: {len(results)} of {total} runs finished")
+    def __init__(self, results: Any = None, total: int = 0):
+        super().__init__("interrupted")
         self.results = results
         self.total = total
 
 
-def run_series(cfgs: Mapping[K, Config], log: Callable[[str], None] | None = None,
-               describe: Callable[[K], str] = str) -> dict[K, Report]:
-    """Run each configuration in turn (compare, sweeps). Ctrl-C stops the series, not just the
-    run it lands in: it raises SeriesInterrupted carrying the finished runs, so that they can be
-    printed and saved before exiting 130."""
-    out: dict[K, Report] = {}
-    for key, cfg in cfgs.items():
-        if log:
-            log(f"running {describe(key)} ...")
-        try:
-            rep = run(cfg)
-        except KeyboardInterrupt:  # landed outside wait() (while starting): same thing
-            raise SeriesInterrupted(out, len(cfgs)) from None
-        if rep.interrupted:
-            raise SeriesInterrupted(out, len(cfgs))
-        out[key] = rep
-        if log and not rep.ok:
-            log(f"  {describe(key)}: {rep.status}: {rep.error}")
-    return out
+def run_one(cfg: Config, on_sample: Callable[[dict[str, Any]], None] | None = None) -> Report:
+    """One run of a series. A Ctrl-C, whether it lands in the run (which then reports itself
+    interrupted) or around it, raises SeriesInterrupted."""
+    try:
+        rep = run(cfg, on_sample)
+    except KeyboardInterrupt:
+        raise SeriesInterrupted() from None
+    if rep.interrupted:
+        raise SeriesInterrupted()
+    return rep
+
+
+@dataclass
+class Cell:
+    """One (mode, host page) of a compare: one run, or several with different seeds, pooled."""
+
+    reports: list[Report] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.reports) and all(r.ok for r in self.reports)
+
+    @property
+    def faults(self) -> int:
+        return sum(r.postcopy_latency_us.get("count", 0) for r in self.reports)
+
+    @property
+    def mean_us(self) -> float | None:
+        """The pooled mean: every fault of every run counts once."""
+        n = self.faults
+        if not n:
+            return None
+        return sum(r.postcopy_latency_us["mean"] * r.postcopy_latency_us["count"]
+                   for r in self.reports if r.postcopy_latency_us.get("count")) / n
+
+    @property
+    def run_means_us(self) -> list[float]:
+        return [r.postcopy_latency_us["mean"] for r in self.reports if r.postcopy_latency_us.get("count")]
+
+
+def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int], repeat: int = 1,
+         by_host_page: dict[int, dict[str, Any]] | None = None) -> dict[tuple[str, int], tuple[Config, int]]:
+    """(label, host page) -> (validated Config, runs), for every cell before the first run (a host
+    page size may override options and its own ``repeat``). Cells are labelled with what they run;
+    two requested modes that come out the same run once."""
+    plans: dict[tuple[str, int], tuple[Config, int]] = {}
+    for hp in host_pages:
+        over = dict((by_host_page or {}).get(hp, {}))
+        n = int(over.pop("repeat", repeat))
+        for m in modes:
+            cfg = variant_config({**base, **over}, m, hp).validate()
+            plans.setdefault((label_of(cfg), hp), (cfg, n))
+    return plans
 
 
 def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
-            log: Callable[[str], None] | None = None) -> dict[tuple[str, int], Report]:
-    """Run every (mode, host page) pair, keyed by (label of what ran, host page); configurations
-    are all validated before the first run. Ctrl-C raises SeriesInterrupted (see run_series)."""
-    return run_series(plan(base, modes, host_pages), log, describe=describe_run)
-
-
-def describe_run(key: tuple[str, int]) -> str:
-    return f"{key[0]} with {fmt_size(key[1])} host pages"
+            log: Callable[[str], None] | None = None, repeat: int = 1,
+            by_host_page: dict[int, dict[str, Any]] | None = None,
+            on_sample: Callable[[dict[str, Any]], None] | None = None) -> dict[tuple[str, int], Cell]:
+    """Run every cell of ``plan`` ``repeat`` times (seeds ``seed``, ``seed + 1``, ...), keyed by
+    (label, host page). ``time_dilation="auto"`` is calibrated once, on the first, so every cell
+    runs on the same clock. Ctrl-C raises SeriesInterrupted with the cells finished so far."""
+    plans = plan(base, modes, host_pages, repeat, by_host_page)
+    first = next(iter(plans.values()))[0] if plans else None
+    if first is not None and first.time_dilation == "auto":
+        factor, _ = calibrate_dilation(first)
+        if log:
+            log(f"time dilation: {factor:g}x (calibrated on {first.mode}, {fmt_size(first.host_page)} pages)")
+        for cfg, _ in plans.values():
+            cfg.time_dilation = factor
+    total = sum(n for _, n in plans.values())
+    out: dict[tuple[str, int], Cell] = {}
+    done = 0
+    for (m, hp), (cfg, n) in plans.items():
+        cell = out[(m, hp)] = Cell()
+        for i in range(n):
+            done += 1
+            if log:
+                log(f"[{done}/{total}] running {m} with {fmt_size(hp)} host pages"
+                    + (f" (seed {cfg.seed + i})" if n > 1 else "") + " ...")
+            try:
+                rep = run_one(dataclasses.replace(cfg, seed=cfg.seed + i), on_sample)
+            except SeriesInterrupted:
+                if not cell.reports:
+                    del out[(m, hp)]
+                raise SeriesInterrupted(out, total) from None
+            cell.reports.append(rep)
+            if log and not rep.ok:
+                log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")
+    return out
 
 
 def _ms(us: float | None) -> str:
@@ -118,38 +183,73 @@ def _ms(us: float | None) -> str:
     return f"{us / 1e3:.2f}"
 
 
-def format_table(results: dict[tuple[str, int], Report], modes: Sequence[str],
-                 host_pages: Sequence[int]) -> str:
-    """The cover-letter table (mean fault latency, ms), then one detailed row per run."""
+def format_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], host_pages: Sequence[int],
+                 qemu: dict[tuple[int, str], float] | None = None) -> str:
+    """The cover-letter table (mean fault latency, ms), QEMU's beside it if given, then every run."""
     lines = ["Average page-request latency (ms), as in QEMU's postcopy-preempt cover letter", ""]
     head = ["host page", *modes]
     rows = []
     for hp in host_pages:
         row = [fmt_size(hp)]
         for m in modes:
-            r = results.get((m, hp))
-            lat = r.postcopy_latency_us if r else {}
-            row.append(_ms(lat.get("mean")) if r and r.ok and lat.get("count") else ("FAILED" if r and not r.ok else "-"))
+            c = results.get((m, hp))
+            if c is None:
+                row.append("-")
+            elif not c.ok:
+                row.append("FAILED")
+            else:
+                means = c.run_means_us
+                spread = f" ({_ms(min(means))}-{_ms(max(means))}, n={c.faults})" if len(means) > 1 else ""
+                row.append(_ms(c.mean_us) + spread)
         rows.append(row)
     lines += markdown_table(head, rows)
+    if qemu:
+        lines += ["", "Beside QEMU's own numbers (ms; the ratio of ratios is shmig's vanilla/X over QEMU's):", ""]
+        lines += markdown_table(*qemu_table(results, modes, host_pages, qemu))
     lines += ["", "Every run:", ""]
-    head = ["mode", "host page", "faults", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests",
-            "blocktime ms", "guest accesses", "preempts", "total s", "integrity"]
+    head = ["mode", "host page", "seed", "faults", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests",
+            "blocktime ms", "guest accesses", "preempts", "link util", "dilation", "total s", "integrity"]
     rows = []
     for hp in host_pages:
         for m in modes:
-            r = results.get((m, hp))
-            if r is None:
-                continue
-            lat = r.postcopy_latency_us
-            rows.append([m, fmt_size(hp), str(lat.get("count", 0)), _ms(lat.get("mean")), _ms(lat.get("p50")),
-                         _ms(lat.get("p90")), _ms(lat.get("p99")), _ms(lat.get("max")),
-                         str(r.postcopy_requests), f"{r.postcopy_blocktime_ms:.0f}",
-                         str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions),
-                         f"{r.total_time_ms / 1e3:.1f}" if r.total_time_ms else "-",
-                         "ok" if r.ok else f"FAILED ({r.error})"])
+            c = results.get((m, hp))
+            for r in c.reports if c else []:
+                lat = r.postcopy_latency_us
+                util = r.link.get("utilisation")
+                rows.append([m, fmt_size(hp), str(r.config.get("seed")), str(lat.get("count", 0)),
+                             _ms(lat.get("mean")), _ms(lat.get("p50")), _ms(lat.get("p90")), _ms(lat.get("p99")),
+                             _ms(lat.get("max")), str(r.postcopy_requests), f"{r.postcopy_blocktime_ms:.0f}",
+                             str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions),
+                             "-" if util is None else f"{util:.2f}",
+                             f"{r.time_dilation.get('factor', 1):g}x",
+                             f"{r.total_time_ms / 1e3:.1f}" if r.total_time_ms else "-",
+                             "ok" if r.ok else f"FAILED ({r.error})"])
     lines += markdown_table(head, rows)
+    warnings = sorted({w for c in results.values() for r in c.reports if (w := r.link_warning())})
+    lines += [f"warning: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def qemu_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], host_pages: Sequence[int],
+               qemu: dict[tuple[int, str], float]) -> tuple[list[str], list[list[str]]]:
+    head = ["host page", "mode", "shmig ms", "QEMU ms", "vanilla/mode shmig", "vanilla/mode QEMU", "ratio of ratios"]
+    rows = []
+    for hp in host_pages:
+        van = results.get(("vanilla", hp))
+        for m in modes:
+            c = results.get((m, hp))
+            ours = c.mean_us / 1e3 if c and c.ok and c.mean_us else None
+            theirs = qemu.get((hp, m))
+            r_ours = r_theirs = None
+            if m != "vanilla" and van and van.ok and van.mean_us and ours:
+                r_ours = van.mean_us / 1e3 / ours
+            if m != "vanilla" and theirs and qemu.get((hp, "vanilla")):
+                r_theirs = qemu[(hp, "vanilla")] / theirs
+            rr = None if r_ours is None or r_theirs is None else r_ours / r_theirs
+            rows.append([fmt_size(hp), m, "-" if ours is None else f"{ours:.2f}",
+                         "-" if theirs is None else f"{theirs:g}", "-" if r_ours is None else f"{r_ours:.1f}x",
+                         "-" if r_theirs is None else f"{r_theirs:.1f}x", "-" if rr is None else f"{rr:.2f}"])
+    return head, rows
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:

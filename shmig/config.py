@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .clock import Clock
 from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
@@ -18,6 +19,7 @@ HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
 MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
 MAX_VCPUS = 64  # each vCPU stamps its own 8-byte slot of a 4 KiB page: 512 slots, 64 is plenty
+MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 MAX_LATENCY = 1.0  # seconds: no link has more; a larger value is a unit mistake
 MAX_SOCKET_BUFFER = 1024**3  # each receiver allocates its read-ahead: keep it allocatable
@@ -36,6 +38,7 @@ FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
     "max_postcopy_bandwidth": (_REAL, True),
     "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
+    "recover_after": (_REAL, True),
 }
 
 
@@ -49,11 +52,32 @@ def _is(kind: str, v: Any) -> bool:
     return isinstance(v, numbers.Integral if kind == _INT else numbers.Real)
 
 
+def _parse_bool(v: Any) -> bool:
+    low = str(v).strip().lower()
+    if low not in ("on", "true", "yes", "1", "off", "false", "no", "0"):
+        raise UnitError(f"cannot read {v!r} as on or off")
+    return low in ("on", "true", "yes", "1")
+
+
 def _parse_int(v: Any) -> int:
     try:
         return int(v)
     except ValueError:
         raise UnitError(f"cannot read {v!r} as a whole number") from None
+
+
+class ConfigError(ValueError):
+    """Bad input: one line that says what to change."""
+
+
+def parse_dilation(value: str | float) -> float | str:
+    """``--time-dilation``: a factor (``4``, ``2.5``) or ``auto``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise UnitError(f"cannot read {value!r} as a dilation factor (e.g. 4, or auto)") from None
 
 
 # CLI-style strings -> the API's values; times suggest the unit a bare number probably meant
@@ -65,15 +89,13 @@ FROM_STRING: dict[str, Callable[[Any], Any]] = {
     "latency": functools.partial(parse_time, hint="us"),
     "downtime_limit": functools.partial(parse_time, hint="ms"),
     "deadline": functools.partial(parse_time, hint="s"),
+    "recover_after": functools.partial(parse_time, hint="ms"),
     **{k: _parse_int for k, (kind, _) in FIELD_KINDS.items() if kind == _INT and k not in
        ("ram", "host_page", "wss", "socket_buffer")},
-    "zero_fraction": float,
+    **{k: _parse_bool for k, (kind, _) in FIELD_KINDS.items() if kind == _BOOL},
+    "zero_fraction": float, "time_dilation": parse_dilation,
 }
 RATE_FIELDS = ("dirty_rate", "bandwidth", "max_bandwidth", "max_postcopy_bandwidth")
-
-
-class ConfigError(ValueError):
-    """Bad input: one line that says what to change."""
 
 
 @dataclass
@@ -91,7 +113,9 @@ class Config:
     vcpus: int = 1
     bandwidth: float | None = None  # emulated link, shared by both data channels
     latency: float = 0.0  # one-way, on every channel
-    socket_buffer: int = 4 * 1024**2  # per channel: what may be queued before the sender blocks
+    # per channel: what may be queued before the sender blocks. Linux autotunes a TCP connection's
+    # buffers up to tcp_wmem max (4MiB) + tcp_rmem max (6MiB), on loopback as on a NIC
+    socket_buffer: int = 10 * 1024**2
     max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
     max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
     downtime_limit: float = 0.3  # QEMU downtime-limit
@@ -99,8 +123,11 @@ class Config:
     precopy_rounds: int | None = 1  # postcopy modes: full rounds before switching; None = wait for start_postcopy()
     break_huge: bool = True  # x-postcopy-preempt-break-huge
     page_hint: bool = False  # QEMU 10.1 spatial locality hint (preempt-full)
-    deadline: float = 300.0  # the whole run; a hang fails with who waited for what
+    deadline: float = 300.0  # the whole run (emulated time); a hang fails with who waited for what
+    time_dilation: float | str = 1.0  # N: the emulated world runs N times slower; "auto" calibrates
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
+    inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
+    recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     def __post_init__(self) -> None:
@@ -162,6 +189,13 @@ class Config:
 
         return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
 
+    @property
+    def clock(self) -> Clock:
+        """The run's one clock; "auto" must have been resolved (``calibrate``) before it is used."""
+        if isinstance(self.time_dilation, str):
+            raise ConfigError("time_dilation 'auto' is resolved when the migration starts")
+        return Clock(float(self.time_dilation))
+
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
         return 2 * self.ram + self.npages * (4 + 1 + 8 * self.vcpus) + 65536
@@ -220,10 +254,16 @@ class Config:
             bad("--precopy-rounds must be 0 or more")
         if not self.deadline > 0:
             bad("--deadline must be positive")
+        if isinstance(self.time_dilation, str):
+            if self.time_dilation != "auto":
+                bad(f"--time-dilation {self.time_dilation!r}: use a number of at least 1, or auto")
+        elif not 1 <= self.time_dilation <= MAX_DILATION:  # also catches NaN
+            bad(f"--time-dilation must be between 1 and {MAX_DILATION:g} (or auto), got {self.time_dilation}")
         if self.page_hint and self.mode != "preempt-full":
             bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")
         if not self.break_huge and self.mode != "preempt":
             bad("--no-break-huge only applies to --mode preempt")
+        self._validate_faults()
         try:
             st = os.statvfs("/dev/shm")
             free = st.f_bavail * st.f_frsize
@@ -233,6 +273,29 @@ class Config:
             bad(f"--ram {fmt_size(self.ram)} needs {fmt_size(self.shm_bytes())} of /dev/shm (source and"
                 f" destination copies) but only {fmt_size(free)} is free: use a smaller --ram")
         return self
+
+    def _validate_faults(self) -> None:
+        """--inject-fault and --recover-after: every spec parses and can happen in this mode."""
+        from .faults import MAX_FAULTS, Fault, FaultSpecError
+
+        if self.recover_after is not None and not 0 <= self.recover_after <= self.deadline:
+            raise ConfigError(f"--recover-after must be between 0 and the deadline ({self.deadline:g}s),"
+                              f" e.g. 100ms")
+        if isinstance(self.inject_faults, str):
+            raise ConfigError("inject_faults is a list of specs: use inject_faults=['postcopy-channel@50%']")
+        if len(self.inject_faults) > MAX_FAULTS:
+            raise ConfigError(f"--inject-fault: at most {MAX_FAULTS} faults per run")
+        for spec in self.inject_faults:
+            try:
+                f = Fault.parse(spec)
+            except FaultSpecError as e:
+                raise ConfigError(f"--inject-fault: {e}") from None
+            if not self.postcopy:
+                raise ConfigError(f"--inject-fault {spec}: faults break a channel during postcopy, and mode"
+                                  f" precopy has none: use --mode vanilla, preempt or preempt-full")
+            if f.what == "postcopy-channel" and not self.uses_preempt_channel:
+                raise ConfigError(f"--inject-fault {spec}: mode {self.mode} has no postcopy (preempt) channel:"
+                                  f" use --mode preempt or preempt-full, or break precopy-channel or return-path")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

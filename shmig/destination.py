@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import sys
 import threading
 import time
@@ -17,13 +18,16 @@ from typing import Any
 
 import numpy as np
 
+from . import memory
 from .config import TARGET_PAGE
 from .memory import populate
 from .process import Child
-from .wire import Frame, FrameReader, FrameWriter, Msg, ProtocolError, expect
+from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, SocketReader,
+                   TruncatedFrame, expect)
 
 F_GETPIPE_SZ = 1032
 MAX_FRAME = (1 << 20) + 65536
+BROKEN = (ChannelClosed, TruncatedFrame)  # a channel closed under us: in postcopy, a reason to pause
 
 
 class Receiver(Child):
@@ -40,10 +44,15 @@ class Receiver(Child):
         self.received = self.mem.received
         fd = self.fds[self.channel]
         pipe_cap = fcntl.fcntl(fd, F_GETPIPE_SZ)
-        # with a limited link the queue is pipe + read-ahead; with an unlimited one nothing waits
-        # for the link, so payloads go straight from the pipe into destination RAM
-        self.reader = FrameReader(fd, self.channel, readahead=max(0, cfg.socket_buffer - pipe_cap),
-                                  max_frame=MAX_FRAME, direct=cfg.bandwidth is None)
+        # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
+        # as the destination places pages). The kernel holds it when the pipe could be made that
+        # large: payloads then go straight from the pipe into destination RAM. Otherwise the
+        # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
+        # thread of its own, as the kernel would.
+        readahead = max(0, cfg.socket_buffer - pipe_cap)
+        self.reader = (SocketReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME) if readahead
+                       else FrameReader(fd, self.channel, max_frame=MAX_FRAME, direct=True))
+        self.ch = 0 if self.channel == "precopy" else 1
         self.dst_mv = memoryview(self.mem.dst)
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
         self.asm_hp = -1  # the host page being assembled on this channel
@@ -55,9 +64,13 @@ class Receiver(Child):
 
     def next(self) -> Frame:
         """The next frame, once the link has carried it and its latency has passed."""
+        if not self.reader.direct:
+            self.reader.fill()  # take what the pipe holds into the read-ahead buffer (the socket)
         size, send_ns = self.reader.peek_head()
-        self.wait_ns += self.link.carry(size, self.reader.wait)
-        self.link.arrive(send_ns, self.reader.wait)
+        t0 = time.monotonic_ns()
+        carried = self.link.carry(self.ch, size, send_ns, self.reader.wait)
+        self.link.deliver(carried, self.reader.wait)
+        self.wait_ns += time.monotonic_ns() - t0
         f = self.reader.next_frame()
         assert f is not None
         if f.kind != Msg.PAGES and (f.payload is None or f.payload.nbytes):  # only pages carry a payload
@@ -175,8 +188,43 @@ class Receiver(Child):
                 os.eventfd_write(self.efds[v], 1)
 
     def final_stats(self) -> dict[str, Any]:
-        self.stats["link_wait_ms"] = round(self.wait_ns / 1e6, 3)
+        self.stats["link_wait_ms"] = round(self.cfg.clock.emulated_ms(self.wait_ns), 3)
         return self.stats
+
+    # -- postcopy recovery (postcopy_pause_incoming, loadvm_postcopy_handle_resume) ------------------
+    recovering = False  # paused, or recovering: until the new channel is confirmed
+    _hup: tuple[int, select.poll] | None = None  # (fd, a poll object watching it for POLLHUP)
+
+    def check_open(self) -> None:
+        """Between frames: a channel the source has closed is broken now (POLLHUP: no writer is left,
+        however much is still queued), and what it still holds or was read ahead of it is lost with
+        it, as a dropped connection's receive queue is, rather than loaded late."""
+        if self._hup is None or self._hup[0] != self.reader.fd:
+            self._hup = (self.reader.fd, select.poll())
+            self._hup[1].register(self.reader.fd, 0)  # POLLHUP is reported whatever the mask
+        if self.reader.eof or self._hup[1].poll(0):
+            raise ChannelClosed(f"{self.channel} channel closed")
+
+    def postcopy_pause_incoming(self, reason: str) -> None:
+        """The channel is gone; a host page only partly assembled from it is dropped (it never
+        entered receivedmap, so the source sends it again after the recovery)."""
+        self.reader.close()
+        if self.asm_hp >= 0:
+            self.stats["partial_host_pages_dropped"] = self.stats.get("partial_host_pages_dropped", 0) + 1
+            self.asm_hp, self.asm_count = -1, 0
+        self.recovering = True
+        self.stats["postcopy_pauses"] = self.stats.get("postcopy_pauses", 0) + 1
+        self.status(f"postcopy-paused ({reason}): waiting for the controller's 'recover'")
+        self.event("postcopy_paused", reason)
+
+    def wait_recover(self) -> dict[str, int]:
+        """migrate-recover: the controller's new pipe ends; this receiver reads its new channel."""
+        name, names = self.recv_ctrl()
+        if name != "recover":
+            raise ProtocolError(f"control channel: expected 'recover', got {name!r}")
+        fds = self.take_channels(names)
+        self.reader.reopen(fds[self.channel])
+        return fds
 
 
 class Listen(Receiver):
@@ -194,6 +242,8 @@ class Listen(Receiver):
         self.stopping = threading.Event()
         self.stats.update({"requests_sent": 0, "faults_seen": 0, "faults_deduplicated": 0})
         self.fault_error: BaseException | None = None
+        self.rp_lock = threading.Lock()  # rp_mutex: the fault thread and the listen thread share the return path
+        self.rp_paused = False  # the return path is down: requests wait for the RESUME
         sys.setswitchinterval(0.0005)  # the fault thread must not wait 5 ms for the listen thread's GIL
 
     def run(self) -> None:
@@ -204,24 +254,8 @@ class Listen(Receiver):
         fault = threading.Thread(target=self.fault_loop, name="fault", daemon=True)
         fault.start()
         self.status("loading the precopy channel")
-        while True:
-            f = self.next()
-            if f.kind == Msg.PAGES:
-                self.place(f)
-            elif f.kind == Msg.ROUND:
-                pass
-            elif f.kind == Msg.DISCARD:
-                self.discard(f)
-            elif f.kind == Msg.PACKAGED:
-                self.in_postcopy = True  # LISTEN + RUN: the guest now runs here
-                self.ctrl_out.ctrl("event", ["running", time.monotonic_ns()])
-                self.status("postcopy: loading the precopy channel")
-            elif f.kind == Msg.EOS:
-                break
-            else:
-                raise ProtocolError(f"precopy channel: unexpected {Msg(f.kind).name}")
-            if self.fault_error is not None:
-                raise self.fault_error
+        while not self.load():
+            self.wait_recover_main()
         self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
         self.status("EOS: waiting for the controller's 'shut' (every page placed)")
         name, _ = self.recv_ctrl()
@@ -231,6 +265,66 @@ class Listen(Receiver):
         fault.join(timeout=5)
         self.rp.send(Msg.SHUT, ())
         self.ctrl_out.ctrl("stats", self.final_stats())
+
+    def load(self) -> bool:
+        """qemu_loadvm_state_main on the main channel: True at EOS; False when the channel broke
+        during postcopy (the migration is paused)."""
+        try:
+            while True:
+                if self.in_postcopy:
+                    self.check_open()
+                f = self.next()
+                if f.kind == Msg.PAGES:
+                    self.place(f)
+                elif f.kind == Msg.ROUND:
+                    pass
+                elif f.kind == Msg.DISCARD:
+                    self.discard(f)
+                elif f.kind == Msg.PACKAGED:
+                    self.in_postcopy = True  # LISTEN + RUN: the guest now runs here
+                    self.mem.ctl[memory.DST_POSTCOPY] = 1
+                    self.ctrl_out.ctrl("event", ["running", time.monotonic_ns()])
+                    self.status("postcopy: loading the precopy channel")
+                elif f.kind == Msg.RECV_BITMAP and self.recovering:
+                    self.rp.send(Msg.RECV_BITMAP, (), [np.packbits(self.received, bitorder="little")])
+                elif f.kind == Msg.RESUME and self.recovering:
+                    self.resume_incoming()
+                elif f.kind == Msg.EOS:
+                    return True
+                else:
+                    raise ProtocolError(f"precopy channel: unexpected {Msg(f.kind).name}")
+                if self.fault_error is not None:
+                    raise self.fault_error
+        except BROKEN as e:
+            if not self.in_postcopy:
+                raise
+            self.postcopy_pause_incoming(str(e))
+            return False
+
+    def postcopy_pause_incoming(self, reason: str) -> None:
+        """The main channel and the return path go together; the fault thread stops sending."""
+        with self.rp_lock:
+            self.rp_paused = True
+            os.close(self.rp.fd)
+        super().postcopy_pause_incoming(reason)
+
+    def wait_recover_main(self) -> None:
+        self.rp.fd = self.wait_recover()["return"]  # the fault thread does not use it until RESUME
+        self.status("postcopy-recover: waiting for the source's RECV_BITMAP and RESUME")
+
+    def resume_incoming(self) -> None:
+        """loadvm_postcopy_handle_resume: RESUME_ACK, then every request still waited for goes again
+        (migrate_send_rp_req_pages_pending): those in flight when the channels broke are lost."""
+        with self.rp_lock:
+            self.rp.send(Msg.RESUME_ACK, ())
+            pending = np.flatnonzero(self.requested & (self.received[::self.k] == 0)).tolist()
+            for hp in pending:
+                self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
+            self.stats["requests_sent"] += len(pending)
+            self.stats["requests_resent"] = self.stats.get("requests_resent", 0) + len(pending)
+            self.rp_paused = False
+        self.recovering = False
+        self.status("postcopy: loading the precopy channel (recovered)")
 
     def discard(self, f: Frame) -> None:
         """CMD_POSTCOPY_RAM_DISCARD: those host pages leave receivedmap and will fault."""
@@ -266,9 +360,16 @@ class Listen(Receiver):
                 if self.requested[hp]:
                     self.stats["faults_deduplicated"] += 1
                     continue
-                self.requested[hp] = True
-                self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
-                self.stats["requests_sent"] += 1
+                with self.rp_lock:
+                    self.requested[hp] = True
+                    if self.rp_paused:
+                        continue  # sent with every pending request at the RESUME
+                    try:
+                        self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
+                    except ChannelClosed:
+                        self.rp_paused = True  # the source is pausing; the listen thread will see it
+                        continue
+                    self.stats["requests_sent"] += 1
         except BaseException as e:
             self.fault_error = e
 
@@ -285,13 +386,31 @@ class PreemptReceiver(Receiver):
         expect(self.next(), Msg.HELLO, 0, self.channel)
         self.in_postcopy = True
         self.status("loading the postcopy channel")
-        while True:
-            f = self.next()
-            if f.kind == Msg.PAGES:
-                self.place(f)
-            elif f.kind == Msg.EOS:
-                break
-            else:
-                raise ProtocolError(f"postcopy channel: unexpected {Msg(f.kind).name}")
+        while not self.load():
+            self.wait_recover()
+            self.status("postcopy-recover: waiting for the new postcopy channel's HELLO")
         self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
         self.ctrl_out.ctrl("stats", self.final_stats())
+
+    def load(self) -> bool:
+        """The preempt thread's loop: True at EOS; False when the channel broke during postcopy."""
+        try:
+            while True:
+                if self.mem.ctl[memory.DST_POSTCOPY]:
+                    self.check_open()
+                f = self.next()
+                if self.recovering:  # a recovered channel starts with its HELLO, like the first one
+                    expect(f, Msg.HELLO, 0, self.channel)
+                    self.recovering = False
+                    self.status("loading the postcopy channel (recovered)")
+                elif f.kind == Msg.PAGES:
+                    self.place(f)
+                elif f.kind == Msg.EOS:
+                    return True
+                else:
+                    raise ProtocolError(f"postcopy channel: unexpected {Msg(f.kind).name}")
+        except BROKEN as e:
+            if not self.mem.ctl[memory.DST_POSTCOPY]:
+                raise
+            self.postcopy_pause_incoming(str(e))
+            return False

@@ -51,7 +51,7 @@ class Vcpu(Child):
         self.faults: list[tuple[int, int, int]] = []
         self.fence = threading.Lock()
         # pacing: the whole guest dirties at most dirty_rate bytes/s, shared by the vCPUs
-        self.interval = None if cfg.dirty_rate is None else TARGET_PAGE * cfg.vcpus / cfg.dirty_rate
+        self.interval = None if cfg.dirty_rate is None else cfg.clock.real(TARGET_PAGE * cfg.vcpus / cfg.dirty_rate)
         self.next_t = time.monotonic()
         self.acc = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
         self.run_ns = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
@@ -98,7 +98,10 @@ class Vcpu(Child):
                 break
             self.sleep_on_efd(RECHECK)
         w[0] = -1
-        self.faults.append((hp, t0, time.monotonic_ns() if received[tp] else -1))
+        t1 = time.monotonic_ns() if received[tp] else -1
+        self.faults.append((hp, t0, t1))
+        if t1 >= 0:  # QEMU's log2 bucket, so the controller can show the latency while it runs
+            self.mem.lat_dist[self.vcpu, min(max(((t1 - t0) // 1000).bit_length() - 1, 0), 23)] += 1
 
     def run_chunk(self, phase: int) -> int:
         """One chunk of accesses, each counted when it is made: on the destination a chunk may

@@ -1,64 +1,211 @@
-"""The emulated network link both data channels share.
+"""The emulated network link both data channels share, and the socket queue in front of it.
 
 Pacing is done by the receivers, on purpose: a frame stays queued in its channel (pipe plus
 read-ahead buffer, together ``socket_buffer`` bytes) until the link has carried it, so a requested
 page written behind a full queue waits exactly as it does behind a full TCP socket.
 
 The link is a virtual clock in shared memory: ``free_at`` is when it finishes what has been
-reserved so far. A receiver reserves at most one quantum (64 KiB, a burst of packets) at a time and
-waits for it to pass, so two busy channels interleave quantum by quantum and share the link fairly,
-as two TCP flows do, while one busy channel alone gets all of it.
+reserved so far. A receiver reserves at most one quantum (64 KiB, a burst of packets) at a time, so
+two busy channels interleave quantum by quantum and share the link fairly, as two TCP flows do.
+A quantum starts when the link is free and its bytes were sent, not when the receiver got round
+to it: a receiver that wakes late (an oversleep, a page placement that took a while) catches up
+within a bounded burst, as ``tbf``'s bucket lets it, so the link carries its nominal rate whenever
+the machine keeps up. The one-way latency is propagation: a frame arrives ``latency`` after its
+last byte was carried, while the link already carries the next one (so the burst allowance covers
+the latency too).
+
+The socket queue of each channel is ``sent - carried`` bytes. A sender that finds no room for its
+next frame sleeps until the queue has fallen to two thirds of ``socket_buffer`` and is woken by
+the receiver that carried it there: Linux's write-space rule (``sk_stream_wspace() >=
+sk_stream_min_wspace()``), not "as soon as one frame fits".
+
+What the link carried is measured over the time its queues held data, so the report can say when
+the machine, not the emulated link, set the pace.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import multiprocessing.synchronize
+import os
+import select
 import time
 from typing import Callable
 
 import numpy as np
 
+from .clock import Clock
+
 QUANTUM = 64 * 1024
-FREE_AT = 0
+BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
+WAKE_FRACTION = 2 / 3  # a blocked sender resumes once the queue is at most this full
+RECHECK = 0.05  # a wake-up is never lost, but a blocked sender re-checks this often anyway
+CHANNELS = ("precopy", "postcopy")
+
+# layout of the shared int64 state
+FREE_AT, BUSY_SINCE, BUSY_NS, CARRIED_ALL, QUEUED_ALL = range(5)
+_CH0 = 8  # then per channel: sent, carried, a sender waiting for space
+SENT, CARRIED, WAITING = range(3)
+STATE_WORDS = _CH0 + 3 * len(CHANNELS)
 
 
 class Link:
-    def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float,
-                 lock: multiprocessing.synchronize.Lock):
-        self.state = state  # int64[4] in shared memory; [FREE_AT] in monotonic ns
-        self.ns_per_byte = None if bandwidth is None else 1e9 / bandwidth
-        self.latency_ns = int(latency * 1e9)
+    def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float, socket_buffer: int,
+                 lock: multiprocessing.synchronize.Lock, clock: Clock = Clock()):
+        self.state = state  # int64[STATE_WORDS] in shared memory; times in monotonic ns
+        self.state[:] = 0
+        self.state[BUSY_SINCE] = -1
+        real_bw = clock.rate(bandwidth)
+        self.nominal = bandwidth  # bytes per emulated second, None = unlimited
+        self.ns_per_byte = None if real_bw is None else 1e9 / real_bw
+        self.latency_ns = clock.real_ns(latency)
+        self.capacity = socket_buffer
+        self.wake_at = int(socket_buffer * WAKE_FRACTION)
         self.lock = lock
+        self.clock = clock
+        quantum_ns = 0 if self.ns_per_byte is None else 2 * QUANTUM * self.ns_per_byte
+        self.slack_ns = self.latency_ns + int(max(BURST_S * 1e9, quantum_ns))
+        # one eventfd per channel: the receiver's "write space" wake-up of a blocked sender
+        self.space_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in CHANNELS]
+
+    def close(self) -> None:
+        for fd in self.space_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     @property
     def limited(self) -> bool:
         return self.ns_per_byte is not None
 
-    def carry(self, nbytes: int, wait: Callable[[float], None]) -> int:
-        """Take ``nbytes`` off the wire; ``wait(seconds)`` sleeps while reading ahead. Returns ns waited."""
-        if self.ns_per_byte is None:
+    def _w(self, ch: int, field: int) -> int:
+        return _CH0 + 3 * ch + field
+
+    def queued(self, ch: int) -> int:
+        """Bytes in channel ``ch``'s socket queue: sent and not yet carried by the link."""
+        return int(self.state[self._w(ch, SENT)] - self.state[self._w(ch, CARRIED)])
+
+    # -- the sending side (sk_stream_wait_memory) ------------------------------------------------
+    def wait_for_space(self, ch: int, nbytes: int) -> int:
+        """Before a frame of ``nbytes`` goes on channel ``ch``: if it does not fit in the queue,
+        sleep until the queue has drained to two thirds. Returns real ns spent blocked."""
+        if self.queued(ch) + nbytes <= self.capacity:
             return 0
         t0 = time.monotonic_ns()
+        fd = self.space_fds[ch]
+        waiting = self._w(ch, WAITING)
+        try:
+            while True:
+                with self.lock:  # flag and queue under the receiver's lock: no lost wake-up
+                    self.state[waiting] = 1
+                    if self.queued(ch) <= self.wake_at:
+                        break
+                r, _, _ = select.select([fd], [], [], RECHECK)
+                if r:
+                    try:
+                        os.eventfd_read(fd)
+                    except BlockingIOError:
+                        pass
+        finally:
+            self.state[waiting] = 0
+        return time.monotonic_ns() - t0
+
+    def sent(self, ch: int, nbytes: int) -> None:
+        """A frame of ``nbytes`` was written into channel ``ch``."""
+        with self.lock:
+            self.state[self._w(ch, SENT)] += nbytes
+            self._queue_change(nbytes)
+
+    # -- the receiving side ------------------------------------------------------------------------
+    def carry(self, ch: int, nbytes: int, send_ns: int, wait: Callable[[float], None]) -> int:
+        """Take ``nbytes`` of a frame sent at ``send_ns`` off the wire; ``wait(seconds)`` sleeps
+        (reading ahead). Returns when the link finished carrying it (monotonic ns)."""
+        if self.ns_per_byte is None:  # nothing to pace: the whole frame leaves the queue at once
+            with self.lock:
+                self._carried(ch, nbytes)
+            return send_ns
+        done = send_ns
         while nbytes > 0:
             q = nbytes if nbytes < 2 * QUANTUM else QUANTUM  # a frame's tail rides with its last quantum
             with self.lock:
                 now = time.monotonic_ns()
-                start = max(now, int(self.state[FREE_AT]))
+                start = max(int(self.state[FREE_AT]), send_ns, now - self.slack_ns)
                 done = start + int(q * self.ns_per_byte)
                 self.state[FREE_AT] = done
-            self._until(done, wait)
+                self._carried(ch, q)
+            self.until(done, wait)
             nbytes -= q
-        return time.monotonic_ns() - t0
+        return done
 
-    def arrive(self, send_ns: int, wait: Callable[[float], None]) -> None:
-        """A frame is not applied before it was sent plus the one-way latency."""
+    def _carried(self, ch: int, q: int) -> None:
+        """Under the lock: ``q`` bytes left channel ``ch``'s queue; wake its sender if waiting."""
+        if self.state[CARRIED_ALL] == 0 and self.state[BUSY_SINCE] >= 0:
+            # the first frame ever taken: until now the receivers were starting up, not the link
+            self.state[BUSY_SINCE] = time.monotonic_ns()
+        self.state[self._w(ch, CARRIED)] += q
+        self.state[CARRIED_ALL] += q
+        self._queue_change(-q)
+        if self.state[self._w(ch, WAITING)] and self.queued(ch) <= self.wake_at:
+            os.eventfd_write(self.space_fds[ch], 1)
+
+    def _queue_change(self, delta: int) -> None:
+        """Under the lock: track the time either queue held data (the link was backlogged)."""
+        before = int(self.state[QUEUED_ALL])
+        after = before + delta
+        self.state[QUEUED_ALL] = after
+        now = time.monotonic_ns()
+        if before <= 0 < after:
+            self.state[BUSY_SINCE] = now
+        elif after <= 0 < before and self.state[BUSY_SINCE] >= 0:
+            end = max(now, int(self.state[FREE_AT]))  # the last quantum reserved is still on the wire
+            self.state[BUSY_NS] += end - int(self.state[BUSY_SINCE])
+            self.state[BUSY_SINCE] = -1
+
+    def deliver(self, t_ns: int, wait: Callable[[float], None]) -> None:
+        """A frame whose last byte left at ``t_ns`` is not applied before the one-way latency."""
         if self.latency_ns:
-            self._until(send_ns + self.latency_ns, wait)
+            self.until(t_ns + self.latency_ns, wait)
 
     @staticmethod
-    def _until(t_ns: int, wait: Callable[[float], None]) -> None:
+    def until(t_ns: int, wait: Callable[[float], None]) -> None:
         while True:
             left = t_ns - time.monotonic_ns()
             if left <= 0:
                 return
             wait(left / 1e9)
+
+    # -- postcopy recovery -------------------------------------------------------------------------
+    def drop_queues(self) -> None:
+        """The channels broke: what they had queued is lost. A sender blocked waiting for room (which
+        the paused receivers would never make) wakes, and finds its channel gone."""
+        with self.lock:
+            for ch in range(len(CHANNELS)):
+                self._queue_change(-self.queued(ch))
+                self.state[self._w(ch, SENT)] = self.state[self._w(ch, CARRIED)]
+                os.eventfd_write(self.space_fds[ch], 1)
+
+    def reset(self) -> None:
+        """A recovery, every receiver paused: new connections with empty queues on an idle link."""
+        self.drop_queues()
+        with self.lock:
+            self._queue_change(-int(self.state[QUEUED_ALL]))  # bytes the old receivers carried late
+            for ch in range(len(CHANNELS)):
+                self.state[self._w(ch, WAITING)] = 0
+            self.state[FREE_AT] = 0
+
+    # -- what it carried ---------------------------------------------------------------------------
+    def usage(self) -> dict[str, float | None]:
+        """The report's ``link``: nominal and achieved rate (emulated bits/s) while backlogged."""
+        with self.lock:
+            busy = int(self.state[BUSY_NS])
+            if self.state[BUSY_SINCE] >= 0:
+                busy += time.monotonic_ns() - int(self.state[BUSY_SINCE])
+            carried = int(self.state[CARRIED_ALL])
+        nominal = None if self.nominal is None else self.nominal * 8
+        achieved = None
+        if busy > 0 and carried > 0:
+            achieved = carried * 8 / (self.clock.emulated_ns(busy) / 1e9)
+        util = None if nominal is None or achieved is None else round(achieved / nominal, 4)
+        return {"nominal_bps": nominal, "achieved_bps": None if achieved is None else round(achieved),
+                "utilisation": util, "carried_bytes": carried,
+                "busy_ms": round(self.clock.emulated_ms(busy), 3)}

@@ -18,6 +18,7 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from .config import TARGET_PAGE, Config
+from .link import STATE_WORDS
 
 PREFIX = "shmig-"
 SHM_DIR = "/dev/shm"
@@ -26,9 +27,14 @@ STATUS_LEN = 96
 # guest phase word (ctl[PHASE]): what the vCPUs should be doing
 RUN_SRC, PAUSE, RUN_DST, QUIT = 0, 1, 2, 3
 PHASE = 0
+# ctl[DST_POSTCOPY]: set by mig/dst/listen once it has loaded the package (QEMU's postcopy-active on
+# the destination); from then on a broken channel pauses the migration instead of failing it
+DST_POSTCOPY = 1
 
 # counters sampled by the controller for the time series; each is written by one process only
 C_PRECOPY_BYTES, C_POSTCOPY_BYTES, C_REMAINING, C_PLACED, C_REQUESTS, C_PHASE = range(6)
+C_ROUNDS = 6  # precopy rounds completed (the source)
+LAT_BUCKETS = 24  # per vCPU, faults so far in QEMU's log2 latency buckets (stats.BUCKETS)
 C_GUEST0 = 16  # + vcpu: accesses so far
 NCOUNTERS = C_GUEST0 + 64
 
@@ -134,7 +140,8 @@ class GuestMemory:
                 ("ctl", np.int64, (16,)),
                 ("counters", np.int64, (NCOUNTERS,)),
                 ("wait", np.int64, (cfg.vcpus, 2)),
-                ("link", np.int64, (4,)),
+                ("lat_dist", np.int64, (cfg.vcpus, LAT_BUCKETS)),
+                ("link", np.int64, (STATE_WORDS,)),
                 ("status", np.uint8, (self.nprocs, STATUS_LEN)),
                 ("stamps", np.uint64, (cfg.vcpus, n)),
                 ("dirty", np.uint32, (n,)),
@@ -191,7 +198,7 @@ class GuestMemory:
     def close(self) -> None:
         """Drop every view, then close (and unlink if not yet done). Views must not outlive this."""
         for name in ("src", "dst", "ctl", "counters", "wait", "link", "status", "stamps", "dirty",
-                     "received"):
+                     "received", "lat_dist"):
             self.__dict__.pop(name, None)
         self.unlink()
         for shm in self._segs:

@@ -8,10 +8,20 @@ these and ``register`` it under a new mode name.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+import sys
 import threading
+import time
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .config import ConfigError
+
+MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
 
 if TYPE_CHECKING:
     from .config import Config
@@ -83,18 +93,39 @@ class Policy:
     def send_background_host_page(self, hp: int) -> None:
         self.src.send_host_page(hp, self.src.pre, urgent=False)
 
+    def resume_prepare(self) -> None:
+        """ram_resume_prepare, after a postcopy recovery reloaded the dirty bitmap: whatever this policy
+        remembered about pages in flight is void (the requests still wanted will be sent again)."""
+
     def run_postcopy(self) -> None:
-        """ram_save_iterate in postcopy: requests first; the background within the rate limit."""
+        """The migration thread in postcopy, as QEMU runs it (reference section 2.1).
+
+        While the window's budget is spent, qemu_savevm_state_iterate() returns at once: a request
+        that wakes the sleeping thread (migration_rate_limit) is *not* served, and QEMU spins until
+        the window rolls over. shmig sleeps to the window's end instead of spinning; the outcome is
+        the same. With budget left, ram_save_iterate runs: requests first, then the background,
+        for as long as the budget lasts or requests keep coming, at most MAX_WAIT.
+        """
         src = self.src
+        limiter = src.limiter
+        max_wait = src.clock.real(MAX_WAIT)
         while True:
-            self.serve_requests()
             if src.return_error is not None:
                 raise src.return_error
-            if src.limiter.exceeded():
-                src.limiter.wait(self.rate_wake)  # a queued request ends the sleep early
+            if limiter.exceeded():
+                limiter.sleep()  # until the window ends: the gate a request cannot pass
                 continue
-            if not self.background() and not src.requests:
-                return
+            t0 = time.monotonic()
+            while not limiter.exceeded() or src.requests:  # ram_save_iterate
+                self.serve_requests()
+                if src.return_error is not None:
+                    raise src.return_error
+                if limiter.exceeded():
+                    continue  # only requests may go on past the budget
+                if not self.background() and not src.requests:
+                    return
+                if time.monotonic() - t0 > max_wait:
+                    break
 
 
 class Preempt(Policy):
@@ -139,6 +170,9 @@ class Preempt(Policy):
             return True  # the interrupted host page is resumed before any other is started
         return super().background()
 
+    def resume_prepare(self) -> None:
+        self.preempted = None  # the interrupted huge page is dirty again as a whole: sent from its start
+
     def may_preempt(self) -> bool:
         """postcopy_needs_preempt: break-huge on, a huge host page, a request pending."""
         return self.cfg.break_huge and self.src.k > 1
@@ -173,6 +207,9 @@ class PreemptFull(Policy):
     @property
     def rate_wake(self) -> threading.Event | None:
         return None  # the return thread sends by itself; nothing to wake
+
+    def resume_prepare(self) -> None:
+        self.bg_hp, self.hint = -1, None
 
     def serve_requests(self) -> None:
         pass  # the return thread serves them (on_request)
@@ -224,3 +261,81 @@ def register(mode: str, cls: type[Policy]) -> None:
 
 def make_policy(cfg: Config, src: Source) -> Policy:
     return POLICIES.get(cfg.mode, Policy)(cfg, src)
+
+
+# -- policies from outside the package (``--policy``, entry points) -------------------------------
+
+BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
+ENTRY_POINT_GROUP = "shmig.policies"
+
+
+def _import_class(target: str) -> type:
+    """``pkg.mod:Class`` (imported like ``python -m`` would, the current directory first on the
+    path, so a module next to you works with the installed ``shmig`` script too) or
+    ``path/to/file.py:Class``."""
+    module, sep, attr = target.rpartition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"--policy {target!r}: use module:Class (e.g. examples.prefetch:PrefetchNeighbours)")
+    try:
+        if module.endswith(".py") or os.sep in module:
+            path = os.path.abspath(module)
+            if not os.path.isfile(path):
+                raise ConfigError(f"--policy {target!r}: no such file {module!r}")
+            name = "shmig_policy_" + os.path.splitext(os.path.basename(path))[0]
+            mod = sys.modules.get(name)
+            if getattr(mod, "__file__", None) != path:  # loaded once per process, like an import
+                spec = importlib.util.spec_from_file_location(name, path)
+                assert spec is not None and spec.loader is not None
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[name] = mod
+                spec.loader.exec_module(mod)
+        else:
+            if "" not in sys.path and os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            mod = importlib.import_module(module)
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's module: any error in it is bad input
+        raise ConfigError(f"--policy {target!r}: cannot import {module!r}: {type(e).__name__}: {e}") from None
+    cls = getattr(mod, attr, None)
+    if cls is None:
+        raise ConfigError(f"--policy {target!r}: module {module!r} has no {attr!r}")
+    return cls
+
+
+def register_class(mode: str, cls: object, origin: str) -> str:
+    """``register`` with the checks a name from the command line needs: a Policy subclass, and a
+    mode name that does not shadow a built-in mode or another policy."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise ConfigError(f"{origin}: {cls!r} is not a subclass of shmig.policies.Policy")
+    if not mode or mode in BUILTIN_MODES or POLICIES.get(mode, cls) is not cls:
+        taken = "a built-in mode" if mode in BUILTIN_MODES else "already taken"
+        raise ConfigError(f"{origin}: mode name {mode!r} is {taken}: set a `name` attribute on the class"
+                          f" or give one with NAME=module:Class")
+    register(mode, cls)
+    return mode
+
+
+def load_policy(spec: str) -> str:
+    """Register the policy ``[NAME=]module:Class`` names (``--policy``) and return its mode name:
+    NAME if given, else the class's own ``name`` attribute."""
+    mode, eq, target = spec.partition("=")
+    if not eq:
+        mode, target = "", spec
+    cls = _import_class(target)
+    return register_class(mode or str(getattr(cls, "name", "")), cls, f"--policy {spec!r}")
+
+
+def load_entry_points() -> tuple[list[str], list[str]]:
+    """Register every policy that an installed package declares in the ``shmig.policies`` entry-point
+    group (the entry point's name is the mode name). Returns (modes registered, one line per entry
+    point that could not be loaded), so one broken plugin does not stop every other command."""
+    names, problems = [], []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            names.append(register_class(ep.name, ep.load(), f"entry point {ep.name} = {ep.value}"))
+        except ConfigError as e:
+            problems.append(str(e))
+        except Exception as e:
+            problems.append(f"entry point {ep.name} = {ep.value}: {type(e).__name__}: {e}")
+    return names, problems

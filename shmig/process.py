@@ -12,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -124,3 +126,25 @@ class Child:
     def recv_ctrl(self) -> tuple[str, Any]:
         """The next message from the controller (blocking)."""
         return ctrl_fields(self.ctrl_in.next_frame(), f"{self.title} control")
+
+    def take_channels(self, names: Any) -> dict[str, int]:
+        """The new pipe ends of a recovery, which the controller passed (SCM_RIGHTS) on this child's
+        fd socket just before the command naming them: pipes cannot be inherited after fork."""
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ProtocolError(f"{self.title} control channel: bad channel list {names!r}")
+        sock = socket.socket(fileno=os.dup(self.fds["fdsock"]))
+        try:
+            _, fds, flags, _ = socket.recv_fds(sock, 16, len(names) + 1)
+        finally:
+            sock.close()
+        if len(fds) != len(names) or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                os.close(fd)
+            raise ProtocolError(f"{self.title} fd socket: got {len(fds)} descriptors for {names}")
+        return dict(zip(names, fds))
+
+    def event(self, name: str, *info: Any) -> int:
+        """Tell the controller something happened now (its timeline, the report)."""
+        t = time.monotonic_ns()
+        self.ctrl_out.ctrl("event", [name, t, *info])
+        return t

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
+import select
 import sys
 import threading
 import time
@@ -18,58 +20,73 @@ from typing import Any
 import numpy as np
 
 from . import memory
+from .clock import Clock
 from .config import TARGET_PAGE
+from .faults import CHANNELS, Fault, FaultInjector
 from .policies import make_policy
 from .process import Child
-from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, expect
+from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect,
+                   frame_head, shutdown_pipe, writev_all)
 
 FRAME_PAGES_PRECOPY = 256  # up to 1 MiB frames while nothing waits on the channel: throughput
-FRAME_PAGES_POSTCOPY = 16  # 64 KiB frames once faults wait: the granularity of preemption checks
+FRAME_PAGES_POSTCOPY = 64  # 256 KiB frames once faults wait: the granularity of preemption checks (a
+# quarter of a millisecond at 10 Gbit/s; smaller frames cost more Python per byte than the link does)
 SPLICE_PAGES = 16  # runs at least this long are spliced rather than copied
-BUFFER_DELAY = 0.1  # QEMU's rate-limit window
+BUFFER_DELAY = 0.1  # QEMU's rate-limit window (emulated seconds)
 MAX_DISCARDS = 4096  # host page runs per DISCARD frame
 
 
 class RateLimiter:
-    """QEMU's migration rate limit: a budget of ``rate * BUFFER_DELAY`` bytes per 100 ms window."""
+    """QEMU's migration rate limit: a budget of ``rate * BUFFER_DELAY`` bytes per 100 ms window.
 
-    def __init__(self, rate: float | None):
-        self.rate = rate
-        self.window = time.monotonic()
-        self.used = 0
+    Windows and rates are emulated time (``Clock``): dilated N times, a window lasts N times longer
+    in real time and holds the same budget.
+    """
+
+    def __init__(self, rate: float | None, clock: Clock):
+        self.window_s = clock.real(BUFFER_DELAY)
+        self.set_rate(rate)
 
     def set_rate(self, rate: float | None) -> None:
-        self.rate = rate
+        self.budget = None if rate is None else rate * BUFFER_DELAY
         self.window = time.monotonic()
         self.used = 0
 
     def account(self, n: int) -> None:
         self.used += n
 
-    def _roll(self) -> float:
+    def exceeded(self) -> bool:
+        """migration_rate_exceeded; a window that has ended starts a new one (migration_update_counters)."""
+        if self.budget is None:
+            return False
         now = time.monotonic()
-        if now - self.window >= BUFFER_DELAY:
+        if now - self.window >= self.window_s:
             self.window = now
             self.used = 0
-        return now
+        return self.used >= self.budget
 
-    def exceeded(self) -> bool:
-        if self.rate is None:
+    def sleep(self, wake: threading.Event | None = None) -> bool:
+        """migration_rate_limit: with the budget spent, sleep until the window ends; a queued page
+        request (``wake``, QEMU's rate_limit_sem) ends the sleep early. The event is left set, as
+        QEMU posts the semaphore back: until the request is served, every later sleep returns at
+        once. Returns True if a request ended the sleep."""
+        if not self.exceeded():
             return False
-        self._roll()
-        return self.used >= self.rate * BUFFER_DELAY
+        left = self.window + self.window_s - time.monotonic()
+        if left <= 0:
+            return False
+        woken = wake.wait(left) if wake is not None else time.sleep(left)
+        if woken:
+            return True
+        self.exceeded()  # the window has ended: a new one starts before anything else is sent
+        return False
 
-    def wait(self, wake: threading.Event | None) -> None:
-        """Sleep until the window ends; a queued page request (``wake``) ends the sleep early."""
-        while self.exceeded():
-            left = self.window + BUFFER_DELAY - time.monotonic()
-            if left <= 0:
-                continue
-            if wake is None:
-                time.sleep(left)
-            elif wake.wait(left):
-                wake.clear()  # consumed, like QEMU's rate_limit_sem: the next wait sleeps again
-                return
+
+class PostcopyPaused(Exception):
+    """A channel broke during postcopy: the migration thread leaves what it was doing and pauses."""
+
+
+BROKEN = (ChannelClosed, TruncatedFrame, PostcopyPaused)  # what pauses a postcopy migration
 
 
 class Source(Child):
@@ -88,18 +105,18 @@ class Source(Child):
         self.remaining = cfg.npages
         self.last_log = self.mem.dirty.copy()
         self.dirty_sync_count = 1  # ram_init_bitmaps syncs once
-        self.pre = FrameWriter(self.fds["precopy"], "precopy")
-        self.post = FrameWriter(self.fds["postcopy"], "postcopy") if "postcopy" in self.fds else None
+        self.pre = FrameWriter(self.fds["precopy"], "precopy", self.link, 0)
+        self.post = FrameWriter(self.fds["postcopy"], "postcopy", self.link, 1) if "postcopy" in self.fds else None
         self.return_reader = FrameReader(self.fds["return"], "return path", max_frame=1 << 16)
         self.bitmap_lock = threading.Lock()
         self.requests: collections.deque[int] = collections.deque()
         self.urgent = threading.Event()  # migration_make_urgent_request
         self.scan_hp = 0  # last_seen_block/last_page, in host pages
         self.phase = "setup"
-        self.limiter = RateLimiter(cfg.max_bandwidth)
+        self.clock = cfg.clock
+        self.limiter = RateLimiter(cfg.max_bandwidth, self.clock)
         # a frame is at most a quarter of the socket buffer, so a queue always holds several
-        self.precopy_frame_pages = max(FRAME_PAGES_POSTCOPY,
-                                       min(FRAME_PAGES_PRECOPY, cfg.socket_buffer // TARGET_PAGE // 4))
+        self.precopy_frame_pages = max(1, min(FRAME_PAGES_PRECOPY, cfg.socket_buffer // TARGET_PAGE // 4))
         self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)
         self.stats: dict[str, Any] = collections.defaultdict(int)
         self.stats["channel_bytes"] = {"precopy": 0, "postcopy": 0}
@@ -108,6 +125,17 @@ class Source(Child):
         self.policy = make_policy(cfg, self)
         self.frame_pages = self.precopy_frame_pages
         self.events: dict[str, int] = {}
+        # postcopy recovery: a broken channel pauses the migration (faults.py injects such breaks)
+        self.faults = FaultInjector(cfg.inject_faults, self.clock)
+        self.migration_ident = threading.get_ident()  # only the migration thread injects faults
+        self.pausable = False  # from postcopy start until the last EOS: a broken channel pauses
+        self.pausing: str | None = None  # why the channels were shut down; None while they work
+        self.pause_lock = threading.Lock()
+        self.fault_cond = threading.Condition()  # the faults still to inject; ``active`` changes
+        self.active = False  # postcopy with its channels up: a fault may fire
+        self.finished = False
+        self.rp_wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # ends the return thread's wait
+        self.pauses: list[dict[str, Any]] = []
         sys.setswitchinterval(0.0005)  # the return thread must not wait 5 ms for the GIL
 
     # -- sending ------------------------------------------------------------
@@ -119,6 +147,7 @@ class Source(Child):
         pipe (no copy in this process); other pages are written straight out of guest RAM, or
         gathered into a reused buffer when scattered.
         """
+        self.between_frames(writer, tps)
         n = len(tps)
         first = int(tps[0])
         run = int(tps[-1]) - first == n - 1
@@ -205,8 +234,8 @@ class Source(Child):
             if tps.size:
                 n = self.send_pages(writer, tps, urgent)
                 self.account(writer, n, urgent)
-                if not urgent and k > 1:
-                    self.limiter.wait(self.policy.rate_wake)
+                if k > 1:  # rate limiting in the middle of a huge page, urgent or not, as QEMU
+                    self.limiter.sleep(self.policy.rate_wake)
         return None
 
     def send_host_batch(self, hps: np.ndarray, writer: FrameWriter, urgent: bool) -> None:
@@ -234,17 +263,17 @@ class Source(Child):
         while self.ctrl_in.has_frame():
             self.on_ctrl(self.recv_ctrl()[0])
 
-    def wait_ctrl(self, want: str) -> Any:
-        self.status(f"waiting for the controller's {want!r}")
+    def wait_ctrl(self, want: str, doing: str = "") -> Any:
+        self.status(f"{doing}waiting for the controller's {want!r}")
         while True:
             name, obj = self.recv_ctrl()
             if name == want:
                 return obj
             self.on_ctrl(name)
 
-    def event(self, name: str) -> None:
-        self.events[name] = time.monotonic_ns()
-        self.ctrl_out.ctrl("event", [name, self.events[name]])
+    def event(self, name: str, *info: Any) -> int:
+        self.events[name] = super().event(name, *info)
+        return self.events[name]
 
     # -- migration flow -----------------------------------------------------
     def sync(self) -> None:
@@ -269,17 +298,14 @@ class Source(Child):
             self.post.send(Msg.HELLO, ())
         self.phase = "precopy"
         self.event("setup_done")
-        self.return_thread = threading.Thread(target=self.return_loop, name="return", daemon=True)
-        self.return_thread.start()
+        self.start_return_thread()
         switch = self.precopy()
         if switch == "postcopy":
             self.switchover_postcopy()
-            self.status("postcopy: background scan and page requests")
-            self.policy.run_postcopy()
+            self.postcopy()
         else:
             self.stop_and_copy()
-        self.finish_postcopy()
-        self.pre.send(Msg.EOS, ())
+            self.complete()
         self.event("completed")
         self.status("completed: waiting for the destination's SHUT on the return path")
         self.return_thread.join()
@@ -291,6 +317,7 @@ class Source(Child):
         """Rounds until the switch condition. Returns 'postcopy' or 'complete'."""
         cfg = self.cfg
         postcopy_rounds = cfg.precopy_rounds if cfg.postcopy else None
+        self.limiter.set_rate(cfg.max_bandwidth)  # the first window starts with the migration
         while True:
             self.poll_control()
             if cfg.postcopy and (self.start_postcopy_requested or
@@ -304,15 +331,16 @@ class Source(Child):
                 return "postcopy"
             elapsed = max(time.monotonic() - t0, 1e-6)
             self.rounds += 1
+            self.mem.counters[memory.C_ROUNDS] = self.rounds
             self.sync()
-            bw = (self.stats["transferred"] - before) / elapsed
-            threshold = bw * cfg.downtime_limit
+            bw = (self.stats["transferred"] - before) / elapsed  # real bytes per real second
+            threshold = bw * self.clock.real(cfg.downtime_limit)
             self.pre.send(Msg.ROUND, (self.rounds,))
             if not cfg.postcopy or postcopy_rounds is None:
                 if self.remaining * TARGET_PAGE <= threshold or self.rounds >= cfg.max_rounds:
                     self.stats["converged"] = self.remaining * TARGET_PAGE <= threshold
                     self.stats["expected_downtime_ms"] = round(
-                        self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e3, 3)
+                        self.clock.emulated_ms(self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e9), 3)
                     return "complete"
 
     def precopy_round(self, final: bool = False) -> None:
@@ -330,7 +358,7 @@ class Source(Child):
             n = self.send_pages(self.pre, tps, False)
             if not final:
                 self.limiter.account(n)
-                self.limiter.wait(None)
+                self.limiter.sleep()
 
     def stop_vm(self) -> None:
         """Ask the controller to pause the guest; downtime runs from here."""
@@ -366,7 +394,7 @@ class Source(Child):
         self.pre.send(Msg.PACKAGED, ())
         self.event("postcopy_start")
         self.phase = "postcopy"
-        self.frame_pages = FRAME_PAGES_POSTCOPY
+        self.frame_pages = min(FRAME_PAGES_POSTCOPY, self.precopy_frame_pages)
         self.scan_hp = 0  # last_seen_block reset
         self.limiter.set_rate(self.cfg.max_postcopy_bandwidth)
 
@@ -374,6 +402,210 @@ class Source(Child):
         if self.post is not None:
             with self.bitmap_lock:  # an urgent page being sent by the return thread finishes first
                 self.post.send(Msg.EOS, ())
+
+    def complete(self) -> None:
+        """EOS on every channel: the destination has everything once it has loaded them."""
+        self.finish_postcopy()
+        self.pre.send(Msg.EOS, ())
+
+    # -- postcopy recovery (migration.c postcopy_pause / postcopy_do_resume) -------------------------
+    def postcopy(self) -> None:
+        """The postcopy phase to its end; a broken channel pauses it until a recovery succeeds."""
+        self.faults.arm(self.remaining)
+        self.pausable = True
+        self.set_active(True)
+        timer = threading.Thread(target=self.fault_timer, name="faults", daemon=True)
+        if self.faults.next_time_ns() is not None:
+            timer.start()
+        self.status("postcopy: background scan and page requests")
+        while True:
+            try:
+                self.policy.run_postcopy()
+                self.complete()
+                break
+            except BROKEN as e:
+                self.postcopy_pause(str(e))
+                while not self.postcopy_resume():
+                    pass  # it broke again during the recovery: paused again (QEMU's double failure)
+        self.pausable = False
+        with self.fault_cond:
+            self.finished = True
+            self.fault_cond.notify()
+        if timer.is_alive():
+            timer.join()
+
+    def set_active(self, active: bool) -> None:
+        with self.fault_cond:
+            self.active = active
+            self.fault_cond.notify()
+
+    def between_frames(self, writer: FrameWriter, tps: np.ndarray) -> None:
+        """Before each frame: a fault that is due breaks its channel (in the migration thread, once the
+        destination runs the guest), and a paused migration sends nothing more."""
+        if (self.faults.pending and self.active and threading.get_ident() == self.migration_ident
+                and self.mem.ctl[memory.DST_POSTCOPY]):
+            with self.fault_cond:
+                faults = self.faults.due(self.remaining)
+            self.inject(faults, writer, tps)
+        if self.pausing is not None:
+            raise PostcopyPaused(self.pausing)
+
+    def fault_timer(self) -> None:
+        """Faults given as a time fire on time, whatever the migration thread is doing (blocked on a
+        full queue, asleep on the rate limit): a connection drops whatever its sender does. One that
+        comes due while the migration is paused is left to the recovery (postcopy_resume)."""
+        with self.fault_cond:
+            while not self.finished:
+                t = self.faults.next_time_ns()
+                if t is None:
+                    return
+                left = (t - time.monotonic_ns()) / 1e9
+                if left > 0 or not self.active:
+                    self.fault_cond.wait(left if left > 0 else None)
+                elif not self.mem.ctl[memory.DST_POSTCOPY]:
+                    self.fault_cond.wait(0.005)  # the destination is still loading the package
+                else:
+                    faults = self.faults.due(self.remaining)
+                    if faults:
+                        self.break_channels(faults)
+                        self.request_pause(f"injected fault {faults[0]}")
+
+    def inject(self, faults: list[Fault], writer: FrameWriter | None = None,
+               tps: np.ndarray | None = None) -> None:
+        """Break the channels of these faults, then pause (raises PostcopyPaused)."""
+        if faults:
+            self.break_channels(faults, writer, tps)
+            self.request_pause(f"injected fault {faults[0]}")
+            raise PostcopyPaused(self.pausing)
+
+    def break_channels(self, faults: list[Fault], writer: FrameWriter | None = None,
+                       tps: np.ndarray | None = None) -> None:
+        """Break the channels of these faults as a dropped connection breaks. The channel ``writer``
+        was about to send ``tps`` on breaks in the middle of that frame."""
+        for f in faults:
+            if f.what == "return-path":
+                shutdown_pipe(self.return_reader.fd, write_end=False)
+                continue
+            w = self.pre if f.what == "precopy-channel" else self.post
+            assert w is not None  # validated: no postcopy-channel fault without the channel
+            if w is writer and tps is not None:  # this thread is the one writing it: no other frame interleaves
+                self.write_partial_frame(w, tps)
+            shutdown_pipe(w.fd, write_end=True)  # atomic: a frame another thread is writing ends short
+
+    def write_partial_frame(self, writer: FrameWriter, tps: np.ndarray) -> None:
+        """The first half of the frame of ``tps``: the receiver sees the channel close mid-frame."""
+        data = np.take(self.src_pages, tps, axis=0).reshape(-1)
+        head = frame_head(Msg.PAGES, (tps.astype(np.uint32).tobytes(), None, False), data.nbytes)
+        try:
+            writev_all(writer.fd, [head, data[:data.nbytes // 2]])
+        except OSError:
+            pass  # the receiver has gone already
+
+    def request_pause(self, reason: str) -> None:
+        """From any thread: shut every channel down (QEMU's migration_release_dst_files plus the
+        shutdown of the main channel), so the destination pauses too, and wake both threads."""
+        with self.pause_lock:
+            if self.pausing is not None:
+                return
+            self.pausing = reason
+        self.set_active(False)
+        for w in (self.pre, self.post):
+            if w is not None:
+                shutdown_pipe(w.fd, write_end=True)
+        shutdown_pipe(self.return_reader.fd, write_end=False)
+        self.link.drop_queues()  # a sender waiting for room in a queue nobody will drain gives up
+        self.return_error = PostcopyPaused(reason)
+        os.eventfd_write(self.rp_wake, 1)
+        self.urgent.set()
+
+    def postcopy_pause(self, reason: str, during: str = "postcopy") -> None:
+        """postcopy_pause: the channels are shut, the return thread ends, the controller is told."""
+        self.request_pause(reason)
+        self.return_thread.join()
+        for fd in (self.pre.fd, self.return_reader.fd, *([self.post.fd] if self.post else [])):
+            os.close(fd)
+        self.stats["postcopy_pauses"] += 1
+        self.status(f"postcopy-paused ({self.pausing}): waiting for the controller's 'resume'")
+        self.pauses.append({"reason": self.pausing, "during": during,
+                            "paused_ns": self.event("postcopy_paused", self.pausing)})
+
+    def postcopy_resume(self) -> bool:
+        """migrate resume=true (postcopy_do_resume): the new main channel and return path first; the
+        destination's receivedmap reloads the dirty bitmap; only then the new preempt channel; then
+        the RESUME handshake. False if a channel broke on the way (paused again)."""
+        names = self.wait_ctrl("resume", doing=f"postcopy-paused ({self.pausing}): ")
+        fds = self.take_channels(names)
+        self.pre.fd = fds["precopy"]
+        self.return_reader.reopen(fds["return"])
+        if self.post is not None:
+            self.post.fd = fds["postcopy"]
+        try:
+            os.eventfd_read(self.rp_wake)
+        except BlockingIOError:
+            pass
+        self.pausing = None
+        self.return_error = None
+        try:
+            self.status("postcopy-recover: asking for the destination's receivedmap")
+            self.inject_in_recovery(("precopy-channel", "return-path"))
+            self.pre.send(Msg.RECV_BITMAP, ())
+            f = self.rp_next_frame()
+            expect(f, Msg.RECV_BITMAP, 0, "return path")
+            self.reload_dirty_bitmap(f)
+            self.pauses[-1]["recv_bitmap_ns"] = self.event("recv_bitmap")
+            if self.post is not None:  # postcopy_preempt_establish_channel, after the main channel
+                self.post.send(Msg.HELLO, ())
+                self.pauses[-1]["preempt_channel_ns"] = self.event("preempt_channel")
+            self.inject_in_recovery()
+            self.status("postcopy-recover: RESUME sent, waiting for RESUME_ACK")
+            self.pre.send(Msg.RESUME, ())
+            expect(self.rp_next_frame(), Msg.RESUME_ACK, 0, "return path")
+        except BROKEN as e:
+            self.postcopy_pause(str(e), during="recovery")
+            return False
+        self.stats["recoveries"] += 1
+        self.pauses[-1]["resumed_ns"] = self.event("postcopy_resumed")
+        self.start_return_thread()
+        self.set_active(True)
+        self.status("postcopy: background scan and page requests (recovered)")
+        return True
+
+    def inject_in_recovery(self, channels: tuple[str, ...] = CHANNELS) -> None:
+        """A fault that came due while paused breaks a new channel as soon as it exists."""
+        with self.fault_cond:
+            faults = self.faults.due(self.remaining, channels, "recovery")
+        self.inject(faults)
+
+    def reload_dirty_bitmap(self, f: Frame) -> None:
+        """ram_dirty_bitmap_reload: every page the destination has not received is dirty again
+        (sent but lost on the way, or never sent); the request-servicing state starts afresh."""
+        n = self.cfg.npages
+        bits = np.frombuffer(f.payload if f.payload is not None else b"", np.uint8)
+        if bits.size != (n + 7) // 8:
+            raise ProtocolError(f"return path: receivedmap of {bits.size} bytes for {n} pages")
+        missing = np.unpackbits(bits, count=n, bitorder="little") == 0
+        resent = int(np.count_nonzero(missing & ~self.dirty))
+        self.dirty[:] = missing
+        self.remaining = int(np.count_nonzero(missing))
+        self.mem.counters[memory.C_REMAINING] = self.remaining
+        self.stats["postcopy_pages_resent"] += resent
+        self.pauses[-1]["pages_resent"] = self.pauses[-1].get("pages_resent", 0) + resent
+        self.policy.resume_prepare()
+
+    def rp_next_frame(self) -> Frame:
+        """The next return-path frame; a pause ends the wait (QEMU shuts the file down under it)."""
+        rp = self.return_reader
+        while not rp.has_frame():
+            if rp.eof:
+                return rp.next_frame()  # raises: closed, or closed mid-frame
+            if self.pausing is not None:
+                raise PostcopyPaused(self.pausing)
+            select.select([rp.fd, self.rp_wake], [], [])
+        return rp.next_frame(0)  # type: ignore[return-value]
+
+    def start_return_thread(self) -> None:
+        self.return_thread = threading.Thread(target=self.return_loop, name="return", daemon=True)
+        self.return_thread.start()
 
     # -- the return thread --------------------------------------------------
     return_error: BaseException | None = None
@@ -383,7 +615,7 @@ class Source(Child):
         try:
             rp = self.return_reader
             while True:
-                f = rp.next_frame()
+                f = self.rp_next_frame()
                 if f.kind == Msg.SHUT:
                     return
                 if f.kind != Msg.REQ or len(f.fields) < 1:
@@ -391,18 +623,30 @@ class Source(Child):
                 hp = f.fields[0]
                 if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.nhost:
                     raise ProtocolError(f"return path: request for host page {hp!r} outside RAM")
-                self.link.arrive(f.send_ns, rp.wait)
+                self.link.deliver(f.send_ns, rp.wait)
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU
+                self.mem.counters[memory.C_REQUESTS] += 1
                 self.policy.on_request(hp)
-        except ChannelClosed as e:
-            self.return_error = ProtocolError(f"return path closed before SHUT ({e})")
+        except BROKEN as e:
+            if self.pausable:  # postcopy_pause_return_path_thread
+                self.request_pause(str(e))
+            elif isinstance(e, ChannelClosed):
+                self.return_error = ProtocolError(f"return path closed before SHUT ({e})")
+            else:
+                self.return_error = e
+                self.urgent.set()
         except BaseException as e:  # surfaced by the migration thread
             self.return_error = e
             self.urgent.set()
 
     def final_stats(self) -> dict[str, Any]:
         st = dict(self.stats)
+        st["sender_blocked_ms"] = {w.name: round(self.clock.emulated_ms(w.blocked_ns), 3)
+                                   for w in (self.pre, self.post) if w is not None}
         st["dirty_sync_count"] = self.dirty_sync_count
         st["precopy_rounds"] = self.rounds
         st["events"] = self.events
+        st["pauses"] = self.pauses
+        st["faults_injected"] = self.faults.fired
+        st["faults_not_injected"] = [str(f) for f in self.faults.pending]
         return st

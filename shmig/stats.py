@@ -127,3 +127,17 @@ def format_dist(dist: list[int]) -> str:
         if c
     ]
     return "\n".join(lines)
+
+
+def dist_quantile(dist: np.ndarray | list[int], q: float) -> float | None:
+    """A latency quantile (us) estimated from QEMU's log2 buckets alone, interpolated geometrically
+    inside its bucket (so within a factor of 2): what a live display can know before the per-fault
+    records come back at the end of a run. None without faults."""
+    counts = np.asarray(dist, dtype=np.float64).ravel()
+    total = counts.sum()
+    if total <= 0:
+        return None
+    cum = np.cumsum(counts)
+    b = int(np.searchsorted(cum, q * total))
+    frac = (q * total - (cum[b] - counts[b])) / counts[b]
+    return float(2.0 ** (b + frac)) if b else float(2.0 * frac)

@@ -1,8 +1,9 @@
 """A Chrome/Perfetto trace of one migration (``shmig run --trace PATH``; open in ui.perfetto.dev).
 
-Tracks: the migration's phases on the controller; every vCPU fault as an async slice on its vCPU
-(faults of different vCPUs overlap, so they cannot be nested slices on one track); counters for
-bytes per channel, pages still to send, pages received, faults outstanding, guest accesses.
+Tracks: the migration's phases on the controller (each postcopy-paused stretch nested in
+postcopy); every vCPU fault as an async slice on its vCPU (faults of different vCPUs overlap, so
+they cannot be nested slices on one track); counters for bytes per channel, pages still to send,
+pages received, faults outstanding, guest accesses.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def chrome_trace(m: Migration) -> dict[str, Any]:
         end = times.get(b)
         if start is not None and end is not None and end >= start:
             ev.append({"ph": "X", "pid": PID, "tid": 0, "name": name, "ts": us(start), "dur": (end - start) / 1e3})
+    for a, b in m.pause_intervals:  # inside the postcopy slice: they nest
+        ev.append({"ph": "X", "pid": PID, "tid": 0, "name": "postcopy-paused", "ts": us(a), "dur": (b - a) / 1e3})
     for p in m.procs:
         st = p.stats or {}
         if "faults" not in st:

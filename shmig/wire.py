@@ -15,14 +15,19 @@ import enum
 import os
 import select
 import struct
+import threading
 import time
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import msgpack
+
+if TYPE_CHECKING:
+    from .link import Link
 
 PREFIX = struct.Struct("<II")
 MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 26
+HEAD_ROOM = 2048  # bounds a data frame's prefix and header (page indices, zero flags) for the room check
 PIPE_BUF = 4096  # writes up to this size are atomic, so several vCPUs may share the fault pipe
 FUTURE_NS = 1_000_000_000  # every process stamps frames with one clock: a later send time is corrupt
 
@@ -40,6 +45,10 @@ class Msg(enum.IntEnum):
     FAULT = 10  # vCPU -> fault thread: fields: vcpu, host page
     CTRL = 11  # controller <-> child: fields: name, object
     ROUND = 12  # precopy round boundary (for the destination's stats only)
+    RECV_BITMAP = 13  # recovery: MIG_CMD_RECV_BITMAP on the main channel; the reply (MIG_RP_MSG_RECV_BITMAP)
+    #                   on the return path carries receivedmap as a little-endian bitmap payload
+    RESUME = 14  # recovery: MIG_CMD_POSTCOPY_RESUME
+    RESUME_ACK = 15  # recovery: MIG_RP_MSG_RESUME_ACK
 
 
 KINDS = frozenset(int(k) for k in Msg)
@@ -51,6 +60,22 @@ class ProtocolError(Exception):
 
 class ChannelClosed(EOFError):
     """The other end closed the pipe at a frame boundary."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The pipe closed in the middle of a frame: a broken channel (during postcopy, a reason to pause,
+    as a dropped connection is; anywhere else, a protocol error like any other)."""
+
+
+def shutdown_pipe(fd: int, write_end: bool) -> None:
+    """QEMU's qemu_file_shutdown for a pipe end: from now on ``fd`` reads EOF or writes EPIPE, and the
+    peer sees the channel close once no syscall still holds the old end. ``dup2`` swaps the file
+    under the descriptor atomically, so another thread using ``fd`` never sees it closed or reused."""
+    r, w = os.pipe()
+    dead, other = (w, r) if write_end else (r, w)
+    os.close(other)
+    os.dup2(dead, fd, inheritable=False)
+    os.close(dead)
 
 
 def pack_header(kind: int, fields: Sequence[Any], send_ns: int | None = None) -> bytes:
@@ -87,17 +112,26 @@ def writev_all(fd: int, bufs: list) -> int:
 
 
 class FrameWriter:
-    """Sends frames on one pipe; counts what it sent."""
+    """Sends frames on one pipe; counts what it sent.
 
-    def __init__(self, fd: int, name: str):
+    A data channel's writer goes through the link's socket queue (``link``, channel ``ch``): a
+    frame that does not fit waits for Linux's write-space wake-up, and what is written is queued
+    until the link has carried it.
+    """
+
+    def __init__(self, fd: int, name: str, link: Link | None = None, ch: int = 0):
         self.fd = fd
         self.name = name
+        self.link = link
+        self.ch = ch
         self.bytes_out = 0
         self.frames_out = 0
+        self.blocked_ns = 0  # time spent waiting for write space
 
     def send(self, kind: int, fields: Sequence[Any] = (), payload: Sequence[Any] = (),
              send_ns: int | None = None) -> int:
         plen = sum(memoryview(p).nbytes for p in payload) if payload else 0
+        self._wait_space(plen)
         head = frame_head(kind, fields, plen, send_ns)
         with self._sending(head, plen):
             if plen == 0 and len(head) <= PIPE_BUF:  # the common small message: one atomic write
@@ -110,6 +144,7 @@ class FrameWriter:
     def send_file(self, kind: int, fields: Sequence[Any], fd: int, offset: int, nbytes: int) -> int:
         """A frame whose payload is ``nbytes`` of file ``fd`` at ``offset``, spliced into the pipe:
         the kernel moves page references instead of copying the bytes."""
+        self._wait_space(nbytes)
         head = frame_head(kind, fields, nbytes)
         with self._sending(head, nbytes):
             writev_all(self.fd, [head])
@@ -118,9 +153,18 @@ class FrameWriter:
                 offset += os.splice(fd, self.fd, end - offset, offset_src=offset)
         return len(head) + nbytes
 
+    def _wait_space(self, plen: int) -> None:
+        """A data channel's frame waits for room in the socket queue before its header (and send
+        time) is made: it enters the queue when the sender gets past this."""
+        if self.link is not None:
+            self.blocked_ns += self.link.wait_for_space(self.ch, plen + HEAD_ROOM)
+
     @contextlib.contextmanager
     def _sending(self, head: bytes, plen: int) -> Iterator[None]:
-        """A vanished receiver is a closed channel; a frame sent is counted."""
+        """A vanished receiver is a closed channel; a frame sent is counted (and queued, on a
+        data channel: before it is written, so the receiver never carries what is not counted)."""
+        if self.link is not None:
+            self.link.sent(self.ch, len(head) + plen)
         try:
             yield
         except BrokenPipeError:
@@ -169,7 +213,9 @@ class FrameReader:
         self.readahead = 0 if direct else readahead
         self.pending = 0  # direct mode: payload bytes of the last frame still in the pipe
         self._peeked: tuple[int, tuple[list, int, int]] | None = None
-        self.cap = readahead + max_frame + 65536
+        # twice what may be buffered at once: the buffered bytes move to the front only once the
+        # front half is free, so each byte is moved at most once however deep the read-ahead
+        self.cap = 2 * (readahead + max_frame + 65536)
         self.buf = bytearray(self.cap)
         self.mv = memoryview(self.buf)
         self.start = 0
@@ -209,10 +255,13 @@ class FrameReader:
                 buf = bytearray(self.cap)
                 buf[:n] = self.mv[self.start:self.end]
                 self.buf, self.mv = buf, memoryview(buf)
-            else:
+                self.start, self.end = 0, n
+            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
                 self.mv[:n] = self.mv[self.start:self.end]
-            self.start, self.end = 0, n
+                self.start, self.end = 0, n
             want = min(want, self.cap - self.end)
+            if want <= 0:
+                return 0
         try:
             got = os.readv(self.fd, [self.mv[self.end:self.end + want]])
         except BlockingIOError:
@@ -247,16 +296,20 @@ class FrameReader:
                 continue
             if self.eof:
                 if self.buffered:
-                    raise ProtocolError(f"{self.name} channel: truncated frame ({self.buffered} bytes"
+                    raise TruncatedFrame(f"{self.name} channel: truncated frame ({self.buffered} bytes"
                                         f" of {self._need()} before the pipe closed)")
                 raise ChannelClosed(f"{self.name} channel closed")
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 return None
-            r, _, _ = select.select([self.fd], [], [], left)
-            if not r and left is not None:
+            if not self._await(left) and left is not None:
                 return None
         return self._take() if take else None
+
+    def _await(self, timeout: float | None) -> bool:
+        """Sleep until more bytes may be read (or ``timeout``); True if they may."""
+        r, _, _ = select.select([self.fd], [], [], timeout)
+        return bool(r)
 
     def peek_head(self) -> tuple[int, int]:
         """(size, send_ns) of the next frame, waiting until it is whole, without taking it."""
@@ -296,10 +349,13 @@ class FrameReader:
         else:
             payload = self.mv[h0 + hlen:h0 + hlen + plen]
             self.start += size
-        if self.start == self.end:
-            self.start = self.end = 0
+        self._rewind()
         self.frames_in += 1
         return Frame(header[0], header[1], header[2:], payload, size)
+
+    def _rewind(self) -> None:
+        if self.start == self.end:
+            self.start = self.end = 0
 
     def read_payload_into(self, views: list) -> None:
         """Direct mode: read the pending payload straight into ``views`` (which add up to it)."""
@@ -314,7 +370,7 @@ class FrameReader:
                 select.select([self.fd], [], [])
                 continue
             if n == 0:
-                raise ProtocolError(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
+                raise TruncatedFrame(f"{self.name} channel: truncated frame ({self.pending} payload bytes"
                                     f" missing when the pipe closed)")
             self.pending -= n
             self.bytes_in += n
@@ -336,12 +392,136 @@ class FrameReader:
         self.read_payload_into([view])
         return view
 
+    def close(self) -> None:
+        """A broken channel is given up (a postcopy pause)."""
+        os.close(self.fd)
+
+    def reopen(self, fd: int) -> None:
+        """Read a new pipe from now on (a recovered channel): what was read ahead belonged to the old
+        one and is dropped, as a broken connection's receive queue is."""
+        self.fd = fd
+        self.start = self.end = self.pending = 0
+        self._peeked = None
+        self.eof = False
+        os.set_blocking(fd, False)
+
     def has_frame(self) -> bool:
         """True if a whole frame is buffered (after a non-blocking read)."""
         while not self._complete():
             if not self.fill():
                 return False
         return True
+
+
+class SocketReader(FrameReader):
+    """A data channel's receive side when the pipe cannot hold the whole socket buffer: a thread
+    drains the pipe into the read-ahead buffer as bytes arrive, as the kernel fills a socket's
+    receive buffer while the application is busy. So the sender's writes complete as fast as
+    memory copies them, not at the pace the receiver happens to look at its pipe.
+
+    The thread only ever writes past ``end``; the consumer moves the buffered bytes to the front
+    (or grows the buffer) only at a frame boundary and never while the thread is reading.
+    """
+
+    def __init__(self, fd: int, name: str, readahead: int, max_frame: int):
+        super().__init__(fd, name, readahead=readahead, max_frame=max_frame)
+        self._cond = threading.Condition()
+        self._reading = False
+        self._error: BaseException | None = None
+        threading.Thread(target=self._pump, name=f"{name} socket", daemon=True).start()
+
+    def _room(self) -> int:
+        """Under the lock: bytes the thread may read now at ``end``."""
+        return min(self.cap - self.end, max(self.readahead, self._need()) - self.buffered)
+
+    def _pump(self) -> None:
+        try:
+            while True:
+                select.select([self.fd], [], [])  # readable: data, or the writer has gone
+                with self._cond:
+                    while (n := self._room()) <= 0:
+                        self._cond.wait()
+                    self._reading = True
+                    at = self.end
+                got = -1
+                try:
+                    got = os.readv(self.fd, [self.mv[at:at + n]])
+                except BlockingIOError:
+                    pass
+                finally:
+                    with self._cond:  # the bytes count where they were read, before anything moves
+                        self._reading = False
+                        if got > 0:
+                            self.end += got
+                            self.bytes_in += got
+                        elif got == 0:
+                            self.eof = True
+                        self._cond.notify_all()
+                if got == 0:
+                    return
+        except BaseException as e:  # surfaced to the consumer as a closed channel
+            with self._cond:
+                self._error = e
+                self.eof = True
+                self._cond.notify_all()
+
+    def fill(self) -> int:
+        """At a frame boundary: make room for the thread if the buffer's tail is short."""
+        need = self._need()
+        if self.cap - self.end >= max(self.readahead, need) - self.buffered and need <= self.cap:
+            return 0
+        with self._cond:
+            while self._reading:
+                self._cond.wait()
+            n = self.buffered
+            if need > self.cap:
+                self.cap = need + 65536
+                buf = bytearray(self.cap)
+                buf[:n] = self.mv[self.start:self.end]
+                self.buf, self.mv = buf, memoryview(buf)
+            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
+                self.mv[:n] = self.mv[self.start:self.end]
+            else:
+                return 0
+            self.start, self.end = 0, n
+            self._peeked = None
+            self._cond.notify_all()
+        return 0
+
+    def _await(self, timeout: float | None) -> bool:
+        if self._error is not None:
+            raise ProtocolError(f"{self.name} channel: receiving failed ({self._error})")
+        with self._cond:
+            end = self.end
+            self._cond.wait_for(lambda: self.end != end or self.eof, timeout)
+            return self.end != end
+
+    def wait(self, timeout: float | None) -> None:
+        if timeout:
+            time.sleep(timeout)  # the thread reads meanwhile
+
+    def _rewind(self) -> None:
+        # never back to the front here: the frame just taken is still being placed from there,
+        # and the thread would read new bytes over it; fill() moves bytes at the next boundary
+        with self._cond:
+            self._cond.notify_all()  # a frame was taken: room for the thread
+
+    def close(self) -> None:
+        """The thread reads EOF from now on and ends (room is made for it, in case it waits for
+        some), and only then is the descriptor closed: it never reads one that was reused."""
+        shutdown_pipe(self.fd, write_end=False)
+        with self._cond:
+            self.start = self.end = 0  # what it held is lost with the channel
+            self._peeked = None
+            self._cond.notify_all()
+            if not self._cond.wait_for(lambda: self.eof and not self._reading, timeout=10):
+                raise ProtocolError(f"{self.name} channel: its receiving thread did not stop")
+        os.close(self.fd)
+
+    def reopen(self, fd: int) -> None:
+        super().reopen(fd)
+        self._error = None
+        threading.Thread(target=self._pump, name=f"{self.name} socket", daemon=True).start()
 
 
 def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:
@@ -370,7 +550,7 @@ def ctrl_fields(frame: Frame | None, channel: str) -> tuple[str, Any]:
     want = CTRL_OBJECTS.get(name)
     ok = want is None or (isinstance(obj, want) and not isinstance(obj, bool))
     if ok and name == "event":
-        ok = len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], int) and not isinstance(obj[1], bool)
+        ok = len(obj) >= 2 and isinstance(obj[0], str) and isinstance(obj[1], int) and not isinstance(obj[1], bool)
     elif ok and name == "stats":
         ok = all(isinstance(k, str) for k in obj)
     if not ok:

@@ -1,5 +1,6 @@
 """Issue 9, "tried as a new user would": input that is never misread, output that is never lost, a
-report that never lies. Each test here failed before the change it pins."""
+report that never lies. Each test here failed before the change it pins. (Ctrl-C during a sweep is
+tests/test_sweep.py's; it goes through the same compare.run_one.)"""
 
 from __future__ import annotations
 
@@ -32,13 +33,13 @@ def popen(argv: list[str]) -> subprocess.Popen:
 
 
 def interrupt_when(p: subprocess.Popen, line_start: str, after: float = 0.3) -> tuple[str, str]:
-    """SIGINT the program ``after`` s after it logs a line starting with ``line_start`` on stderr;
+    """SIGINT the program ``after`` s after it logs a line holding ``line_start`` on stderr;
     (stdout, stderr) once it has exited."""
     err = []
     try:
         for line in p.stderr:
             err.append(line)
-            if line.startswith(line_start):
+            if line_start in line:
                 time.sleep(after)
                 os.killpg(p.pid, signal.SIGINT)
                 break
@@ -99,8 +100,9 @@ def test_interrupted_run_writes_its_trace_and_report(tmp_path):
     trace, rep = tmp_path / "t.json", tmp_path / "r.json"
     p = popen([sys.executable, "-m", "shmig", "run", "--ram", "32MiB", "--bandwidth", "10MiB/s",
                "--trace", str(trace), "--json", str(rep), "-q"])
-    try:
-        time.sleep(1.0)  # the run lasts several seconds
+    try:  # once the guest runs (the run then lasts seconds), as a user's Ctrl-C would come
+        assert wait_until(lambda: any(": guest/vcpu0" in x for x in session_processes(p.pid)), 20)
+        time.sleep(0.5)
         assert p.poll() is None
         os.killpg(p.pid, signal.SIGINT)
         out, err = p.communicate(timeout=30)
@@ -168,7 +170,7 @@ def test_units_as_qemu_users_write_them(capsys, tmp_path):
 def test_compare_rows_are_labelled_with_what_ran():
     cfgs = plan({"break_huge": False}, ["preempt"], [4096])
     assert list(cfgs) == [("preempt-nobreak", 4096)]
-    assert not cfgs[("preempt-nobreak", 4096)].break_huge
+    assert not cfgs[("preempt-nobreak", 4096)][0].break_huge
     cfgs = plan({"break_huge": False}, ["preempt", "preempt-nobreak"], [4096, 2 * MiB])  # the same run: once
     assert list(cfgs) == [("preempt-nobreak", 4096), ("preempt-nobreak", 2 * MiB)]
     assert label_of(shmig.Config(mode="preempt-full", page_hint=True)) == "preempt-full-hint"
@@ -204,15 +206,6 @@ def test_ctrl_c_stops_the_whole_compare(tmp_path):
     assert re.search(r"\|\s+vanilla \|", out), out
     runs = json.loads(path.read_text())
     assert [r["mode"] for r in runs] == ["vanilla"] and runs[0]["report"]["integrity"]["ok"]
-
-
-@pytest.mark.timeout(90)
-def test_ctrl_c_stops_the_whole_sweep():
-    p = popen([sys.executable, "tools/sweep.py", "bandwidth", "unlimited,10MiB/s,20MiB/s", "--ram", "16MiB"])
-    out, err = interrupt_when(p, "running bandwidth=10MiB/s")
-    assert p.returncode == 130, (out, err)
-    assert "interrupted: 1 of 3 runs finished" in err and "bandwidth=20MiB/s" not in err
-    assert re.search(r"\|\s+unlimited \|\s+completed \|", out), out
 
 
 # --- the report: never lies -------------------------------------------------------------------

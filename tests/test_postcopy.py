@@ -87,7 +87,8 @@ def test_postcopy_modes(variant, host_page, workload, precopy_rounds):
             # at least one request was for a page neither sent nor in flight: it went on the
             # postcopy channel
             assert r.ram["channel_bytes"]["postcopy"] > 0, r.ram
-    if r.postcopy_requests >= 3 and c.uses_preempt_channel and host_page == 4 * KiB and workload == "random":
+    # with a few requests only, all may be for pages the (256 KiB per frame) background already sent
+    if r.postcopy_requests >= 10 and c.uses_preempt_channel and host_page == 4 * KiB and workload == "random":
         assert r.ram["channel_bytes"]["postcopy"] > 0, r.ram
 
 
@@ -135,9 +136,9 @@ def test_preempt_interrupts_huge_pages():
 @pytest.mark.timeout(TIMEOUT)
 def test_preempt_urgent_on_precopy():
     """A sequential guest faults on exactly the huge page the background is sending: the request is
-    for the interrupted page itself, which 7.1 finishes on the precopy channel. This happens on
-    (nearly) every fault, so it is asserted, not just allowed."""
-    c = cfg(mode="preempt", host_page=2 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
+    for the interrupted page itself, which 7.1 finishes on the precopy channel. Among 32 huge
+    pages it happens on a few faults in every run, so it is asserted, not just allowed."""
+    c = cfg(mode="preempt", host_page=2 * MiB, ram=64 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
             workload="sequential", vcpus=2, precopy_rounds=0)
     r = shmig.run(c)
     assert_postcopy_report(r, c)

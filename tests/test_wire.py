@@ -557,7 +557,7 @@ def test_wait_sleeps_when_readahead_is_full(pipe):
         calls += 1
         rd.wait(timeout)
 
-    Link._until(time.monotonic_ns() + 50_000_000, counting_wait)  # pace for 50 ms, as Link.carry does
+    Link.until(time.monotonic_ns() + 50_000_000, counting_wait)  # pace for 50 ms, as Link.carry does
     # a sleeping wait needs a handful of calls; the busy loop makes tens of thousands
     assert calls < 100, f"wait() was called {calls} times in 50 ms"
 
@@ -651,3 +651,40 @@ def test_direct_mode_unread_payload_is_reported(pipe):
     rd.next_frame(timeout=5)
     with pytest.raises(RuntimeError, match="payload was not read"):
         rd.next_frame(timeout=5)
+
+
+def test_socket_reader_keeps_every_frame_intact_while_its_thread_reads_ahead():
+    """The kernel-like receive thread writes past ``end`` while frames are taken and the buffer is
+    moved to the front: every payload must come out exactly as written, in order."""
+    import random
+    import threading
+
+    from shmig.wire import FrameWriter, SocketReader
+
+    r, w = os.pipe()
+    rng = random.Random(7)
+    sizes = [rng.choice([0, 1, 4096, 65536, 262144, 1 << 20]) for _ in range(300)]
+    reader = SocketReader(r, "precopy", readahead=3 << 20, max_frame=(1 << 20) + 65536)
+
+    def write() -> None:
+        wr = FrameWriter(w, "precopy")
+        for i, n in enumerate(sizes):
+            wr.send(Msg.PAGES, (i,), [bytes([i % 251]) * n] if n else ())
+        os.close(w)
+    t = threading.Thread(target=write, daemon=True)
+    t.start()
+    try:
+        for i, n in enumerate(sizes):
+            if i % 3 == 0:
+                reader.fill()  # the receiver's frame boundary, where the buffer may move
+            f = reader.next_frame(timeout=10)
+            assert f is not None and f.fields == [i]
+            assert f.payload.nbytes == n
+            if n:
+                data = bytes(f.payload)
+                assert data[0] == i % 251 and data.count(data[0]) == n, f"frame {i} corrupted"
+        with pytest.raises(ChannelClosed):
+            reader.next_frame(timeout=10)
+    finally:
+        t.join(10)
+        os.close(r)

@@ -1,0 +1,1 @@
+"""Examples of shmig used from Python: policies of your own (see the README)."""

@@ -1,0 +1,328 @@
+"""The timing mechanisms, each pinned without timing luck: QEMU's rate-limit gate, Linux's
+write-space rule, the link's catch-up and what it reports, and the dilated clock.
+
+Where a mechanism is about time, the test drives a fake clock or asserts an order of events
+(served in which window, blocked until which drain), never a wall-clock duration."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import types
+
+import numpy as np
+import pytest
+
+import shmig
+import shmig.link as link_mod
+from helpers import assert_ok
+from shmig.clock import Clock
+from shmig.link import QUANTUM, STATE_WORDS, Link
+from shmig.policies import Policy
+from shmig.source import RateLimiter
+
+MiB = 1024**2
+
+
+# -- the dilated clock -----------------------------------------------------------------------------
+
+def test_clock_dilates_durations_and_rates_and_undoes_it_for_reports():
+    c = Clock(4.0)
+    assert c.real(0.1) == pytest.approx(0.4)  # the 100 ms rate-limit window lasts 400 ms
+    assert c.real_ns(50e-6) == 200_000  # a 50 us latency lasts 200 us
+    assert c.rate(1.25e9) == pytest.approx(3.125e8)  # a 10 Gbit/s link carries 2.5 Gbit/s of real time
+    assert c.rate(None) is None  # unlimited stays unlimited
+    assert c.emulated_ms(400_000_000) == pytest.approx(100.0)  # 400 real ms were 100 emulated ms
+    assert Clock().real(0.3) == 0.3
+
+
+@pytest.mark.timeout(60)
+def test_dilated_run_reports_emulated_time():
+    """A 200 MiB/s link dilated 2x: the run takes twice as long in real time, and its report says
+    what the emulated link took (32 MiB at 200 MiB/s is 160 ms), not what the machine took."""
+    c = shmig.Config(mode="precopy", ram=32 * MiB, workload="idle", bandwidth=200 * MiB, max_rounds=1,
+                     zero_fraction=0.0, time_dilation=2.0, deadline=60)
+    t0 = time.monotonic()
+    r = shmig.run(c)
+    wall = time.monotonic() - t0
+    assert_ok(r)
+    ideal_ms = 32 / 200 * 1e3
+    assert r.time_dilation["factor"] == 2.0
+    assert wall >= 2 * ideal_ms / 1e3  # really slowed down
+    assert 0.95 * ideal_ms <= r.total_time_ms <= 1.6 * ideal_ms, r.total_time_ms  # reported undilated
+    assert r.link["nominal_bps"] == pytest.approx(200 * MiB * 8)
+    assert r.link["utilisation"] <= 1.02, r.link  # never faster than the emulated link
+
+
+def test_time_dilation_validation():
+    with pytest.raises(shmig.ConfigError, match="--time-dilation"):
+        shmig.Config(time_dilation=0.5).validate()
+    with pytest.raises(shmig.ConfigError, match="--time-dilation"):
+        shmig.Config(time_dilation="fast").validate()
+    assert shmig.Config.from_strings(time_dilation="auto").time_dilation == "auto"
+    assert shmig.Config.from_strings(time_dilation="3").time_dilation == 3.0
+
+
+# -- the rate-limit gate ---------------------------------------------------------------------------
+
+def test_rate_limiter_sleep_ends_the_window_or_returns_on_a_request():
+    lim = RateLimiter(1000.0, Clock(0.2))  # 100 bytes per 20 ms window
+    lim.account(100)
+    assert lim.exceeded()
+    window = lim.window
+    t0 = time.monotonic()
+    assert lim.sleep() is False  # nothing to wake it: to the window's end...
+    assert time.monotonic() >= window + lim.window_s - 1e-4
+    assert lim.window != window and lim.used == 0 and not lim.exceeded()  # ...and a new one starts
+    assert time.monotonic() - t0 < 5  # (sanity)
+    lim.account(100)
+    wake = threading.Event()
+    wake.set()
+    assert lim.sleep(wake) is True  # a queued request ends the sleep at once
+    assert wake.is_set()  # and stays posted (QEMU re-posts rate_limit_sem) until it is served
+    assert lim.exceeded()  # the budget is still spent: the gate is not the sleep
+
+
+class GateSource:
+    """Just what the migration thread's postcopy loop touches, for 4 KiB pages: a background of
+    ``npages`` pages, 4 KiB each, sent 16 per frame; every send recorded with the window it fell in."""
+
+    def __init__(self, npages: int, budget_frames: int):
+        self.clock = Clock()  # 100 ms windows: far longer than the few frames a budget holds
+        self.limiter = RateLimiter(budget_frames * 16 * 4096 / 0.1, self.clock)
+        self.requests: collections.deque[int] = collections.deque()
+        self.urgent = threading.Event()
+        self.return_error = None
+        self.k, self.frame_pages, self.nhost, self.scan_hp = 1, 16, npages, 0
+        self.pre = object()
+        self.dirty = np.ones(npages, bool)
+        self.log: list[tuple[str, int, float, int]] = []  # (what, page, window, bytes used before)
+        self.on_background = lambda: None
+
+    def host_dirty(self, hp: int) -> bool:
+        return bool(self.dirty[hp])
+
+    def next_dirty_hosts(self, limit: int) -> np.ndarray:
+        return np.flatnonzero(self.dirty)[:limit]
+
+    def _send(self, what: str, hps: np.ndarray) -> None:
+        self.log.append((what, int(hps[0]), self.limiter.window, self.limiter.used))
+        self.dirty[hps] = False
+        self.limiter.account(len(hps) * 4096)
+
+    def send_host_batch(self, hps: np.ndarray, writer: object, urgent: bool) -> None:
+        self._send("background", hps)
+        self.on_background()
+
+    def send_host_page(self, hp: int, writer: object, urgent: bool) -> None:
+        self._send("urgent", np.array([hp]))
+
+
+def run_gate(src: GateSource) -> list[tuple[str, int, float, int]]:
+    t = threading.Thread(target=Policy(shmig.Config(mode="vanilla"), src).run_postcopy, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the migration thread's loop did not finish"
+    return src.log
+
+
+def request(src: GateSource, hp: int) -> None:
+    """What the return thread does (ram_save_queue_pages)."""
+    src.requests.append(hp)
+    src.urgent.set()
+
+
+def test_request_arriving_after_the_budget_is_spent_waits_for_the_next_window():
+    src = GateSource(npages=16 * 12, budget_frames=4)
+    spent: list[float] = []
+
+    def background() -> None:
+        if src.limiter.exceeded() and not spent:
+            spent.append(src.limiter.window)
+            # the thread is about to sleep on the spent budget: the request wakes it
+            threading.Timer(0.005, request, (src, 16 * 11 + 5)).start()
+    src.on_background = background
+    log = run_gate(src)
+    urgent = [e for e in log if e[0] == "urgent"]
+    assert len(urgent) == 1
+    _, _, window, used = urgent[0]
+    assert window != spent[0], "served in the window whose budget was already spent"
+    assert used == 0, "served first thing in the new window, ahead of the background"
+
+
+def test_request_queued_while_the_loop_runs_is_served_within_the_window():
+    src = GateSource(npages=16 * 12, budget_frames=4)
+    asked: list[float] = []
+
+    def background() -> None:
+        if not asked:
+            asked.append(src.limiter.window)
+            request(src, 16 * 11 + 5)  # the loop is running, with budget left
+    src.on_background = background
+    log = run_gate(src)
+    urgent = [e for e in log if e[0] == "urgent"]
+    assert len(urgent) == 1 and urgent[0][2] == asked[0], "a request inside the loop waited for a window"
+
+
+def test_requests_keep_the_loop_going_past_the_budget():
+    """``while (!rate_exceeded || postcopy_has_request)``: requests queued while the loop runs are
+    served even once the budget is spent."""
+    src = GateSource(npages=16 * 12, budget_frames=1)
+    fired: list[int] = []
+
+    def background() -> None:
+        if not fired:  # the first frame spends the whole budget; requests are already waiting
+            fired.append(1)
+            for hp in (100, 120, 140):
+                request(src, hp)
+    src.on_background = background
+    log = run_gate(src)
+    first_window = log[0][2]
+    served = [e for e in log if e[0] == "urgent"]
+    assert [e[1] for e in served] == [100, 120, 140]
+    assert all(e[2] == first_window for e in served)
+    assert all(e[3] >= src.limiter.budget for e in served)  # past the budget
+
+
+# -- the socket queue and Linux's write-space rule ------------------------------------------------
+
+def make_link(bandwidth: float | None = None, socket_buffer: int = 300_000, latency: float = 0.0,
+              clock: Clock = Clock()) -> Link:
+    import multiprocessing
+
+    return Link(np.zeros(STATE_WORDS, np.int64), bandwidth, latency, socket_buffer,
+                multiprocessing.get_context("fork").Lock(), clock)
+
+
+def test_blocked_sender_resumes_only_at_two_thirds():
+    link = make_link(socket_buffer=300_000)
+    try:
+        link.sent(0, 300_000)  # the queue is full
+        done = threading.Event()
+
+        def sender() -> None:
+            link.wait_for_space(0, 64_000)
+            done.set()
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        link.carry(0, 70_000, 0, time.sleep)  # 70 KB free: the frame would fit...
+        assert link.queued(0) == 230_000
+        assert not done.wait(0.3), "woken as soon as one frame fitted (Linux waits for a third)"
+        link.carry(0, 40_000, 0, time.sleep)  # 190 KB queued <= 2/3 of 300 KB
+        assert done.wait(5), "not woken once the queue fell to two thirds"
+        assert link.queued(1) == 0  # the other channel's queue is its own
+        assert link.wait_for_space(0, 100_000) == 0  # room: no wait at all
+    finally:
+        link.close()
+
+
+class FakeTime:
+    """A monotonic clock that only moves when the link's wait function sleeps."""
+
+    def __init__(self) -> None:
+        self.ns = 10**12
+
+    def monotonic_ns(self) -> int:
+        return self.ns
+
+
+def test_late_receiver_catches_up_within_the_burst(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    link = make_link(bandwidth=100 * MiB, socket_buffer=64 * MiB)
+    try:
+        oversleep = 1_000_000  # every wake-up comes 1 ms late
+
+        def wait(seconds: float) -> None:
+            fake.ns += int(seconds * 1e9) + oversleep
+        t0 = fake.ns
+        nbytes = 200 * QUANTUM
+        link.sent(0, nbytes)
+        done = link.carry(0, nbytes, t0, wait)
+        ideal = nbytes * link.ns_per_byte
+        assert done - t0 == pytest.approx(ideal, rel=1e-3)  # the link's schedule lost nothing
+        assert fake.ns - t0 <= ideal + 2 * oversleep  # the receiver is late by one oversleep, not 200
+        assert link.usage()["utilisation"] == pytest.approx(1.0, abs=0.02)
+    finally:
+        link.close()
+
+
+def test_a_stall_longer_than_the_burst_is_lost_and_reported(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    link = make_link(bandwidth=100 * MiB, socket_buffer=64 * MiB)
+    try:
+        def wait(seconds: float) -> None:
+            fake.ns += int(seconds * 1e9)
+        t0 = fake.ns
+        link.sent(0, 40 * QUANTUM)
+        link.carry(0, 20 * QUANTUM, t0, wait)
+        fake.ns += 200_000_000  # the receiver stalls 200 ms with data queued (the machine fell behind)
+        link.carry(0, 20 * QUANTUM, t0, wait)
+        ideal = 40 * QUANTUM * link.ns_per_byte
+        util = link.usage()["utilisation"]
+        assert util < 0.6, util  # told, not hidden
+        assert fake.ns - t0 >= ideal + 200_000_000 - link.slack_ns
+    finally:
+        link.close()
+
+
+def test_latency_is_propagation_the_link_carries_the_next_frame_meanwhile(monkeypatch):
+    """Two frames back to back behind a 10 ms one-way latency arrive 10 ms after their last byte,
+    one wire time apart: the latency does not stop the link (no stop-and-wait)."""
+    fake = FakeTime()
+    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    link = make_link(bandwidth=100 * MiB, socket_buffer=64 * MiB, latency=0.01)
+    try:
+        def wait(seconds: float) -> None:
+            fake.ns += int(seconds * 1e9)
+        t0 = fake.ns
+        size = 4 * QUANTUM
+        link.sent(0, 2 * size)
+        arrivals = []
+        for _ in range(2):
+            carried = link.carry(0, size, t0, wait)
+            link.deliver(carried, wait)
+            arrivals.append(fake.ns - t0)
+        wire = size * link.ns_per_byte
+        assert arrivals[0] == pytest.approx(wire + 10e6, rel=1e-3)
+        assert arrivals[1] - arrivals[0] == pytest.approx(wire, rel=1e-3)
+    finally:
+        link.close()
+
+
+# -- end to end: what the mechanisms do to a migration -------------------------------------------
+
+@pytest.mark.timeout(120)
+def test_the_gate_holds_requests_but_not_preempt_full():
+    """Behind QEMU's rate limits, vanilla's requests wait for the next 100 ms window once the budget
+    is spent (some faults last most of a window); preempt-full's return thread ignores the limit."""
+    base = dict(ram=64 * MiB, wss=32 * MiB, workload="random", max_bandwidth=50 * MiB,
+                max_postcopy_bandwidth=50 * MiB, precopy_rounds=0, deadline=60)
+    van = shmig.run(shmig.Config(mode="vanilla", **base))
+    full = shmig.run(shmig.Config(mode="preempt-full", **base))
+    assert_ok(van)
+    assert_ok(full)
+    v, f = van.postcopy_latency_us, full.postcopy_latency_us
+    assert v["count"] > 0 and f["count"] > 0
+    assert v["max"] >= 40_000, v  # waited for a window to roll over
+    assert f["mean"] * 4 <= v["mean"], (f, v)
+
+
+@pytest.mark.timeout(120)
+def test_preempt_71_has_a_second_mode_where_its_thread_waits_for_write_space():
+    """7.1's one sending thread, blocked on a full precopy channel, serves a request only once the
+    queue has drained by a third (4 MiB behind 1 Gbit/s: up to ~11 ms, depending on when in the
+    block the request came): a second mode over [4, 16) ms that preempt-full, whose return thread
+    writes the postcopy channel itself, has far less of."""
+    base = dict(ram=128 * MiB, workload="random", bandwidth=1e9 / 8, socket_buffer=4 * MiB,
+                precopy_rounds=0, deadline=60)
+    d71 = shmig.run(shmig.Config(mode="preempt", **base))
+    d80 = shmig.run(shmig.Config(mode="preempt-full", **base))
+    assert_ok(d71)
+    assert_ok(d80)
+    a, b = d71.postcopy_latency_dist, d80.postcopy_latency_dist
+    share = lambda d: (d[12] + d[13]) / max(sum(d), 1)  # noqa: E731  buckets [4 ms, 8 ms) and [8 ms, 16 ms)
+    assert share(a) >= 0.1, f"no second mode in [4, 16) ms: {a}"
+    assert share(a) >= 2 * share(b), (a, b)
