@@ -14,16 +14,18 @@ migrate resume=true on the source.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import multiprocessing
 import os
 import select
+import signal
 import socket
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -69,6 +71,17 @@ def make_pipe(size: int | None = None) -> tuple[int, int]:
             except OSError:
                 continue
     return r, w
+
+
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """SIGINT blocked for a fork: a Ctrl-C is delivered afterwards, to the controller, instead of
+    to a child that has not yet set it to be ignored (a traceback from inside fork)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class RunFailed(Exception):
@@ -166,9 +179,10 @@ class Migration:
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)
                 p = ctx.Process(target=child.main, args=(os.getpid(),), daemon=True)
-                p.start()
-                self.procs.append(_Proc(child, p, FrameReader(up_r, f"{child.title} control", max_frame=1 << 16),
-                                        FrameWriter(down_w, f"{child.title} control")))
+                with sigint_held():  # a Ctrl-C now lands once the child ignores it and close() knows it
+                    p.start()
+                    self.procs.append(_Proc(child, p, FrameReader(up_r, f"{child.title} control", max_frame=1 << 16),
+                                            FrameWriter(down_w, f"{child.title} control")))
             keep = {fd for c in ctrl for fd in (c[1], c[2])}
             for fd in self.fds:
                 if fd not in keep:

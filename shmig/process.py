@@ -64,6 +64,7 @@ class Child:
     def main(self, parent_pid: int) -> None:
         """The child's entry point after fork."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held by the controller across fork
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with_parent()
         if os.getppid() != parent_pid:
@@ -110,7 +111,7 @@ class Child:
         self.status(f"failed: {msg}")
         try:
             self.ctrl_out.ctrl("error", msg)
-        except OSError:
+        except (OSError, ChannelClosed):  # the controller has gone (Ctrl-C): nobody to tell
             pass
 
     def status(self, text: str) -> None:
