@@ -55,7 +55,7 @@ def _is(kind: str, v: Any) -> bool:
 def _parse_bool(v: Any) -> bool:
     low = str(v).strip().lower()
     if low not in ("on", "true", "yes", "1", "off", "false", "no", "0"):
-        raise UnitError(f"cannot read {v!r} as on or off")
+        raise UnitError(f"cannot read {v!r} (use on or off)")
     return low in ("on", "true", "yes", "1")
 
 
@@ -63,7 +63,7 @@ def _parse_int(v: Any) -> int:
     try:
         return int(v)
     except ValueError:
-        raise UnitError(f"cannot read {v!r} as a whole number") from None
+        raise UnitError(f"cannot read {v!r} (use a whole number)") from None
 
 
 class ConfigError(ValueError):

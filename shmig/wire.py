@@ -494,7 +494,7 @@ class SocketReader(FrameReader):
         with self._cond:
             end = self.end
             self._cond.wait_for(lambda: self.end != end or self.eof, timeout)
-            return self.end != end
+            return self.end != end or self.eof  # EOF while waiting: the caller says ChannelClosed, not a timeout
 
     def wait(self, timeout: float | None) -> None:
         if timeout:
