@@ -143,11 +143,10 @@ class Report:
                 rows.append(("recovery", self._recovery_summary()))
             gp = self.guest_progress
             if gp:
-                ratio = self.guest_speed_ratio
-                rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy, "
-                             + (f"{ratio:.3g}x its precopy rate (1 = full speed)" if ratio is not None
-                                else "speed ratio unavailable" + (f": {why}" if (why := gp.get("speed_ratio_unavailable"))
-                                                                   else ""))))
+                ratio, why = self.guest_speed_ratio, gp.get("speed_ratio_unavailable")
+                speed = (f"{ratio:.3g}x its precopy rate (1 = full speed)" if ratio is not None
+                         else "speed ratio unavailable" + (f": {why}" if why else ""))
+                rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy, {speed}"))
         integ = self.integrity
         rows.append(("integrity", f"ok, {integ['pages_checked']} pages checked" if integ.get("ok")
                      else f"FAILED: {integ.get('detail')}"))
