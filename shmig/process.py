@@ -21,7 +21,7 @@ from typing import Any
 from .config import Config
 from .link import Link
 from .memory import GuestMemory
-from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError
+from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError, ctrl_fields
 
 PR_SET_PDEATHSIG = 1
 
@@ -64,6 +64,7 @@ class Child:
     def main(self, parent_pid: int) -> None:
         """The child's entry point after fork."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held by the controller across fork
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with_parent()
         if os.getppid() != parent_pid:
@@ -110,7 +111,7 @@ class Child:
         self.status(f"failed: {msg}")
         try:
             self.ctrl_out.ctrl("error", msg)
-        except OSError:
+        except (OSError, ChannelClosed):  # the controller has gone (Ctrl-C): nobody to tell
             pass
 
     def status(self, text: str) -> None:
@@ -125,10 +126,7 @@ class Child:
     # -- control helpers ----------------------------------------------------
     def recv_ctrl(self) -> tuple[str, Any]:
         """The next message from the controller (blocking)."""
-        f = self.ctrl_in.next_frame()
-        if f is None or f.kind != Msg.CTRL or len(f.fields) < 2:
-            raise ProtocolError(f"{self.title} control channel: malformed message")
-        return f.fields[0], f.fields[1]
+        return ctrl_fields(self.ctrl_in.next_frame(), f"{self.title} control")
 
     def take_channels(self, names: Any) -> dict[str, int]:
         """The new pipe ends of a recovery, which the controller passed (SCM_RIGHTS) on this child's
