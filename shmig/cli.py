@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from . import memory
-from . import sweep, trace
-from .compare import PRESETS, MODE_VARIANTS, compare, format_table
+from . import sweep
+from .compare import PRESETS, MODE_VARIANTS, SeriesInterrupted, compare, format_table, plan
 from .compare import Cell
 from .config import MODES, WORKLOADS, Config, ConfigError
 from .controller import Migration
@@ -19,9 +21,14 @@ from .policies import load_entry_points, load_policy
 from .progress import LiveStatus
 from .report import Report, SavedRun, load_runs
 from .stats import format_dist
-from .units import UnitError, parse_size
+from .units import UnitError, fmt_size, parse_size
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+UNITS_HELP = ("Units follow QEMU: sizes are binary whatever the spelling (64M = 64MB = 64MiB); in rates"
+              " B is a byte and b a bit (100MB/s = 100MiB/s; 10Gb/s = 10Gbit/s = 10Gbps, bits decimal);"
+              " durations need a unit (50us, 2ms, 1.5s). Values may start with '-' (they are refused"
+              " with a line saying why, not taken for options).")
 
 
 def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
@@ -38,23 +45,28 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     g.add_argument("--precopy-rounds", type=int,
                    help="full precopy rounds before postcopy starts (default 1; 0 = right after setup)")
     g.add_argument("--max-rounds", type=int, help="precopy: give up converging after N rounds (default 30)")
-    g.add_argument("--downtime-limit", help="precopy switch threshold, e.g. 300ms (default)")
+    g.add_argument("--downtime-limit", help="precopy switch threshold, e.g. 300ms (default); the report says"
+                   " whether the run converged within it")
     g.add_argument("--no-break-huge", dest="break_huge", action="store_false", default=None,
                    help="preempt: x-postcopy-preempt-break-huge=off")
     g.add_argument("--page-hint", action="store_true", default=None,
                    help="preempt-full: QEMU 10.1's spatial locality hint")
-    g.add_argument("--max-bandwidth", help="QEMU max-bandwidth (precopy), e.g. 100MiB/s")
-    g.add_argument("--max-postcopy-bandwidth", help="QEMU max-postcopy-bandwidth, e.g. 100MiB/s")
+    g.add_argument("--max-bandwidth", help="QEMU max-bandwidth (precopy), e.g. 100MiB/s; 0 or 'unlimited' ="
+                   " no limit, as in QEMU (default)")
+    g.add_argument("--max-postcopy-bandwidth", help="QEMU max-postcopy-bandwidth, e.g. 100MiB/s; 0 or"
+                   " 'unlimited' = no limit, as in QEMU (default)")
     n = p.add_argument_group("emulated link")
-    n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited)")
-    n.add_argument("--latency", help="one-way latency, e.g. 50us (default 0)")
+    n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited;"
+                   " 0 is refused: leave the option out or say 'unlimited')")
+    n.add_argument("--latency", help="one-way latency with a unit, e.g. 50us or 2ms, at most 1s (default 0)")
     n.add_argument("--socket-buffer", help="per channel queue before the sender blocks (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
     w = p.add_argument_group("guest")
     w.add_argument("--workload", choices=WORKLOADS, help="access pattern (default random)")
     w.add_argument("--wss", help="working-set size (default: all RAM)")
-    w.add_argument("--dirty-rate", help="bytes/s the guest writes (default: as fast as it can)")
+    w.add_argument("--dirty-rate", help="bytes/s the guest writes, e.g. 64MiB/s (default: as fast as it can;"
+                   " 0 is refused: leave the option out or say 'unlimited')")
     w.add_argument("--vcpus", type=int, help="vCPU processes (default 1)")
-    w.add_argument("--seed", type=int, help="initial content and access streams (default 1)")
+    w.add_argument("--seed", type=int, help="initial content and access streams, 0 to 2^64-1 (default 1)")
     w.add_argument("--zero-fraction", type=float, help="share of all-zero pages (default 0.1)")
     f = p.add_argument_group("postcopy recovery")
     f.add_argument("--inject-fault", dest="inject_faults", action="append", metavar="WHAT@WHEN",
@@ -82,19 +94,65 @@ def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = Config.from_strings(**_config_kwargs(ns)).validate()
-    if ns.trace:
-        trace.check_output(ns.trace)
-    with LiveStatus(enabled=_live(ns)) as ui:
-        report = Migration(cfg, on_sample=ui.on_sample, trace=ns.trace).start().wait()
+    check_output("--json", ns.json)
+    check_output("--trace", ns.trace)
+    with LiveStatus(enabled=_live(ns)) as ui, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a trace that cannot be written is said below, once
+        m = Migration(cfg, on_sample=ui.on_sample, trace=ns.trace)
+        report = m.start().wait()
+    lost = [m.trace_error] if m.trace_error else []
     if ns.json:
-        with open(ns.json, "w") as f:
-            f.write(report.to_json())
+        lost += _write_or_print("--json", ns.json, report.to_json())
     if not ns.quiet:
         print(report.summary())
         if ns.dist and report.postcopy_latency_us.get("count"):
             print("Postcopy Latency Distribution:")
             print(format_dist(report.postcopy_latency_dist))
-    return _exit_code(report)
+    if not report.ok:  # -q hides the summary, never a failure
+        error(report.error or report.status)
+    for line in lost:
+        error(line)
+    return _exit_code(report) or (EXIT_FAILED if lost else 0)
+
+
+def error(line: str) -> None:
+    print(f"shmig: error: {line}", file=sys.stderr, flush=True)
+
+
+def check_output(option: str, path: str | None) -> None:
+    """An output file that cannot be written is a usage error found before anything is allocated,
+    not a traceback after a long run."""
+    if not path:
+        return
+    full = os.path.abspath(path)
+    where = os.path.dirname(full)
+    if os.path.isdir(full):
+        raise ConfigError(f"{option} {path} is a directory: give a file name")
+    if not os.path.isdir(where):
+        raise ConfigError(f"{option} {path}: directory {where} does not exist: create it or choose another path")
+    if not os.access(full if os.path.exists(full) else where, os.W_OK):
+        raise ConfigError(f"{option} {path} is not writable: choose another path")
+
+
+def _write_or_print(option: str, path: str, text: str) -> list[str]:
+    """Write an output file; if that fails at the end of a run, print what it should have held
+    instead, so the results are never lost. Returns the error line, if any."""
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        print(text)
+        return [f"{option} {path}: cannot write it ({e.strerror or e}); printed on stdout instead"]
+    return []
+
+
+def _list_arg(text: str, option: str) -> list[str]:
+    """``a,b`` and ``a, b`` alike; an empty item is a mistake, not something to skip."""
+    items = [x.strip() for x in text.split(",")]
+    if not all(items):
+        raise ConfigError(f"{option} {text!r} has an empty item: separate the values with commas, e.g."
+                          f" {option} vanilla,preempt")
+    return items
 
 
 def _live(ns: argparse.Namespace) -> bool:
@@ -133,7 +191,7 @@ def _plot(runs: list[SavedRun], path: str | None, quiet: bool) -> None:
 def _exit_code(report: Report) -> int:
     if report.ok:
         return 0
-    if report.error and report.error.startswith("interrupted"):
+    if report.interrupted:
         return EXIT_INTERRUPTED
     return EXIT_FAILED
 
@@ -159,9 +217,9 @@ def _compare_log(ui: LiveStatus, quiet: bool) -> Callable[[str], None]:
 def cmd_compare(ns: argparse.Namespace) -> int:
     base = dict(PRESETS[ns.preset]) if ns.preset else {}
     base.update(_config_kwargs(ns))
-    modes = ns.modes.split(",") if ns.modes else base.pop("modes", list(MODE_VARIANTS))
+    modes = _list_arg(ns.modes, "--modes") if ns.modes else base.pop("modes", list(MODE_VARIANTS))
     base.pop("modes", None)
-    pages = ([parse_size(x) for x in ns.host_pages.split(",")] if ns.host_pages
+    pages = ([parse_size(x) for x in _list_arg(ns.host_pages, "--host-pages")] if ns.host_pages
              else base.pop("host_pages", [parse_size(base.pop("host_page", 4096))]))
     base.pop("host_pages", None)
     base.pop("host_page", None)
@@ -172,41 +230,59 @@ def cmd_compare(ns: argparse.Namespace) -> int:
             raise ConfigError(f"unknown mode {m!r} in --modes: use {', '.join(MODE_VARIANTS)}")
     if ns.repeat is not None and ns.repeat < 1:
         raise ConfigError("--repeat must be at least 1")
-    _plot_check(ns.plot)
-    ui = LiveStatus(enabled=_live(ns))
     # a preset's per-host-page overrides give way to what the command line says
     given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
     by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
                     for hp, over in (by_host_page or {}).items()}
-    with ui:
-        results = compare(base, modes, pages, log=_compare_log(ui, ns.quiet), repeat=ns.repeat or 1,
-                          by_host_page=by_host_page, on_sample=ui.on_sample)
+    labels = list(dict.fromkeys(label for label, _ in plan(base, modes, pages, 1, by_host_page)))  # what runs
+    _plot_check(ns.plot)
+    check_output("--json", ns.json)
+    ui = LiveStatus(enabled=_live(ns))
+    try:
+        with ui:
+            results = compare(base, modes, pages, log=_compare_log(ui, ns.quiet), repeat=ns.repeat or 1,
+                              by_host_page=by_host_page, on_sample=ui.on_sample)
+        interrupted = None
+    except SeriesInterrupted as e:  # one Ctrl-C stops the whole compare; what finished is kept
+        results, interrupted = e.results or {}, e
+    lost = []
     if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump([{"mode": m, "host_page": hp, "run": i, "report": r.to_dict()}
-                       for (m, hp), c in results.items() for i, r in enumerate(c.reports)], f, indent=2)
-    print(format_table(results, modes, pages, qemu))
+        lost = _write_or_print("--json", ns.json, json.dumps(
+            [{"mode": m, "host_page": hp, "run": i, "report": r.to_dict()}
+             for (m, hp), c in results.items() for i, r in enumerate(c.reports)], indent=2))
+    print(format_table(results, labels, pages, qemu))
     _plot([SavedRun(m, hp, r) for (m, hp), c in results.items() for r in c.reports], ns.plot, ns.quiet)
-    return 0 if all(c.ok for c in results.values()) else EXIT_FAILED
+    for (m, hp), c in results.items():
+        for r in c.reports:
+            if not r.ok:
+                error(f"{m} with {fmt_size(hp)} host pages: {r.error or r.status}")
+    for line in lost:
+        error(line)
+    if interrupted is not None:
+        done = sum(len(c.reports) for c in results.values())
+        print(f"shmig: interrupted: {done} of {interrupted.total} runs finished", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0 if all(c.ok for c in results.values()) and not lost else EXIT_FAILED
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
     knob = sweep.knob_name(ns.knob, CONFIG_KEYS)
-    modes = ns.modes.split(",") if ns.modes else [Config.mode]
-    plan = sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes)
+    modes = _list_arg(ns.modes, "--modes") if ns.modes else [Config.mode]
+    runs = sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes)
     _plot_check(ns.plot)
-    with LiveStatus(len(plan), enabled=_live(ns), announce=not ns.quiet) as ui:
-        done, interrupted = sweep.sweep(knob, plan, ui)
-    if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(sweep.to_json(done), f, indent=2)
+    check_output("--json", ns.json)
+    with LiveStatus(len(runs), enabled=_live(ns), announce=not ns.quiet) as ui:
+        done, interrupted = sweep.sweep(knob, runs, ui)
+    lost = _write_or_print("--json", ns.json, json.dumps(sweep.to_json(done), indent=2)) if ns.json else []
     if done:
         print(sweep.format_sweep(done))
     _plot(done, ns.plot, ns.quiet)
+    for line in lost:
+        error(line)
     if interrupted:
-        print(f"shmig: interrupted: {len(done)} of {len(plan)} runs finished", file=sys.stderr)
+        print(f"shmig: interrupted: {len(done)} of {len(runs)} runs finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0 if all(r.report.ok for r in done) else EXIT_FAILED
+    return 0 if all(r.report.ok for r in done) and not lost else EXIT_FAILED
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -254,16 +330,17 @@ def cmd_clean(ns: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shmig", description="QEMU postcopy live migration with postcopy"
-                                " preemption, emulated on one machine.")
+                                " preemption, emulated on one machine.", epilog=UNITS_HELP, allow_abbrev=False)
     sub = p.add_subparsers(dest="cmd")
-    r = sub.add_parser("run", help="perform one migration (the default)")
+    r = sub.add_parser("run", help="perform one migration (the default)", epilog=UNITS_HELP, allow_abbrev=False)
     _config_args(r)
     r.add_argument("--json", metavar="PATH", help="write the full report as JSON")
     r.add_argument("--dist", action="store_true", help="print the fault-latency distribution")
     r.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of every process (open in ui.perfetto.dev)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
-    c = sub.add_parser("compare", help="run several modes (and host page sizes) and print one table")
+    c = sub.add_parser("compare", help="run several modes (and host page sizes) and print one table",
+                       epilog=UNITS_HELP, allow_abbrev=False)
     _config_args(c, with_mode=False)
     c.add_argument("--modes", help=f"comma-separated, from {','.join(MODE_VARIANTS)} (default: all)")
     c.add_argument("--host-pages", help="comma-separated host page sizes, e.g. 4KiB,2MiB,1GiB")
@@ -279,7 +356,7 @@ def parser() -> argparse.ArgumentParser:
                        description="Run every value of one `shmig run` option with every mode, e.g."
                                    " `shmig sweep socket-buffer 1MiB,4MiB,16MiB --modes vanilla,preempt-full"
                                    " --bandwidth 1Gbit/s`. Ctrl-C stops the sweep; the finished runs are"
-                                   " printed (and saved with --json).")
+                                   " printed (and saved with --json).", epilog=UNITS_HELP, allow_abbrev=False)
     s.add_argument("knob", metavar="KNOB", help="the option to vary, as spelled on the command line"
                    " (socket-buffer, bandwidth, host-page, vcpus, ...)")
     s.add_argument("values", metavar="VALUES", help="comma-separated values, e.g. 1MiB,4MiB,16MiB"
@@ -292,30 +369,59 @@ def parser() -> argparse.ArgumentParser:
                    " against KNOB (needs matplotlib)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_sweep)
-    pl = sub.add_parser("plot", help="draw saved reports (run, compare or sweep --json) into a picture")
+    pl = sub.add_parser("plot", help="draw saved reports (run, compare or sweep --json) into a picture",
+                        allow_abbrev=False)
     pl.add_argument("reports", nargs="+", metavar="REPORT.json")
     pl.add_argument("-o", "--output", required=True, metavar="PNG", help="the picture (.png, .svg or .pdf)")
     pl.set_defaults(func=cmd_plot)
-    rp = sub.add_parser("report", help="print the summary (or table) of saved reports")
+    rp = sub.add_parser("report", help="print the summary (or table) of saved reports", allow_abbrev=False)
     rp.add_argument("reports", nargs="+", metavar="REPORT.json")
     rp.add_argument("--dist", action="store_true", help="a single run: print the fault-latency distribution")
     rp.set_defaults(func=cmd_report)
-    k = sub.add_parser("clean", help="remove /dev/shm segments left by runs whose owner died")
+    k = sub.add_parser("clean", help="remove /dev/shm segments left by runs whose owner died", allow_abbrev=False)
     k.set_defaults(func=cmd_clean)
     return p
+
+
+def join_dashed_values(argv: list[str], p: argparse.ArgumentParser) -> list[str]:
+    """``--latency -1us`` -> ``--latency=-1us``: argparse takes a value that starts with '-' (and
+    is not a plain number) for an option; joined, it reaches the validator, which says what is wrong."""
+    takes_value, options = set(), set()
+    parsers = [p]
+    while parsers:
+        q = parsers.pop()
+        for a in q._actions:
+            options.update(a.option_strings)
+            if a.option_strings and a.nargs is None:
+                takes_value.update(a.option_strings)
+            if isinstance(a, argparse._SubParsersAction):
+                parsers += a.choices.values()
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if (a in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-")
+                and argv[i + 1] not in options and argv[i + 1] != "--"):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["run", *argv]
-    ns = parser().parse_args(argv)
+    p = parser()
+    ns = p.parse_args(join_dashed_values(argv, p))
     try:
         if hasattr(ns, "policy"):
             _register_policies(ns)
         return ns.func(ns)
     except (ConfigError, UnitError) as e:
-        print(f"shmig: error: {e}", file=sys.stderr)
+        error(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("shmig: interrupted", file=sys.stderr)

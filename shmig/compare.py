@@ -61,7 +61,41 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def variant_config(base: dict[str, Any], mode: str, host_page: int) -> Config:
-    return Config.from_strings(**base, host_page=host_page, **MODE_VARIANTS[mode])
+    """The variant's own settings over the common ones (``--no-break-huge`` with preempt-nobreak
+    says the same thing twice, which is no error)."""
+    return Config.from_strings(**{**base, "host_page": host_page, **MODE_VARIANTS[mode]})
+
+
+def label_of(cfg: Config) -> str:
+    """The name of what ``cfg`` runs, from what it is rather than what was asked for: ``--modes
+    preempt --no-break-huge`` runs (and is labelled) preempt-nobreak."""
+    for name, kw in MODE_VARIANTS.items():
+        if (cfg.mode == kw["mode"] and cfg.break_huge == kw.get("break_huge", True)
+                and cfg.page_hint == kw.get("page_hint", False)):
+            return name
+    return cfg.mode + ("-nobreak" if not cfg.break_huge else "") + ("-hint" if cfg.page_hint else "")
+
+
+class SeriesInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a series of runs (compare, sweep): the whole series stops, not just the run
+    it landed in. ``results`` holds what had finished, for the caller to print and save."""
+
+    def __init__(self, results: Any = None, total: int = 0):
+        super().__init__("interrupted")
+        self.results = results
+        self.total = total
+
+
+def run_one(cfg: Config, on_sample: Callable[[dict[str, Any]], None] | None = None) -> Report:
+    """One run of a series. A Ctrl-C, whether it lands in the run (which then reports itself
+    interrupted) or around it, raises SeriesInterrupted."""
+    try:
+        rep = run(cfg, on_sample)
+    except KeyboardInterrupt:
+        raise SeriesInterrupted() from None
+    if rep.interrupted:
+        raise SeriesInterrupted()
+    return rep
 
 
 @dataclass
@@ -92,20 +126,29 @@ class Cell:
         return [r.postcopy_latency_us["mean"] for r in self.reports if r.postcopy_latency_us.get("count")]
 
 
-def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
-            log: Callable[[str], None] | None = None, repeat: int = 1,
-            by_host_page: dict[int, dict[str, Any]] | None = None,
-            on_sample: Callable[[dict[str, Any]], None] | None = None) -> dict[tuple[str, int], Cell]:
-    """Run every (mode, host page) pair ``repeat`` times (seeds ``seed``, ``seed + 1``, ...; a host
-    page size may override options and its own ``repeat``). Every configuration is validated before
-    the first run; ``time_dilation="auto"`` is calibrated once, on the first, so every cell runs on
-    the same clock."""
-    plans = {}
+def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int], repeat: int = 1,
+         by_host_page: dict[int, dict[str, Any]] | None = None) -> dict[tuple[str, int], tuple[Config, int]]:
+    """(label, host page) -> (validated Config, runs), for every cell before the first run (a host
+    page size may override options and its own ``repeat``). Cells are labelled with what they run;
+    two requested modes that come out the same run once."""
+    plans: dict[tuple[str, int], tuple[Config, int]] = {}
     for hp in host_pages:
         over = dict((by_host_page or {}).get(hp, {}))
         n = int(over.pop("repeat", repeat))
         for m in modes:
-            plans[(m, hp)] = (variant_config({**base, **over}, m, hp).validate(), n)
+            cfg = variant_config({**base, **over}, m, hp).validate()
+            plans.setdefault((label_of(cfg), hp), (cfg, n))
+    return plans
+
+
+def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
+            log: Callable[[str], None] | None = None, repeat: int = 1,
+            by_host_page: dict[int, dict[str, Any]] | None = None,
+            on_sample: Callable[[dict[str, Any]], None] | None = None) -> dict[tuple[str, int], Cell]:
+    """Run every cell of ``plan`` ``repeat`` times (seeds ``seed``, ``seed + 1``, ...), keyed by
+    (label, host page). ``time_dilation="auto"`` is calibrated once, on the first, so every cell
+    runs on the same clock. Ctrl-C raises SeriesInterrupted with the cells finished so far."""
+    plans = plan(base, modes, host_pages, repeat, by_host_page)
     first = next(iter(plans.values()))[0] if plans else None
     if first is not None and first.time_dilation == "auto":
         factor, _ = calibrate_dilation(first)
@@ -123,7 +166,12 @@ def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int
             if log:
                 log(f"[{done}/{total}] running {m} with {fmt_size(hp)} host pages"
                     + (f" (seed {cfg.seed + i})" if n > 1 else "") + " ...")
-            rep = run(dataclasses.replace(cfg, seed=cfg.seed + i), on_sample)
+            try:
+                rep = run_one(dataclasses.replace(cfg, seed=cfg.seed + i), on_sample)
+            except SeriesInterrupted:
+                if not cell.reports:
+                    del out[(m, hp)]
+                raise SeriesInterrupted(out, total) from None
             cell.reports.append(rep)
             if log and not rep.ok:
                 log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")

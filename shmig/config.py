@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+import numpy as np
 
 from .clock import Clock
-from .units import UnitError, fmt_size, parse_rate, parse_size, parse_time
+from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
 HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
@@ -17,6 +21,49 @@ WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
 MAX_VCPUS = 64  # each vCPU stamps its own 8-byte slot of a 4 KiB page: 512 slots, 64 is plenty
 MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
+MAX_LATENCY = 1.0  # seconds: no link has more; a larger value is a unit mistake
+MAX_SOCKET_BUFFER = 1024**3  # each receiver allocates its read-ahead: keep it allocatable
+MAX_SEED = 2**64 - 1  # the page-content hash and the access streams take 64-bit seeds
+
+# what each field of Config takes from the Python API (checked before anything else, so that
+# Config(ram="64MiB") is one clear line, not a TypeError deep inside validate())
+_INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a string"
+FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
+    "mode": (_STR, False), "workload": (_STR, False),
+    "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
+    "socket_buffer": (_INT, False), "max_rounds": (_INT, False), "wss": (_INT, True),
+    "precopy_rounds": (_INT, True),
+    "zero_fraction": (_REAL, False), "latency": (_REAL, False), "downtime_limit": (_REAL, False),
+    "deadline": (_REAL, False),
+    "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
+    "max_postcopy_bandwidth": (_REAL, True),
+    "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
+    "recover_after": (_REAL, True),
+}
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind == _STR:
+        return isinstance(v, str)
+    if kind == _BOOL:
+        return isinstance(v, (bool, np.bool_))
+    if isinstance(v, (bool, np.bool_)):
+        return False  # True is an int to Python, never a size or a rate
+    return isinstance(v, numbers.Integral if kind == _INT else numbers.Real)
+
+
+def _parse_bool(v: Any) -> bool:
+    low = str(v).strip().lower()
+    if low not in ("on", "true", "yes", "1", "off", "false", "no", "0"):
+        raise UnitError(f"cannot read {v!r} (use on or off)")
+    return low in ("on", "true", "yes", "1")
+
+
+def _parse_int(v: Any) -> int:
+    try:
+        return int(v)
+    except ValueError:
+        raise UnitError(f"cannot read {v!r} (use a whole number)") from None
 
 
 class ConfigError(ValueError):
@@ -31,6 +78,24 @@ def parse_dilation(value: str | float) -> float | str:
         return float(value)
     except ValueError:
         raise UnitError(f"cannot read {value!r} as a dilation factor (e.g. 4, or auto)") from None
+
+
+# CLI-style strings -> the API's values; times suggest the unit a bare number probably meant
+FROM_STRING: dict[str, Callable[[Any], Any]] = {
+    "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
+    "dirty_rate": functools.partial(parse_rate, zero_is_unlimited=False),
+    "bandwidth": functools.partial(parse_rate, zero_is_unlimited=False),
+    "max_bandwidth": parse_rate, "max_postcopy_bandwidth": parse_rate,  # QEMU: 0 = no limit
+    "latency": functools.partial(parse_time, hint="us"),
+    "downtime_limit": functools.partial(parse_time, hint="ms"),
+    "deadline": functools.partial(parse_time, hint="s"),
+    "recover_after": functools.partial(parse_time, hint="ms"),
+    **{k: _parse_int for k, (kind, _) in FIELD_KINDS.items() if kind == _INT and k not in
+       ("ram", "host_page", "wss", "socket_buffer")},
+    **{k: _parse_bool for k, (kind, _) in FIELD_KINDS.items() if kind == _BOOL},
+    "zero_fraction": float, "time_dilation": parse_dilation,
+}
+RATE_FIELDS = ("dirty_rate", "bandwidth", "max_bandwidth", "max_postcopy_bandwidth")
 
 
 @dataclass
@@ -65,24 +130,37 @@ class Config:
     recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
+    def __post_init__(self) -> None:
+        self.check_types()
+
     @classmethod
     def from_strings(cls, **kw: Any) -> "Config":
-        """Build from CLI-style values (``ram="64MiB"``, ``bandwidth="10Gbit/s"``); None values are left default."""
-        conv = {
-            "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
-            "dirty_rate": parse_rate, "bandwidth": parse_rate, "max_bandwidth": parse_rate,
-            "max_postcopy_bandwidth": parse_rate, "latency": parse_time, "downtime_limit": parse_time,
-            "deadline": parse_time, "time_dilation": parse_dilation, "recover_after": parse_time,
-        }
+        """Build from CLI-style values (``ram="64MiB"``, ``bandwidth="10Gbit/s"``, ``vcpus="2"``);
+        None values are left default. Units follow QEMU (see ``shmig.units``)."""
+        names = {f.name for f in dataclasses.fields(cls)}
         args = {}
         for k, v in kw.items():
+            if k not in names:
+                raise ConfigError(f"unknown option {k!r}: use one of {', '.join(sorted(names))}")
             if v is None:
                 continue
-            try:
-                args[k] = conv[k](v) if k in conv else v
-            except UnitError as e:
+            conv = FROM_STRING.get(k)
+            try:  # strings are parsed; numbers pass as they are, except that 0 means the same for rates
+                args[k] = conv(v) if conv and (isinstance(v, str) or k in RATE_FIELDS) else v
+            except (UnitError, ValueError) as e:
                 raise ConfigError(f"--{k.replace('_', '-')}: {e}") from None
         return cls(**args)
+
+    def check_types(self) -> None:
+        """Each field holds what it should: numbers in bytes, bytes/s and seconds, not strings."""
+        for name, (kind, optional) in FIELD_KINDS.items():
+            v = getattr(self, name, None)
+            if (v is None and optional) or _is(kind, v):
+                continue
+            hint = (f": for values with units use Config.from_strings({name}={v!r})"
+                    if isinstance(v, str) and kind != _STR else "")
+            raise ConfigError(f"Config({name}={v!r}): {name} must be {kind}"
+                              + (" or None" if optional else "") + hint)
 
     # -- derived ---------------------------------------------------------
     @property
@@ -126,6 +204,7 @@ class Config:
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
+        self.check_types()
         from .policies import POLICIES
 
         modes = ("precopy", *POLICIES)  # the built-in ones plus any registered policy
@@ -144,20 +223,29 @@ class Config:
             bad("--ram must be below 16TiB")
         if self.wss is not None and not 0 < self.wss <= self.ram:
             bad(f"--wss {fmt_size(self.wss)} must be positive and at most --ram {fmt_size(self.ram)}")
-        if self.wss is not None and self.wss < TARGET_PAGE * self.vcpus:
-            bad("--wss must hold at least one 4KiB page per vCPU")
         if not 1 <= self.vcpus <= MAX_VCPUS:
             bad(f"--vcpus must be between 1 and {MAX_VCPUS}")
+        if self.wss_bytes < TARGET_PAGE * self.vcpus:
+            bad(f"--vcpus {self.vcpus}: the working set holds only {self.wss_bytes // TARGET_PAGE} 4KiB"
+                f" page(s), and it must hold at least one 4KiB page per vCPU: use fewer --vcpus or a"
+                f" larger {'--wss' if self.wss is not None else '--ram'}")
+        if not 0 <= self.seed <= MAX_SEED:
+            bad(f"--seed must be between 0 and 2^64-1, got {self.seed}")
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
         for name in ("bandwidth", "max_bandwidth", "max_postcopy_bandwidth", "dirty_rate"):
             v = getattr(self, name)
             if v is not None and not v > 0:  # also catches NaN
-                bad(f"--{name.replace('_', '-')} must be positive (or 'unlimited'), got {v}")
+                bad(f"--{name.replace('_', '-')} must be positive (or 'unlimited': None in the API), got {v}")
         if not self.latency >= 0:
             bad("--latency must not be negative")
+        if self.latency > MAX_LATENCY:
+            bad(f"--latency {fmt_time(self.latency)} is more than {fmt_time(MAX_LATENCY)}, which no link has:"
+                f" did you mean {self.latency:g}ms or {self.latency:g}us?")
         if self.socket_buffer < 64 * 1024:
             bad("--socket-buffer must be at least 64KiB")
+        if self.socket_buffer > MAX_SOCKET_BUFFER:
+            bad(f"--socket-buffer must be at most {fmt_size(MAX_SOCKET_BUFFER)} (real TCP queues are a few MiB)")
         if not self.downtime_limit > 0:
             bad("--downtime-limit must be positive")
         if self.max_rounds < 1:

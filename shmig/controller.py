@@ -14,15 +14,18 @@ migrate resume=true on the source.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import multiprocessing
 import os
 import select
+import signal
 import socket
 import threading
 import time
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,8 +40,9 @@ from .process import Child
 from .report import Report, build_report
 from .source import Source
 from .stats import dist_quantile
+from .events import Arena
 from .trace import write_trace
-from .wire import FrameReader, FrameWriter, ProtocolError
+from .wire import FrameReader, FrameWriter, ProtocolError, ctrl_fields
 
 F_SETPIPE_SZ = 1031
 SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
@@ -70,6 +74,17 @@ def make_pipe(size: int | None = None) -> tuple[int, int]:
     return r, w
 
 
+@contextlib.contextmanager
+def sigint_held() -> Iterator[None]:
+    """SIGINT blocked for a fork: a Ctrl-C is delivered afterwards, to the controller, instead of
+    to a child that has not yet set it to be ignored (a traceback from inside fork)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class RunFailed(Exception):
     pass
 
@@ -86,7 +101,6 @@ class _Proc:
         self.ctrl_out = ctrl_out
         self.stats: dict[str, Any] | None = None
         self.exited = False
-        self.trace: list[list] = []  # its events: [thread id, thread name, rows, names] (Recorder.chunks)
 
 
 class Migration:
@@ -97,6 +111,9 @@ class Migration:
         self.cfg = config.validate()
         self.on_sample = on_sample
         self.trace = trace  # path of a Chrome/Perfetto trace to write at the end
+        self.trace_error: str | None = None  # why the trace could not be written
+        self.arena: Arena | None = None  # where the children record their events, when tracing
+        self.trace_events: dict[int, dict[str, Any]] = {}  # what they recorded (Arena.collect)
         self.mem: GuestMemory | None = None
         self.procs: list[_Proc] = []
         self.fds: list[int] = []
@@ -132,6 +149,8 @@ class Migration:
         memory.sweep_stale()
         try:
             self.mem = mem = GuestMemory(cfg)
+            if self.trace:
+                self.arena = Arena(mem.nprocs)
             fill_initial(mem.src, cfg.seed, cfg.zero_fraction)  # the guest as it booted
             self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
             pre_r, pre_w = self._pipe(cfg.socket_buffer)
@@ -164,11 +183,12 @@ class Migration:
             for (cls, fds, v), (down_r, down_w, up_r, up_w) in zip(roles, ctrl):
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)
-                child.traced = bool(self.trace)
+                child.arena = self.arena
                 p = ctx.Process(target=child.main, args=(os.getpid(),), daemon=True)
-                p.start()
-                self.procs.append(_Proc(child, p, FrameReader(up_r, f"{child.title} control", max_frame=1 << 16),
-                                        FrameWriter(down_w, f"{child.title} control")))
+                with sigint_held():  # a Ctrl-C now lands once the child ignores it and close() knows it
+                    p.start()
+                    self.procs.append(_Proc(child, p, FrameReader(up_r, f"{child.title} control", max_frame=1 << 16),
+                                            FrameWriter(down_w, f"{child.title} control")))
             keep = {fd for c in ctrl for fd in (c[1], c[2])}
             for fd in self.fds:
                 if fd not in keep:
@@ -271,8 +291,6 @@ class Migration:
                 raise RunFailed(self.error)
             self._loop()
             report = self._report()
-            if self.trace:
-                write_trace(self.trace, self, report)
         except KeyboardInterrupt:
             self.error = f"interrupted (SIGINT) during {self.phase}"
             report = self._report()
@@ -280,7 +298,18 @@ class Migration:
             report = self._report()
         finally:
             self.close()
+        if self.trace:  # a failed or interrupted run is the one whose trace matters most
+            self._write_trace(self.trace, report)
         return report
+
+    def _write_trace(self, path: str, report: Report) -> None:
+        """The trace, whatever became of the run; a path that cannot be written costs the trace,
+        never the report (``trace_error`` says why, and a RuntimeWarning is raised for API users)."""
+        try:
+            write_trace(path, self, report)
+        except OSError as e:
+            self.trace_error = f"--trace {path}: cannot write it ({e.strerror or e})"
+            warnings.warn(self.trace_error, RuntimeWarning, stacklevel=3)
 
     def _fail(self, msg: str) -> None:
         """The first failure wins, except that a child killed by a signal is the cause of whatever
@@ -345,10 +374,7 @@ class Migration:
     def _drain(self, p: _Proc) -> None:
         try:
             while p.ctrl_in.has_frame():
-                f = p.ctrl_in.next_frame(0)
-                if f is None or len(f.fields) < 2:
-                    raise ProtocolError(f"{p.title} control channel: malformed message")
-                self._handle(p, f.fields[0], f.fields[1])
+                self._handle(p, *ctrl_fields(p.ctrl_in.next_frame(0), f"{p.title} control"))
         except ProtocolError as e:
             self._fail(str(e))
 
@@ -373,8 +399,6 @@ class Migration:
             self._fail(str(obj))
         elif name == "stats":
             p.stats = obj
-        elif name == "trace":
-            p.trace.append(obj)
         elif name == "event":
             ev, t = obj[:2]
             if ev in ("postcopy_paused", "postcopy_resumed"):
@@ -494,6 +518,10 @@ class Migration:
             self.link.close()
         if self.mem is not None:
             self.mem.close()
+        if self.arena is not None:  # every child is gone: what they recorded is all there is
+            self.trace_events = self.arena.collect()
+            self.arena.close()
+            self.arena = None
 
 
 def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:

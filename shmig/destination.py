@@ -74,6 +74,8 @@ class Receiver(Child):
         self.wait_ns += time.monotonic_ns() - t0
         f = self.reader.next_frame()
         assert f is not None
+        if f.kind != Msg.PAGES and (f.payload is None or f.payload.nbytes):  # only pages carry a payload
+            raise ProtocolError(f"{self.channel} channel: {Msg(f.kind).name} frame with a payload")
         self.stats["frames"] += 1
         self.stats["bytes"] += f.size
         if self.tr:
@@ -354,7 +356,10 @@ class Listen(Receiver):
     def discard(self, f: Frame) -> None:
         """CMD_POSTCOPY_RAM_DISCARD: those host pages leave receivedmap and will fault."""
         t0 = time.monotonic_ns()
-        runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel)[0], np.uint32).reshape(-1, 2)
+        try:
+            runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel)[0], np.uint32).reshape(-1, 2)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"precopy channel: bad DISCARD ranges ({e})") from None
         nhost = self.cfg.nhost
         if runs.size and int((runs[:, 0].astype(np.int64) + runs[:, 1]).max()) > nhost:
             raise ProtocolError("precopy channel: discard range beyond RAM")
@@ -377,7 +382,7 @@ class Listen(Receiver):
                 if f is None:
                     continue
                 vcpu, hp = expect(f, Msg.FAULT, 2, "fault")[:2]
-                if not isinstance(hp, int) or not 0 <= hp < self.cfg.nhost:
+                if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.cfg.nhost:
                     raise ProtocolError(f"fault channel: host page {hp!r} outside RAM")
                 self.stats["faults_seen"] += 1
                 t_rx = time.monotonic_ns() if self.tr else 0

@@ -1,24 +1,31 @@
 """What each process did, recorded where it happened, for ``shmig run --trace`` (see trace.py).
 
-Every shmig process records its own events; the controller merges them into one trace at the end.
-A hook is ``if self.tr: self.tr.put(...)``: with tracing off ``tr`` is None and the hook is one
-attribute check. With tracing on an event is one ``struct.pack_into`` of ten int64 into a
-preallocated per-thread buffer: no Python object is kept per event (kinds are small integers, the
-names live in trace.py), and no lock is taken, since each thread writes only its own buffer.
+Every shmig process records its own events; the controller reads them all at the end and writes
+one trace. A hook is ``if self.tr: self.tr.put(...)``: with tracing off ``tr`` is None and the hook
+is one attribute check. With tracing on an event is one ``struct.pack_into`` of twelve int64 into
+a preallocated buffer: no Python object is kept per event (kinds are small integers, the names live
+in trace.py), and no lock is taken, since each thread writes only its own slot.
+
+The buffers are one anonymous shared mapping (the ``Arena``) that the controller creates before it
+forks the children: a fixed slot per thread of every process, reserved but not committed
+(``MAP_NORESERVE``: a page costs memory once written). So the controller reads what every process
+recorded whatever became of it, a failed, killed or interrupted run included, which is the run
+whose trace matters most; and nothing has to be sent at the end. A slot that fills up drops what
+comes after and says how much.
 
 A row is ``t0, t1, kind, a..i``: start and end in ``time.monotonic_ns()`` (t1 == t0 for an
 instant) and up to nine integer arguments whose meaning depends on the kind (listed below and
-decoded by trace.py); the few strings (milestone names, a pause's reason) are interned per process.
-The buffers go to the controller as bytes in "trace" control messages after the process's run;
-``rows()`` reads them back as a numpy structured array.
+decoded by trace.py); the few strings (milestone names, a pause's reason) are interned per process
+in the arena too. ``rows()`` reads a slot back as a numpy structured array.
 """
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 import time
-from typing import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +33,11 @@ ROW = struct.Struct("<12q")
 _pack, _SIZE = ROW.pack_into, ROW.size
 FIELDS = ("t0", "t1", "kind", "a", "b", "c", "d", "e", "f", "g", "h", "i")
 DTYPE = np.dtype([(name, "<i8") for name in FIELDS])
-INITIAL_ROWS = 4096  # per thread; doubles when full
-CHUNK_ROWS = 2700  # rows per control message (259200 bytes, well under a frame header's limit)
+SLOTS = 4  # threads per process that record (mig/src: migration, return; dst/listen: listen, fault)
+SLOT_ROWS = 1 << 20  # events per thread (96 MiB of address space, committed as written)
+SLOT_HEAD = struct.Struct("<qq32s")  # events dropped (slot full), thread id, thread name
+NAMES_AT, PROC_HEAD = 256, 4096  # per process: slot heads, then interned names (NUL-separated)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python < 3.13 lacks the name
 
 
 class K:
@@ -76,38 +86,94 @@ class K:
 MAIN_THREADS = {"mig/src": "migration", "mig/dst/listen": "listen", "mig/dst/preempt": "preempt"}
 
 
-class _Buffer:
-    """One thread's rows, in a bytearray that doubles when full."""
+class Arena:
+    """Every process's event slots in one shared mapping, made before the fork."""
 
-    __slots__ = ("name", "tid", "data", "off")
+    def __init__(self, nprocs: int, slot_rows: int = SLOT_ROWS):
+        self.nprocs = nprocs
+        self.slot_rows = slot_rows
+        self.rows_at = nprocs * PROC_HEAD
+        self.map = mmap.mmap(-1, self.rows_at + nprocs * SLOTS * slot_rows * _SIZE,
+                             flags=mmap.MAP_SHARED | MAP_NORESERVE)
+        self.mv = memoryview(self.map)
 
-    def __init__(self, name: str, tid: int):
-        self.name = name
-        self.tid = tid
-        self.data = bytearray(INITIAL_ROWS * ROW.size)
-        self.off = 0
+    def slot_at(self, proc: int, slot: int) -> int:
+        return self.rows_at + (proc * SLOTS + slot) * self.slot_rows * _SIZE
+
+    def collect(self) -> dict[int, dict[str, Any]]:
+        """Per process index: its interned names and, per thread, (tid, name, rows, dropped): a
+        copy, so the mapping can go."""
+        out: dict[int, dict[str, Any]] = {}
+        for p in range(self.nprocs):
+            head = p * PROC_HEAD
+            names = bytes(self.mv[head + NAMES_AT:head + PROC_HEAD]).split(b"\0\0", 1)[0]
+            threads = []
+            for s in range(SLOTS):
+                dropped, tid, name = SLOT_HEAD.unpack_from(self.mv, head + s * SLOT_HEAD.size)
+                if not tid:
+                    continue
+                r = np.frombuffer(self.mv, DTYPE, self.slot_rows, self.slot_at(p, s))
+                n = _written(r)
+                threads.append((tid, name.rstrip(b"\0").decode(errors="replace"), r[:n].copy(), dropped))
+                del r
+            if threads:
+                out[p] = {"names": [n.decode(errors="replace") for n in names.split(b"\0")] if names else [],
+                          "threads": threads}
+        return out
+
+    def close(self) -> None:
+        self.mv.release()
+        self.map.close()
+
+
+def _written(r: np.ndarray) -> int:
+    """How many rows were written: they are a prefix, so a binary search finds its end without
+    reading (and so committing) the pages past it."""
+    lo, hi = 0, len(r)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if r["kind"][mid] != 0:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class _Slot:
+    """The rows one thread writes."""
+
+    __slots__ = ("at", "n", "cap", "head", "dropped")
+
+    def __init__(self, at: int, cap: int, head: int):
+        self.at, self.n, self.cap, self.head, self.dropped = at, 0, cap, head, 0
 
 
 class Recorder:
-    """One process's events, one buffer per thread (created on the thread's first event)."""
+    """One process's events: a slot of the arena per thread (taken on the thread's first event)."""
 
-    def __init__(self, title: str):
+    def __init__(self, title: str, arena: Arena, proc: int):
         self.main_thread = MAIN_THREADS.get(title, title.rpartition("/")[2])  # guest/vcpu0: vcpu0
-        self.buffers: list[_Buffer] = []
+        self.arena = arena
+        self.mv = arena.mv
+        self.proc = proc
+        self.slots: dict[str, _Slot] = {}  # by thread name: a restarted thread goes on in its slot
         self.names: dict[str, int] = {}
+        self.names_at = proc * PROC_HEAD + NAMES_AT
+        self._lock = threading.Lock()  # taking a slot or interning a name: rare
         self._local = threading.local()
 
     def put(self, kind: int, t0: int, t1: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0,
             e: int = 0, f: int = 0, g: int = 0, h: int = 0, i: int = 0) -> None:
         try:
-            buf = self._local.buf
+            slot = self._local.slot
         except AttributeError:
-            buf = self._attach()
-        off = buf.off
-        if off == len(buf.data):
-            buf.data.extend(bytes(off))
-        _pack(buf.data, off, t0, t1, kind, a, b, c, d, e, f, g, h, i)
-        buf.off = off + _SIZE
+            slot = self._attach()
+        n = slot.n
+        if n == slot.cap:
+            self._drop(slot)
+            return
+        _pack(self.mv, slot.at + n * _SIZE, t0, t1, kind, a, b, c, d, e, f, g, h, i)
+        slot.n = n + 1
 
     def instant(self, kind: int, a: int = 0, b: int = 0, c: int = 0, d: int = 0) -> None:
         """An event that takes no time, stamped now."""
@@ -115,28 +181,40 @@ class Recorder:
         self.put(kind, t, t, a, b, c, d)
 
     def intern(self, name: str) -> int:
-        """A small integer for a string a row refers to (``chunks`` carries the table)."""
-        return self.names.setdefault(name, len(self.names))
+        """A small integer for a string a row refers to (-1 once the process's table is full)."""
+        with self._lock:
+            if name not in self.names:
+                data = (name.encode()[:200].replace(b"\0", b" ") or b" ") + b"\0"
+                end = self.names_at + sum(len(k.encode()[:200] or b" ") + 1 for k in self.names)
+                if end + len(data) > (self.proc + 1) * PROC_HEAD:
+                    return -1
+                self.mv[end:end + len(data)] = data
+                self.names[name] = len(self.names)
+            return self.names[name]
 
-    def _attach(self) -> _Buffer:
+    def _attach(self) -> _Slot:
         t = threading.current_thread()
         name = self.main_thread if t is threading.main_thread() else t.name
-        buf = _Buffer(name, threading.get_native_id())
-        self._local.buf = buf
-        self.buffers.append(buf)
-        return buf
+        with self._lock:
+            slot = self.slots.get(name)
+            if slot is None:
+                i = len(self.slots)
+                head = self.proc * PROC_HEAD + i * SLOT_HEAD.size
+                if i < SLOTS:
+                    slot = _Slot(self.arena.slot_at(self.proc, i), self.arena.slot_rows, head)
+                else:  # more threads than slots: their events are dropped, and counted in the last
+                    slot = _Slot(0, 0, self.proc * PROC_HEAD + (SLOTS - 1) * SLOT_HEAD.size)
+                self.slots[name] = slot
+                if i < SLOTS:
+                    SLOT_HEAD.pack_into(self.mv, head, 0, threading.get_native_id(), name.encode()[:32])
+        self._local.slot = slot
+        return slot
 
-    def chunks(self) -> Iterator[list]:
-        """[thread id, thread name, rows as bytes, interned names] messages, each at most
-        CHUNK_ROWS rows."""
-        step = CHUNK_ROWS * ROW.size
-        names = list(self.names)
-        for buf in list(self.buffers):
-            data = memoryview(buf.data)[:buf.off]
-            for i in range(0, buf.off, step):
-                yield [buf.tid, buf.name, bytes(data[i:i + step]), names]
+    def _drop(self, slot: _Slot) -> None:
+        slot.dropped += 1
+        struct.pack_into("<q", self.mv, slot.head, slot.dropped)
 
 
 def rows(data: bytes) -> np.ndarray:
-    """A thread's rows (``Recorder.chunks`` joined) as a structured array."""
+    """Rows as a structured array."""
     return np.frombuffer(data, DTYPE)

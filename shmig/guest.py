@@ -57,7 +57,8 @@ class Vcpu(Child):
         self.next_t = time.monotonic()
         self.acc = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
         self.run_ns = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
-        self.progress: list[tuple[int, int]] = []  # (t, accesses on the destination), every ms
+        self.progress: list[tuple[int, int]] = []  # (t, accesses on the destination): every ms, and around each fault
+        self.counter = memory.C_GUEST0 + v
 
     def ram(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
         ram = self.mem.src if phase == memory.RUN_SRC else self.mem.dst
@@ -110,9 +111,12 @@ class Vcpu(Child):
             self.mem.lat_dist[self.vcpu, min(max(((t1 - t0) // 1000).bit_length() - 1, 0), 23)] += 1
 
     def run_chunk(self, phase: int) -> int:
+        """One chunk of accesses, each counted when it is made: on the destination a chunk may
+        span several faults, and what came before a fault must not wait for the chunk's end."""
         pages = self.stream.next_chunk(CHUNK)
         if phase == memory.RUN_SRC:
             self.write(pages, phase)
+            self.count(len(pages), phase)
             return len(pages)
         received = self.mem.received
         done = 0
@@ -121,19 +125,30 @@ class Vcpu(Child):
             present = received[rest].astype(bool)
             if present.all():
                 self.write(rest, phase)
-                done = len(pages)
-                break
+                self.count(len(rest), phase)
+                return len(pages)
             m = int(np.argmin(present))
             self.write(rest[:m], phase)
+            self.count(m, phase, mark=True)
             done += m
             self.fault(int(rest[m]))
+            self.count(0, phase, mark=True)  # progress is a step across the fault, not a slope
             if self.mem.ctl[memory.PHASE] != memory.RUN_DST:
                 break
         return done
 
+    def count(self, n: int, phase: int, mark: bool = False) -> None:
+        """``n`` accesses made: the controller's live counter, and on the destination the progress
+        log the report reads them from (a point every ms, and at each fault's start and end)."""
+        self.acc[phase] += n
+        self.mem.counters[self.counter] += n
+        if phase == memory.RUN_DST:
+            now = time.monotonic_ns()
+            if mark or not self.progress or now - self.progress[-1][0] >= 1_000_000:
+                self.progress.append((now, self.acc[phase]))
+
     def run(self) -> None:
         ctl = self.mem.ctl
-        counter = memory.C_GUEST0 + self.vcpu
         idle = self.cfg.workload == "idle"
         ran = None
         ready = False  # told the controller the guest runs (after its first chunk, if it writes)
@@ -163,15 +178,9 @@ class Vcpu(Child):
                 continue
             t0 = time.monotonic_ns()
             n = self.run_chunk(phase)
-            self.acc[phase] += n
-            self.mem.counters[counter] += n
             if not ready:
                 self.ctrl_out.ctrl("ready", time.monotonic_ns())
                 ready = True
-            if phase == memory.RUN_DST:
-                now = time.monotonic_ns()
-                if not self.progress or now - self.progress[-1][0] >= 1_000_000:
-                    self.progress.append((now, self.acc[phase]))
             if self.interval is not None:
                 self.next_t = max(self.next_t, time.monotonic()) + n * self.interval
                 left = self.next_t - time.monotonic()

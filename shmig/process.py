@@ -19,10 +19,10 @@ import traceback
 from typing import Any
 
 from .config import Config
-from .events import K, Recorder
+from .events import Arena, K, Recorder
 from .link import Link
 from .memory import GuestMemory
-from .wire import ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError
+from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError, ctrl_fields
 
 PR_SET_PDEATHSIG = 1
 
@@ -50,7 +50,7 @@ class Child:
 
     proc_index = 0
     title = "child"
-    traced = False  # set by the controller before the fork: record events (``shmig run --trace``)
+    arena: Arena | None = None  # set by the controller before the fork: record events (``--trace``)
     tr: Recorder | None = None  # the recorder every event hook checks for
 
     def __init__(self, cfg: Config, mem: GuestMemory, link: Link, fds: dict[str, int],
@@ -67,6 +67,7 @@ class Child:
     def main(self, parent_pid: int) -> None:
         """The child's entry point after fork."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held by the controller across fork
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _die_with_parent()
         if os.getppid() != parent_pid:
@@ -83,8 +84,8 @@ class Child:
         code = 0
         profile_dir = os.environ.get("SHMIG_PROFILE")
         try:
-            if self.traced:
-                self.tr = Recorder(self.title)
+            if self.arena is not None:
+                self.tr = Recorder(self.title, self.arena, self.proc_index)
             self.status("starting")
             self.setup()
             if profile_dir:  # cProfile of this process, one file per process title
@@ -98,9 +99,6 @@ class Child:
                     prof.dump_stats(os.path.join(profile_dir, self.title.replace("/", "_") + ".prof"))
             else:
                 self.run()
-            if self.tr:
-                for chunk in self.tr.chunks():  # after the stats: the controller keeps reading until we exit
-                    self.ctrl_out.ctrl("trace", chunk)
             self.status("exited")
         except BaseException as e:  # every failure is reported, then the process exits non-zero
             code = 1
@@ -118,7 +116,7 @@ class Child:
         self.status(f"failed: {msg}")
         try:
             self.ctrl_out.ctrl("error", msg)
-        except OSError:
+        except (OSError, ChannelClosed):  # the controller has gone (Ctrl-C): nobody to tell
             pass
 
     def status(self, text: str) -> None:
@@ -133,10 +131,7 @@ class Child:
     # -- control helpers ----------------------------------------------------
     def recv_ctrl(self) -> tuple[str, Any]:
         """The next message from the controller (blocking)."""
-        f = self.ctrl_in.next_frame()
-        if f is None or f.kind != Msg.CTRL or len(f.fields) < 2:
-            raise ProtocolError(f"{self.title} control channel: malformed message")
-        return f.fields[0], f.fields[1]
+        return ctrl_fields(self.ctrl_in.next_frame(), f"{self.title} control")
 
     def take_channels(self, names: Any) -> dict[str, int]:
         """The new pipe ends of a recovery, which the controller passed (SCM_RIGHTS) on this child's

@@ -33,6 +33,7 @@ class Report:
     postcopy_phase_ms: float | None = None
     dirty_sync_count: int = 0
     precopy_rounds: int = 0
+    converged: bool | None = None  # precopy ended within downtime_limit (False: forced by max_rounds); None after postcopy
     ram: dict[str, Any] = field(default_factory=dict)
     throughput_mbps: float | None = None
     postcopy_requests: int = 0
@@ -54,7 +55,7 @@ class Report:
     faults_not_injected: list[str] = field(default_factory=list)
     pauses: list[dict[str, Any]] = field(default_factory=list)
     guest_progress: dict[str, Any] = field(default_factory=dict)
-    guest_slowdown: float | None = None
+    guest_speed_ratio: float | None = None  # postcopy access rate / precopy rate: 1.0 = full speed
     destination: dict[str, Any] = field(default_factory=dict)
     integrity: dict[str, Any] = field(default_factory=lambda: {"ok": False, "pages_checked": 0,
                                                                 "first_bad_page": None})
@@ -70,6 +71,16 @@ class Report:
     def ok(self) -> bool:
         return self.status == "completed" and bool(self.integrity.get("ok"))
 
+    @property
+    def interrupted(self) -> bool:
+        """Stopped by Ctrl-C (SIGINT), not failed on its own."""
+        return self.status != "completed" and (self.error or "").startswith("interrupted")
+
+    @property
+    def guest_slowdown(self) -> float | None:
+        """The former name of ``guest_speed_ratio`` (it read the wrong way round: 0.9 = 90% speed)."""
+        return self.guest_speed_ratio
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -77,6 +88,9 @@ class Report:
     def from_dict(cls, d: dict[str, Any]) -> "Report":
         """A saved report (``to_dict``/JSON) back; keys this version does not know are ignored and
         missing ones keep their defaults, so reports of other versions still load."""
+        d = dict(d)
+        if "guest_slowdown" in d:  # the same ratio, under the name it had before
+            d.setdefault("guest_speed_ratio", d["guest_slowdown"])
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -84,7 +98,8 @@ class Report:
 
     def summary(self) -> str:
         c = self.config
-        lines = [f"shmig {c.get('mode')}: {self.status}" + (f" — {self.error}" if self.error else "")]
+        lines = [f"shmig {c.get('mode')}: {self.status}" + (" (did not converge)" if self.converged is False else "")
+                 + (f" — {self.error}" if self.error else "")]
         if self.total_time_ms is None:
             return "\n".join(lines)
         ram = self.ram
@@ -98,6 +113,12 @@ class Report:
             ("channels", ", ".join(f"{k} {fmt_size(v)}" for k, v in ram.get("channel_bytes", {}).items())),
             ("dirty syncs", f"{self.dirty_sync_count} ({self.precopy_rounds} precopy rounds)"),
         ]
+        if self.converged is not None:
+            limit = f"the {c['downtime_limit'] * 1e3:g} ms downtime-limit"
+            rows.append(("converged", f"yes: downtime {_n(self.downtime_ms, '.1f')} ms, within {limit}"
+                         if self.converged else f"NO: forced to stop-and-copy after {self.precopy_rounds}"
+                         f" rounds (--max-rounds {c['max_rounds']}): downtime {_n(self.downtime_ms, '.1f')} ms"
+                         f" against {limit}"))
         link = self.link
         if link.get("nominal_bps"):
             util = link.get("utilisation")
@@ -122,9 +143,10 @@ class Report:
                 rows.append(("recovery", self._recovery_summary()))
             gp = self.guest_progress
             if gp:
-                rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
-                             + (f", {self.guest_slowdown:.3f}x its precopy rate"
-                                if self.guest_slowdown is not None else "")))
+                ratio, why = self.guest_speed_ratio, gp.get("speed_ratio_unavailable")
+                speed = (f"{ratio:.3g}x its precopy rate (1 = full speed)" if ratio is not None
+                         else "speed ratio unavailable" + (f": {why}" if why else ""))
+                rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy, {speed}"))
         integ = self.integrity
         rows.append(("integrity", f"ok, {integ['pages_checked']} pages checked" if integ.get("ok")
                      else f"FAILED: {integ.get('detail')}"))
@@ -292,6 +314,8 @@ def build_report(m: Migration) -> Report:
     rep.phases = phase_list(m.t0, ev) + [["postcopy-paused", _ms(m.t0, emu(a)), _ms(m.t0, emu(b))]
                                          for a, b in m.pause_intervals]  # each inside postcopy
 
+    if ev.get("running") is None:  # ended by stop-and-copy: did it get there by converging?
+        rep.converged = bool(src.get("converged", False))
     acc_src = sum(s["accesses_src"] for s in vcpus)
     per_vcpu = [_accesses_until(s, ev.get("running"), rep.postcopy_phase_ms, emu) for s in vcpus]
     acc_dst = sum(per_vcpu)
@@ -299,13 +323,24 @@ def build_report(m: Migration) -> Report:
     postcopy_s = (rep.postcopy_phase_ms or 0) / 1e3
     # the guest's normal speed: measured on the source when it ran there long enough to tell,
     # else the rate it is paced at; a few ms of running (postcopy right after setup) say nothing
-    if run_src / max(len(vcpus), 1) >= MIN_BASELINE_S:
+    run_src_ms = run_src / max(len(vcpus), 1) * 1e3
+    if run_src_ms >= MIN_BASELINE_S * 1e3:
         rate_src: float | None = acc_src / run_src
     elif cfg.dirty_rate is not None:
         rate_src = cfg.dirty_rate / 4096 / cfg.vcpus
     else:
         rate_src = None
     rate_dst = acc_dst / (postcopy_s * len(vcpus)) if postcopy_s > 0 and vcpus else None
+    if cfg.workload == "idle":
+        why = "the guest is idle (--workload idle)"
+    elif rate_dst is None:
+        why = "there was no postcopy phase to measure"
+    elif rate_src is None:
+        why = (f"no precopy baseline: the guest ran {run_src_ms:.0f} ms on the source, and"
+               f" {MIN_BASELINE_S * 1e3:.0f} ms are needed to measure its speed (use more"
+               f" --precopy-rounds, or pace it with --dirty-rate)")
+    else:
+        why = None
     rep.guest_progress = {
         "precopy_accesses": acc_src,
         "postcopy_accesses": acc_dst,
@@ -313,9 +348,11 @@ def build_report(m: Migration) -> Report:
         "per_vcpu_postcopy_accesses": per_vcpu,
         "precopy_rate_per_vcpu": None if rate_src is None else round(rate_src, 1),
         "postcopy_rate_per_vcpu": None if rate_dst is None else round(rate_dst, 1),
+        "precopy_run_ms_per_vcpu": round(run_src_ms, 1),
+        "speed_ratio_unavailable": why,
     }
-    if rate_src and rate_dst is not None:
-        rep.guest_slowdown = round(rate_dst / rate_src, 4)
+    if why is None and rate_src and rate_dst is not None:
+        rep.guest_speed_ratio = round(rate_dst / rate_src, 4)
     rep.destination = {k: v for k, v in by_title.items() if k.startswith("mig/dst")}
 
     res = check(m.mem.dst, cfg.seed, cfg.zero_fraction, m.mem.stamps, cfg.workload == "ab")

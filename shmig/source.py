@@ -365,6 +365,7 @@ class Source(Child):
                 self.tr.put(K.ROUND, t_round, time.monotonic_ns(), self.rounds)
             if not cfg.postcopy or postcopy_rounds is None:
                 if self.remaining * TARGET_PAGE <= threshold or self.rounds >= cfg.max_rounds:
+                    self.stats["converged"] = self.remaining * TARGET_PAGE <= threshold
                     self.stats["expected_downtime_ms"] = round(
                         self.clock.emulated_ms(self.remaining * TARGET_PAGE / max(bw, 1.0) * 1e9), 3)
                     return "complete"
@@ -653,7 +654,7 @@ class Source(Child):
                 if f.kind != Msg.REQ or len(f.fields) < 1:
                     raise ProtocolError(f"return path: unexpected {Msg(f.kind).name}")
                 hp = f.fields[0]
-                if not isinstance(hp, int) or not 0 <= hp < self.nhost:
+                if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.nhost:
                     raise ProtocolError(f"return path: request for host page {hp!r} outside RAM")
                 self.link.deliver(f.send_ns, rp.wait)
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU

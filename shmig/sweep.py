@@ -7,17 +7,13 @@ CLI prints and saves them) and the one that was interrupted is dropped.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
-from .compare import MODE_VARIANTS, markdown_table
+from .compare import MODE_VARIANTS, SeriesInterrupted, markdown_table, run_one
 from .config import Config, ConfigError
-from .controller import run
 from .progress import LiveStatus
 from .report import SavedRun
 from .units import fmt_size
-
-_TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
 
 
 def variants() -> dict[str, dict[str, Any]]:
@@ -39,25 +35,9 @@ def knob_name(knob: str, options: Sequence[str]) -> str:
 
 
 def knob_value(name: str, text: str) -> Any:
-    """One value as the option takes it: what Config.from_strings reads (sizes, rates, times) stays
-    text for it; flags take on/off, counts and fractions numbers; words (workload) stay words."""
-    if getattr(Config.from_strings(**{name: text}), name) != text:
-        return text  # from_strings converts it (and says what is wrong with it)
-    kind = {f.name: str(f.type) for f in dataclasses.fields(Config)}[name]
-    try:
-        if kind == "bool":
-            low = text.lower()
-            if low not in _TRUE + _FALSE:
-                raise ValueError
-            return low in _TRUE
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
-    except ValueError:
-        what = {"bool": "on or off"}.get(kind, "a whole number" if kind.startswith("int") else "a number")
-        raise ConfigError(f"sweep {name.replace('_', '-')}: cannot read {text!r} (use {what})") from None
-    return text
+    """One value as the option takes it: Config.from_strings reads every kind the command line
+    does (sizes, rates, times, counts, on/off flags, words) and says what is wrong with it."""
+    return getattr(Config.from_strings(**{name: text}), name)
 
 
 def plan(base: dict[str, Any], knob: str, values: Sequence[str], modes: Sequence[str]) -> list[tuple[str, str, Config]]:
@@ -84,13 +64,11 @@ def sweep(knob: str, runs: Sequence[tuple[str, str, Config]], ui: LiveStatus) ->
     try:
         for value, mode, cfg in runs:
             ui.begin(f"{mode} {knob.replace('_', '-')}={value}")
-            rep = run(cfg, on_sample=ui.on_sample)
-            if rep.error and rep.error.startswith("interrupted"):
-                return done, True
+            rep = run_one(cfg, on_sample=ui.on_sample)
             done.append(SavedRun(mode, cfg.host_page, rep, knob, value))
             if not rep.ok and ui.announce:
                 ui.log(f"  {mode} {knob}={value}: {rep.status}: {rep.error}")
-    except KeyboardInterrupt:
+    except SeriesInterrupted:
         return done, True
     return done, False
 

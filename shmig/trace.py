@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .config import ConfigError
 from .events import K, rows
 from .link import CHANNELS
-from .report import _Emulated
+from .report import _Emulated, phase_list
 from .wire import KINDS, Msg
 
 if TYPE_CHECKING:
@@ -41,13 +40,6 @@ if TYPE_CHECKING:
 
 FLOW = {"cat": "fault", "name": "fault"}  # a v1 flow is (id, cat, name): every step shares them
 NS = 1e-3  # one nanosecond in microseconds: flow points sit just inside the slice they bind to
-
-
-def check_output(path: str) -> None:
-    """Fail before the run when the trace could not be written."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        raise ConfigError(f"--trace {path!r}: directory {d} does not exist")
 
 
 class _Flows:
@@ -119,21 +111,23 @@ class _Builder:
         self.meta(pid0, pid0, "process_name", f"shmig controller ({m.cfg.mode})")
         self.meta(pid0, pid0, "process_sort_index", 0)
         self.meta(pid0, pid0, "thread_name", "phases")
-        for name, start, end in self.rep.phases:  # report.phase_list: the one source of phases
+        # report.phase_list: the one source of phases (a failed run's report has none: its events do)
+        phases = self.rep.phases or phase_list(m.t0, {k: self.emu(t) for k, t in m.events.items()})
+        for name, start, end in phases:
             self.slice(pid0, pid0, name, round(start * 1e3, 3), round(end * 1e3, 3), cat="phase")
         threads = []  # (pid, tid, process title, rows, interned names), every process's threads
+        dropped = {}
         for i, p in enumerate(m.procs):
             pid = p.process.pid
             self.meta(pid, pid, "process_name", p.title)
             self.meta(pid, pid, "process_sort_index", i + 1)
-            joined: dict[int, tuple[str, bytearray, list[str]]] = {}
-            for tid, name, data, names in p.trace:
-                joined.setdefault(tid, (name, bytearray(), names))[1].extend(data)
-            for j, (tid, (name, data, names)) in enumerate(sorted(joined.items(), key=lambda t: t[0] != pid)):
-                self.meta(pid, tid, "thread_name", name)
+            recorded = m.trace_events.get(p.child.proc_index, {"threads": [], "names": []})
+            for j, (tid, name, r, lost) in enumerate(sorted(recorded["threads"], key=lambda t: t[0] != pid)):
+                self.meta(pid, tid, "thread_name", name + (f" ({lost} events dropped: slot full)" if lost else ""))
                 self.meta(pid, tid, "thread_sort_index", j)
-                r = rows(bytes(data))
-                threads.append((pid, tid, p.title, r[np.argsort(r["t0"], kind="stable")], names))
+                if lost:
+                    dropped[f"{p.title} {name}"] = lost
+                threads.append((pid, tid, p.title, r[np.argsort(r["t0"], kind="stable")], recorded["names"]))
         every = np.concatenate([t[3] for t in threads]) if threads else rows(b"")
         for ch in range(len(CHANNELS)):  # the source's frames, to find a received frame's send
             sent = every[((every["kind"] == K.SEND) | (every["kind"] == K.SEND_URGENT)) & (every["a"] == ch)]
@@ -146,7 +140,7 @@ class _Builder:
         return {"traceEvents": self.ev, "displayTimeUnit": "ms",
                 "otherData": {"shmig": f"mode {m.cfg.mode}; times are emulated µs since the migration"
                                        f" started (time dilation {m.cfg.clock.dilation:g})",
-                              "config": m.cfg.to_dict()}}
+                              "config": m.cfg.to_dict(), "error": m.error, "events_dropped": dropped}}
 
     def frame(self, ch: int, send_ns: int) -> int | None:
         """The sequence number of the frame the source sent on ``ch`` at ``send_ns`` (its header's
@@ -188,7 +182,8 @@ class _Builder:
             elif kind == K.ROUND:
                 self.slice(pid, tid, f"precopy round {a}", s, end)
             elif kind == K.MILESTONE:
-                name, said = names[a], names[b] if b >= 0 else None
+                name = names[a] if 0 <= a < len(names) else "event"
+                said = names[b] if 0 <= b < len(names) else None
                 if paused is not None and name in ("postcopy_paused", "postcopy_resumed"):
                     self.slice(pid, tid, "postcopy paused", paused[0], s, {"reason": paused[1]})
                     paused = None

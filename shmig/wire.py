@@ -29,6 +29,7 @@ MAX_HEADER = 1 << 20
 MAX_PAYLOAD = 1 << 26
 HEAD_ROOM = 2048  # bounds a data frame's prefix and header (page indices, zero flags) for the room check
 PIPE_BUF = 4096  # writes up to this size are atomic, so several vCPUs may share the fault pipe
+FUTURE_NS = 1_000_000_000  # every process stamps frames with one clock: a later send time is corrupt
 
 
 class Msg(enum.IntEnum):
@@ -330,6 +331,9 @@ class FrameReader:
         if (not isinstance(header, list) or len(header) < 2 or not isinstance(header[0], int)
                 or header[0] not in KINDS or not isinstance(header[1], int)):
             raise ProtocolError(f"{self.name} channel: unknown frame {str(header)[:80]}")
+        if header[1] > time.monotonic_ns() + FUTURE_NS:  # the link would hold it until then: a hang
+            raise ProtocolError(f"{self.name} channel: frame sent {(header[1] - time.monotonic_ns()) / 1e9:.3g}s"
+                                f" in the future")
         self._peeked = (self.start, (header, hlen, plen))
         return header, hlen, plen
 
@@ -490,7 +494,7 @@ class SocketReader(FrameReader):
         with self._cond:
             end = self.end
             self._cond.wait_for(lambda: self.end != end or self.eof, timeout)
-            return self.end != end
+            return self.end != end or self.eof  # EOF while waiting: the caller says ChannelClosed, not a timeout
 
     def wait(self, timeout: float | None) -> None:
         if timeout:
@@ -526,3 +530,29 @@ def expect(frame: Frame, kind: Msg, nfields: int, channel: str) -> list:
         raise ProtocolError(f"{channel} channel: expected {kind.name} with {nfields} fields,"
                             f" got {Msg(frame.kind).name} with {len(frame.fields)}")
     return frame.fields
+
+
+# what a control message carries, by name (children -> controller and back); a name not listed
+# here passes with any object and is the receiver's to refuse
+CTRL_OBJECTS: dict[str, tuple[type, ...]] = {
+    "error": (str,), "stats": (dict,), "event": (list,), "ready": (int,), "paused": (int,),
+    "resumed": (int,),
+}
+
+
+def ctrl_fields(frame: Frame | None, channel: str) -> tuple[str, Any]:
+    """(name, object) of a control message, checked before anyone acts on it: a corrupt control
+    channel is a protocol error naming it, never an exception in the controller's bookkeeping."""
+    if frame is None or frame.kind != Msg.CTRL or len(frame.fields) < 2 or not isinstance(frame.fields[0], str):
+        raise ProtocolError(f"{channel} channel: malformed message"
+                            + ("" if frame is None else f" {Msg(frame.kind).name} {str(frame.fields)[:60]}"))
+    name, obj = frame.fields[0], frame.fields[1]
+    want = CTRL_OBJECTS.get(name)
+    ok = want is None or (isinstance(obj, want) and not isinstance(obj, bool))
+    if ok and name == "event":
+        ok = len(obj) >= 2 and isinstance(obj[0], str) and isinstance(obj[1], int) and not isinstance(obj[1], bool)
+    elif ok and name == "stats":
+        ok = all(isinstance(k, str) for k in obj)
+    if not ok:
+        raise ProtocolError(f"{channel} channel: malformed {name!r} message ({str(obj)[:60]})")
+    return name, obj

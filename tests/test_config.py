@@ -217,8 +217,8 @@ def test_from_strings_converts_units():
     assert cfg.socket_buffer == 10 * MiB
     assert cfg.bandwidth == pytest.approx(1.25e9)
     assert cfg.max_bandwidth == 100 * MiB
-    assert cfg.max_postcopy_bandwidth == 1e9
-    assert cfg.dirty_rate == 50e6
+    assert cfg.max_postcopy_bandwidth == GiB  # GB is binary, as QEMU reads its sizes
+    assert cfg.dirty_rate == 50 * MiB
     assert cfg.latency == pytest.approx(50e-6)
     assert cfg.downtime_limit == pytest.approx(0.3)
     assert cfg.deadline == 120.0
@@ -233,7 +233,88 @@ def test_from_strings_none_means_default():
 
 def test_from_strings_unlimited_bandwidth():
     assert Config.from_strings(bandwidth="unlimited").bandwidth is None
-    assert Config.from_strings(bandwidth="0").bandwidth is None
+    assert Config.from_strings(dirty_rate="unlimited").dirty_rate is None
+
+
+@pytest.mark.parametrize("name", ["max_bandwidth", "max_postcopy_bandwidth"])
+@pytest.mark.parametrize("value", ["0", 0, "0MiB/s"])
+def test_from_strings_zero_qemu_limits_are_unlimited(name, value):
+    """QEMU's max-bandwidth and max-postcopy-bandwidth read 0 as "no limit": so do we."""
+    assert getattr(Config.from_strings(**{name: value}), name) is None
+
+
+@pytest.mark.parametrize("name", ["bandwidth", "dirty_rate"])
+@pytest.mark.parametrize("value", ["0", 0, "0Gbit/s"])
+def test_from_strings_zero_link_or_dirty_rate_is_refused(name, value):
+    """Our emulated link and the guest's dirty rate have no QEMU convention: 0 would silently mean
+    the opposite of what it says, so it is refused with a line pointing at 'unlimited'."""
+    with pytest.raises(ConfigError) as ei:
+        Config.from_strings(**{name: value})
+    msg = str(ei.value)
+    assert msg.startswith(f"--{name.replace('_', '-')}: ") and "'unlimited'" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("key,value,meant", [
+    ("latency", "50", "50us"), ("downtime_limit", "300", "300ms"), ("deadline", "60", "60s")])
+def test_from_strings_duration_without_unit(key, value, meant):
+    with pytest.raises(ConfigError) as ei:
+        Config.from_strings(**{key: value})
+    assert f"did you mean {meant}?" in str(ei.value)
+
+
+def test_from_strings_reads_whole_numbers_and_refuses_unknown_options():
+    assert Config.from_strings(vcpus="2", seed="7", precopy_rounds="0").vcpus == 2
+    with pytest.raises(ConfigError, match="--vcpus: cannot read 'two'"):
+        Config.from_strings(vcpus="two")
+    with pytest.raises(ConfigError, match="unknown option 'rams'"):
+        Config.from_strings(rams="64MiB")
+
+
+# --- the Python API: field types ---------------------------------------------------
+
+@pytest.mark.parametrize("kw,text", [
+    ({"ram": "64MiB"}, "Config.from_strings(ram='64MiB')"),
+    ({"bandwidth": "10Gbit/s"}, "Config.from_strings(bandwidth='10Gbit/s')"),
+    ({"latency": "50us"}, "Config.from_strings(latency='50us')"),
+    ({"vcpus": 1.5}, "vcpus must be a whole number"),
+    ({"vcpus": True}, "vcpus must be a whole number"),
+    ({"seed": None}, "seed must be a whole number"),
+    ({"mode": 3}, "mode must be a string"),
+    ({"break_huge": "no"}, "break_huge must be True or False"),
+    ({"wss": "8MiB"}, "wss must be a whole number or None"),
+])
+def test_field_types_are_checked_with_one_line(kw, text):
+    """Config(ram="64MiB") used to raise a TypeError from deep inside validate()."""
+    with pytest.raises(ConfigError) as ei:
+        Config(**kw)
+    assert text in str(ei.value) and "\n" not in str(ei.value)
+    cfg = Config()
+    for k, v in kw.items():
+        setattr(cfg, k, v)  # set after construction: validate() checks again
+    with pytest.raises(ConfigError):
+        cfg.validate()
+
+
+def test_numpy_numbers_are_numbers():
+    import numpy as np
+
+    small(ram=np.int64(16 * MiB), zero_fraction=np.float64(0.2), break_huge=np.bool_(True)).validate()
+
+
+# --- hostile values: refused before anything is allocated --------------------------
+
+@pytest.mark.parametrize("kw,text", [
+    ({"seed": -5}, "--seed must be between 0 and 2^64-1"),
+    ({"seed": 2**64}, "--seed must be between 0 and 2^64-1"),
+    ({"latency": 50.0}, "did you mean 50ms or 50us?"),
+    ({"latency": 1.5}, "more than 1s"),
+    ({"latency": float("nan")}, "--latency must not be negative"),
+    ({"socket_buffer": 2 * GiB}, "--socket-buffer must be at most 1GiB"),
+    ({"ram": 8 * KiB, "vcpus": 3}, "the working set holds only 2 4KiB page(s)"),
+    ({"wss": 8 * KiB, "vcpus": 3}, "larger --wss"),
+])
+def test_hostile_values(kw, text):
+    assert text in error_of(small(**kw))
 
 
 def test_from_strings_accepts_numbers():

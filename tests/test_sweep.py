@@ -29,7 +29,7 @@ from test_plot import png_size
     (["sweep", "socket-buffer", "1MiB,4MiB", "--socket-buffer", "2MiB"], "--socket-buffer is what the sweep varies"),
     (["sweep", "socket-buffer", "1MiB,lots"], "--socket-buffer: cannot read 'lots'"),
     (["sweep", "socket-buffer", "1MiB,,4MiB"], "give comma-separated values"),
-    (["sweep", "vcpus", "1,two"], "sweep vcpus: cannot read 'two' (use a whole number)"),
+    (["sweep", "vcpus", "1,two"], "--vcpus: cannot read 'two' (use a whole number)"),
     (["sweep", "page-hint", "on,maybe", "--modes", "preempt-full"], "(use on or off)"),
     (["sweep", "page-hint", "on,off", "--modes", "vanilla"], "--page-hint"),  # Config.validate, per run
     (["sweep", "vcpus", "1,2", "--modes", "vanilla,bogus"], "unknown mode 'bogus' in --modes"),

@@ -53,7 +53,7 @@ def session_processes(sid: int) -> list[str]:
                 args = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
-        state, session = fields[0], int(fields[4])
+        state, session = fields[0], int(fields[3])  # after the command: state, ppid, pgrp, session
         if session == sid and state not in (b"Z", b"X"):
             found.append(f"{pid}: {args}")
     return found

@@ -19,7 +19,7 @@ import pytest
 from shmig import cli
 from shmig.config import Config
 from shmig.controller import Migration
-from shmig.events import ROW, K, Recorder, rows
+from shmig.events import Arena, K, Recorder
 
 
 
@@ -174,37 +174,49 @@ def test_trace_of_a_recovered_migration(tmp_path):
     assert paused[0]["args"]["reason"] == "injected fault postcopy-channel@50%"
 
 
-def test_recorder_rows_per_thread():
-    """Each thread writes its own buffer (no lock), which grows past its first size."""
+@pytest.mark.timeout(60)
+def test_trace_of_a_failed_run(tmp_path):
+    """A run that fails (here at its deadline, in precopy) still has the trace of what every process
+    did until it was stopped: the events are in memory the controller reads after the children die."""
+    path = tmp_path / "t.json"
+    cfg = Config.from_strings(ram="32MiB", mode="preempt", bandwidth="20MiB/s", deadline="300ms")
+    rep = Migration(cfg, trace=str(path)).start().wait()
+    assert not rep.ok and "deadline" in (rep.error or "")
+    doc = json.loads(path.read_text())
+    check_schema(doc)
+    procs, _ = tracks(doc)
+    names = {(procs[e["pid"]], e["name"]) for e in doc["traceEvents"] if e["ph"] == "X" and e["pid"] in procs}
+    assert ("mig/src", "send precopy") in names and ("mig/dst/listen", "place") in names
+    assert doc["otherData"]["error"] == rep.error
+
+
+def test_recorder_slots_per_thread():
+    """Each thread writes its own slot of the shared arena (no lock); a full slot drops and counts;
+    the controller reads slots, thread names and interned strings back."""
     import threading
 
-    tr = Recorder("mig/src")
-    n = 10_000
-    tr.put(K.SEND, 1, 2, 3, 4, 5, 6, 7, 8, 9)
-    t = threading.Thread(target=lambda: [tr.put(K.REQUEST, i, i + 1, i) for i in range(n)], name="return")
-    t.start()
-    t.join()
-    got = {}
-    assert tr.intern("postcopy_paused") == 0 and tr.intern("x") == 1 and tr.intern("postcopy_paused") == 0
-    for tid, name, data, names in tr.chunks():
-        assert len(data) % ROW.size == 0 and names == ["postcopy_paused", "x"]
-        got.setdefault(name, bytearray()).extend(data)
-    assert sorted(got) == ["migration", "return"]
-    main = rows(bytes(got["migration"]))
-    assert main.tolist() == [(1, 2, K.SEND, 3, 4, 5, 6, 7, 8, 9, 0, 0)]
-    ret = rows(bytes(got["return"]))
-    assert len(ret) == n and (ret["a"] == range(n)).all() and (ret["kind"] == K.REQUEST).all()
+    arena = Arena(3, slot_rows=1000)
+    try:
+        tr = Recorder("mig/src", arena, 2)
+        tr.put(K.SEND, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+        assert tr.intern("postcopy_paused") == 0 and tr.intern("") == 1 and tr.intern("postcopy_paused") == 0
+        t = threading.Thread(target=lambda: [tr.put(K.REQUEST, i, i + 1, i) for i in range(1500)], name="return")
+        t.start()
+        t.join()
+        got = arena.collect()
+        assert list(got) == [2]
+        assert got[2]["names"] == ["postcopy_paused", " "]
+        threads = {name: (r, dropped) for _, name, r, dropped in got[2]["threads"]}
+        assert threads["migration"][0].tolist() == [(1, 2, K.SEND, 3, 4, 5, 6, 7, 8, 9, 0, 0)]
+        ret, dropped = threads["return"]
+        assert len(ret) == 1000 and dropped == 500 and (ret["a"] == range(1000)).all()
+    finally:
+        arena.close()
 
 
 def test_tracing_is_off_unless_asked():
     m = Migration(Config(ram=4 << 20))
-    assert m.trace is None
+    assert m.trace is None and m.arena is None
     from shmig.process import Child
 
-    assert Child.tr is None and not Child.traced
-
-
-def test_bad_trace_path_is_bad_input(capsys, tmp_path):
-    code = cli.main(["run", "--ram", "4MiB", "--trace", str(tmp_path / "no" / "t.json")])
-    assert code == 2
-    assert "--trace" in capsys.readouterr().err
+    assert Child.tr is None and Child.arena is None

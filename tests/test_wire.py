@@ -688,3 +688,18 @@ def test_socket_reader_keeps_every_frame_intact_while_its_thread_reads_ahead():
     finally:
         t.join(10)
         os.close(r)
+
+
+@pytest.mark.timeout(10)
+def test_socket_reader_eof_while_waiting_is_a_closed_channel_not_a_timeout(pipe):
+    """The writer goes away while the consumer waits for the read-ahead thread: ChannelClosed at
+    once, not None after the timeout (which read as "nothing yet" and hid the close)."""
+    from shmig.wire import SocketReader
+
+    r, w = pipe
+    reader = SocketReader(r, "precopy", readahead=1 << 20, max_frame=1 << 16)
+    threading.Timer(0.2, close, (pipe, 1)).start()  # the consumer is waiting by then
+    t0 = time.monotonic()
+    with pytest.raises(ChannelClosed, match="precopy channel closed"):
+        reader.next_frame(timeout=5)
+    assert time.monotonic() - t0 < 4
