@@ -49,6 +49,7 @@ SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
 CALIBRATION_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CALIBRATION_S = 0.25  # emulated seconds of link time a calibration run takes
 SUSTAINED = 0.97  # utilisation at which the machine keeps up with the emulated link
+FILLED = 0.95  # ... and the share of the run the source kept it busy (start and end cost a little)
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
 
 
@@ -526,7 +527,10 @@ class Migration:
 
 def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:
     """``--time-dilation auto``: the smallest factor at which a short run of this migration (same
-    mode, link and guest; less RAM; postcopy at once) carries at least 97% of the link's rate."""
+    mode, link and guest; less RAM; postcopy at once) carries at least 97% of the link's rate
+    while its queues hold data, and at least 95% from first byte to last: the source too must keep
+    the link busy, as QEMU's does at that rate (a source that cannot fill the socket would leave a
+    request behind a shorter queue than QEMU's)."""
     if cfg.bandwidth is None:
         return 1.0, []  # an unlimited link is whatever the machine does: nothing to sustain
     mib = 1024**2
@@ -541,8 +545,12 @@ def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:
             max_postcopy_bandwidth=None, deadline=60.0 / n, extra={})  # a minute of real time at most
         rep = Migration(probe).start().wait()
         util = rep.link.get("utilisation") if rep.ok else None
-        tried.append({"time_dilation": n, "utilisation": util})
-        if util is not None and util >= SUSTAINED:
+        end_to_end = None
+        if rep.ok and rep.total_time_ms and rep.setup_time_ms is not None:
+            seconds = (rep.total_time_ms - rep.setup_time_ms) / 1e3
+            end_to_end = round(rep.link["carried_bytes"] / seconds / cfg.bandwidth, 4) if seconds > 0 else None
+        tried.append({"time_dilation": n, "utilisation": util, "end_to_end": end_to_end})
+        if util is not None and util >= SUSTAINED and end_to_end is not None and end_to_end >= FILLED:
             return float(n), tried
     raise ConfigError(f"--time-dilation auto: the machine does not sustain the link even {n}x slowed"
                     f" down ({tried}); lower --bandwidth")
