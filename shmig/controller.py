@@ -32,6 +32,7 @@ import numpy as np
 from . import memory
 from .config import Config, ConfigError
 from .destination import Listen, PreemptReceiver
+from .events import Arena
 from .guest import Vcpu
 from .link import Link
 from .memory import GuestMemory
@@ -40,7 +41,6 @@ from .process import Child
 from .report import Report, build_report
 from .source import Source
 from .stats import dist_quantile
-from .events import Arena
 from .trace import write_trace
 from .wire import FrameReader, FrameWriter, ProtocolError, ctrl_fields
 
