@@ -16,7 +16,7 @@ comes after and says how much.
 A row is ``t0, t1, kind, a..i``: start and end in ``time.monotonic_ns()`` (t1 == t0 for an
 instant) and up to nine integer arguments whose meaning depends on the kind (listed below and
 decoded by trace.py); the few strings (milestone names, a pause's reason) are interned per process
-in the arena too. ``rows()`` reads a slot back as a numpy structured array.
+in the arena too. ``Arena.collect`` reads every slot back as a numpy structured array.
 """
 
 from __future__ import annotations
@@ -214,7 +214,3 @@ class Recorder:
         slot.dropped += 1
         struct.pack_into("<q", self.mv, slot.head, slot.dropped)
 
-
-def rows(data: bytes) -> np.ndarray:
-    """Rows as a structured array."""
-    return np.frombuffer(data, DTYPE)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .events import K, rows
+from .events import DTYPE, K
 from .link import CHANNELS
 from .report import _Emulated, phase_list
 from .wire import KINDS, Msg
@@ -128,7 +128,7 @@ class _Builder:
                 if lost:
                     dropped[f"{p.title} {name}"] = lost
                 threads.append((pid, tid, p.title, r[np.argsort(r["t0"], kind="stable")], recorded["names"]))
-        every = np.concatenate([t[3] for t in threads]) if threads else rows(b"")
+        every = np.concatenate([t[3] for t in threads]) if threads else np.empty(0, DTYPE)
         for ch in range(len(CHANNELS)):  # the source's frames, to find a received frame's send
             sent = every[((every["kind"] == K.SEND) | (every["kind"] == K.SEND_URGENT)) & (every["a"] == ch)]
             sent = sent[np.argsort(sent["t0"])]
