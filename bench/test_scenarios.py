@@ -3,7 +3,7 @@
 Modes vanilla, preempt with x-postcopy-preempt-break-huge=off ("preempt-nobreak"), preempt and
 preempt-full, each with 4 KiB and 2 MiB host pages; 256 MiB of guest RAM, one vCPU writing at
 random over all of it as fast as it can, one precopy round then postcopy, the link shared by both
-channels at 100 MiB/s, everything else at shmig's defaults (4 MiB socket buffer per channel,
+channels at 100 MiB/s, everything else at shmig's defaults (10 MiB socket buffer per channel,
 10% zero pages).
 
 Recorded per run (``extra_info``): the report's postcopy latency fields (``postcopy_latency_us``

@@ -49,7 +49,7 @@ SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
 CALIBRATION_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CALIBRATION_S = 0.25  # emulated seconds of link time a calibration run takes
 SUSTAINED = 0.97  # utilisation at which the machine keeps up with the emulated link
-FILLED = 0.95  # ... and the share of the run the source kept it busy (start and end cost a little)
+FILLED = 0.97  # ... and from first byte to last: the source must keep it busy too
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
 
 
@@ -528,7 +528,7 @@ class Migration:
 def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:
     """``--time-dilation auto``: the smallest factor at which a short run of this migration (same
     mode, link and guest; less RAM; postcopy at once) carries at least 97% of the link's rate
-    while its queues hold data, and at least 95% from first byte to last: the source too must keep
+    while its queues hold data, and from first byte to last: the source too must keep
     the link busy, as QEMU's does at that rate (a source that cannot fill the socket would leave a
     request behind a shorter queue than QEMU's)."""
     if cfg.bandwidth is None:
