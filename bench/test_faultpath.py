@@ -1,13 +1,19 @@
 """Fault path: how long a vCPU waits for a missing page when nothing else is in the way.
 
-Postcopy of a guest with 4 KiB pages, in ``preempt`` and ``preempt-full`` modes, with no link
-limit and an idle background: the switch to postcopy comes right after channel setup
-(``precopy_rounds=0``, so nothing is sent before the guest runs on the destination) and the
-background scan is throttled to its minimum with ``max_postcopy_bandwidth`` (1 B/s: one 64 KiB
-frame per 100 ms rate-limit window; in ``preempt`` also one frame after each served request, since
-a request ends the migration thread's rate-limit sleep). The guest writes at random over all of
-RAM, so nearly every page is brought in by a fault: vCPU -> fault pipe -> dst fault thread ->
-return pipe -> src -> postcopy pipe -> dst preempt receiver -> placement -> eventfd -> vCPU.
+Postcopy of a guest with 4 KiB pages in ``preempt-full`` mode, with no link limit and an idle
+background: the switch to postcopy comes right after channel setup (``precopy_rounds=0``, so
+nothing is sent before the guest runs on the destination) and the background scan is throttled to
+its minimum with ``max_postcopy_bandwidth`` (1 B/s: one frame per 100 ms rate-limit window). The
+guest writes at random over all of RAM, so nearly every page is brought in by a fault: vCPU ->
+fault pipe -> dst fault thread -> return pipe -> src return thread -> postcopy pipe -> dst preempt
+receiver -> placement -> eventfd -> vCPU. Twice: with ``socket_buffer`` = 1 MiB (the pipe is the
+queue: the receiver reads its pipe itself) and with the default 10 MiB (a receive thread reads
+ahead, one wake-up more on the path).
+
+7.1 ``preempt`` is not measured here any more: its requests are sent by the migration thread,
+which obeys QEMU's rate limit, so behind a throttled background a request waits for the next
+100 ms window (the gate; see tests/test_timing.py), and without the throttle the background, not
+the fault path, brings the pages in.
 
 Measured (``extra_info``, microseconds):
   p50_us, p99_us       (and mean/p90/max, faults = count) of the report's postcopy_latency_us
@@ -84,11 +90,12 @@ class PostcopyCpu:
         return {t: self.last[t] - self.first[t] for t in self.last}
 
 
-@pytest.mark.parametrize("mode", ["preempt", "preempt-full"])
-def test_faultpath(benchmark, record, quick, mode):
-    cfg = shmig.Config(mode=mode, ram=QUICK_RAM if quick else FULL_RAM, host_page=4096, workload="random",
-                       zero_fraction=0.0, vcpus=1, bandwidth=None, latency=0.0, precopy_rounds=0,
-                       max_postcopy_bandwidth=1.0, deadline=120.0)
+@pytest.mark.parametrize("queue", ["pipe", "default"])
+def test_faultpath(benchmark, record, quick, queue):
+    cfg = shmig.Config(mode="preempt-full", ram=QUICK_RAM if quick else FULL_RAM, host_page=4096,
+                       workload="random", zero_fraction=0.0, vcpus=1, bandwidth=None, latency=0.0,
+                       precopy_rounds=0, max_postcopy_bandwidth=1.0, deadline=120.0,
+                       socket_buffer=(1 << 20) if queue == "pipe" else shmig.Config().socket_buffer)
     rounds = 1 if quick else FULL_ROUNDS
     two_cpus = len(os.sched_getaffinity(0)) >= 2
     rtt: list[float] = []
