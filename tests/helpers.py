@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from typing import Any, Callable
+
 import shmig
 
 
@@ -9,3 +13,29 @@ def assert_ok(r: shmig.Report) -> None:
     """Completed, integrity checked, and the report serialises."""
     assert r.ok, f"status={r.status} error={r.error!r} integrity={r.integrity}"
     assert r.to_json()
+
+
+def proc_of(m: shmig.Migration, title: str) -> Any:
+    """The controller's view of the child titled ``title``."""
+    (p,) = [p for p in m.procs if p.title == title]
+    return p
+
+
+def assert_all_reaped(m: shmig.Migration) -> None:
+    for p in m.procs:
+        assert not p.process.is_alive(), f"{p.title} still alive"
+        assert p.process.exitcode is not None, f"{p.title} not reaped"
+
+
+def wait_doing(m: shmig.Migration, delay: float, action: Callable[..., Any], *args: Any) -> tuple[shmig.Report, float]:
+    """``m.wait()`` while ``action(*args)`` runs ``delay`` s in: (report, seconds waited); every
+    child must be reaped afterwards."""
+    timer = threading.Timer(delay, action, args)
+    timer.start()
+    t0 = time.monotonic()
+    try:
+        r = m.wait()
+    finally:
+        timer.cancel()
+    assert_all_reaped(m)
+    return r, time.monotonic() - t0

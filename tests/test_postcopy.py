@@ -209,9 +209,11 @@ def test_start_postcopy_api(variant):
 @pytest.mark.timeout(TIMEOUT)
 def test_preempt_latency_far_below_vanilla():
     """The point of preemption: a requested page does not wait behind the full precopy channel.
-    QEMU's cover letter saw 18x on p50; demand at least 5x."""
+    QEMU's cover letter saw 18x on p50; demand at least 5x. A 4 MiB queue: 7.1's one thread, when
+    blocked for write space, holds a request until a third of it has drained (13 ms here, 35 ms
+    with the default 10 MiB), which is 7.1's second mode, not what this test is about."""
     base = dict(host_page=4 * KiB, ram=64 * MiB, bandwidth=100 * MiB, precopy_rounds=1,
-                workload="random")
+                workload="random", socket_buffer=4 * MiB)
     van = shmig.run(cfg(mode="vanilla", **base))
     pre = shmig.run(cfg(mode="preempt", **base))
     assert_ok(van)

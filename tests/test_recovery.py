@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shmig
-from helpers import assert_ok
+from helpers import assert_all_reaped, assert_ok, proc_of
 from shmig import cli, controller
 from shmig.compare import MODE_VARIANTS
 from shmig.faults import Fault, FaultInjector, FaultSpecError
@@ -308,16 +308,6 @@ def test_nobody_recovers_before_the_deadline():
 
 
 # -- SIGKILL while paused or recovering ----------------------------------------------------------------
-
-def proc_of(m: shmig.Migration, title: str):
-    (p,) = [p for p in m.procs if p.title == title]
-    return p
-
-
-def assert_all_reaped(m: shmig.Migration) -> None:
-    for p in m.procs:
-        assert p.process.exitcode is not None and not p.process.is_alive(), p.title
-
 
 KILL_PAUSED = ["mig/src", "mig/dst/listen", "mig/dst/preempt", "guest/vcpu0"]
 

@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 import shmig
 import shmig.memory
+from helpers import assert_all_reaped, proc_of, wait_doing
 from shmig.wire import Msg, pack_frame
 
 MiB = 1024**2
@@ -27,17 +27,6 @@ def slow_cfg(**kw) -> shmig.Config:
                 precopy_rounds=0)
     base.update(kw)
     return shmig.Config(**base)
-
-
-def proc_of(m: shmig.Migration, title: str):
-    (p,) = [p for p in m.procs if p.title == title]
-    return p
-
-
-def assert_all_reaped(m: shmig.Migration) -> None:
-    for p in m.procs:
-        assert not p.process.is_alive(), f"{p.title} still alive"
-        assert p.process.exitcode is not None, f"{p.title} not reaped"
 
 
 def session_processes(sid: int) -> list[str]:
@@ -78,19 +67,6 @@ def wait_until(cond, timeout: float) -> bool:
 KILLS = ([(r, signal.SIGKILL, 0.5) for r in ROLES] + [(r, signal.SIGKILL, 0.0) for r in ROLES]
          + [("mig/src", signal.SIGTERM, 0.5), ("guest/vcpu0", signal.SIGTERM, 0.5)])
 
-
-def wait_doing(m: shmig.Migration, delay: float, action, *args) -> tuple[shmig.Report, float]:
-    """``m.wait()`` while ``action(*args)`` runs ``delay`` s in: (report, seconds waited); every
-    child must be reaped afterwards."""
-    timer = threading.Timer(delay, action, args)
-    timer.start()
-    t0 = time.monotonic()
-    try:
-        r = m.wait()
-    finally:
-        timer.cancel()
-    assert_all_reaped(m)
-    return r, time.monotonic() - t0
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("role,sig,delay", KILLS,
