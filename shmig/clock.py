@@ -13,7 +13,6 @@ Every module asks this clock; none does its own arithmetic.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 
@@ -38,8 +37,3 @@ class Clock:
 
     def emulated_ms(self, real_ns: float) -> float:
         return real_ns / self.dilation / 1e6
-
-    @staticmethod
-    def now_ns() -> int:
-        """Real time: every process stamps events with it; the report converts differences."""
-        return time.monotonic_ns()

@@ -74,10 +74,6 @@ class Link:
             except OSError:
                 pass
 
-    @property
-    def limited(self) -> bool:
-        return self.ns_per_byte is not None
-
     def _w(self, ch: int, field: int) -> int:
         return _CH0 + 3 * ch + field
 
