@@ -42,7 +42,7 @@ from .report import Report, build_report
 from .source import Source
 from .stats import dist_quantile
 from .trace import write_trace
-from .wire import FrameReader, FrameWriter, ProtocolError, ctrl_fields
+from .wire import FrameReader, FrameWriter, ProtocolError, close_fds, ctrl_fields
 
 F_SETPIPE_SZ = 1031
 SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
@@ -507,11 +507,7 @@ class Migration:
             if p.process.is_alive():
                 p.process.kill()
                 p.process.join()
-        for fd in self.fds + self.efds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.fds + self.efds)
         self.fds, self.efds = [], []
         for sock in self.fdsocks.values():
             sock.close()

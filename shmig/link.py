@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 
 from .clock import Clock
+from .wire import close_fds
 
 QUANTUM = 64 * 1024
 BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
@@ -68,11 +69,7 @@ class Link:
         self.space_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in CHANNELS]
 
     def close(self) -> None:
-        for fd in self.space_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.space_fds)
 
     def _w(self, ch: int, field: int) -> int:
         return _CH0 + 3 * ch + field

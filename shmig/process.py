@@ -22,7 +22,7 @@ from .config import Config
 from .events import Arena, K, Recorder
 from .link import Link
 from .memory import GuestMemory
-from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError, ctrl_fields
+from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError, close_fds, ctrl_fields
 
 PR_SET_PDEATHSIG = 1
 
@@ -74,11 +74,7 @@ class Child:
             os._exit(1)
         set_title(self.title)
         keep = set(self.fds.values()) | set(self.efds)
-        for fd in self.all_fds - keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self.all_fds - keep)
         self.ctrl_out = FrameWriter(self.fds["ctrl_out"], f"{self.title} control")
         self.ctrl_in = FrameReader(self.fds["ctrl_in"], f"{self.title} control", max_frame=1 << 16)
         code = 0

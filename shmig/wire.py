@@ -17,7 +17,7 @@ import select
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import msgpack
 
@@ -109,6 +109,15 @@ def writev_all(fd: int, bufs: list) -> int:
         n = os.writev(fd, views)
         left -= n
     return total
+
+
+def close_fds(fds: Iterable[int]) -> None:
+    """Close every descriptor; one already closed (or never valid) is not an error here."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class FrameWriter:

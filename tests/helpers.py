@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import shmig
 
@@ -39,3 +43,21 @@ def wait_doing(m: shmig.Migration, delay: float, action: Callable[..., Any], *ar
         timer.cancel()
     assert_all_reaped(m)
     return r, time.monotonic() - t0
+
+
+@contextlib.contextmanager
+def group_reaped(p: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """A program started in its own session: whatever the test does, its whole process group is
+    gone (SIGKILL) and it is reaped when the block ends."""
+    try:
+        yield p
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def interrupt(p: subprocess.Popen, timeout: float = 30) -> tuple[Any, Any]:
+    """Ctrl-C as a terminal sends it (SIGINT to the process group); (stdout, stderr) once it exits."""
+    os.killpg(p.pid, signal.SIGINT)
+    return p.communicate(timeout=timeout)

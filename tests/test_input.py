@@ -8,7 +8,6 @@ import json
 import multiprocessing
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import shmig
 from shmig import cli
 from shmig.compare import label_of, plan
 from test_cli import ENV, one_error_line, run_main
+from helpers import group_reaped, interrupt
 from test_teardown import session_processes, wait_until
 
 MiB = 1024**2
@@ -36,18 +36,15 @@ def interrupt_when(p: subprocess.Popen, line_start: str, after: float = 0.3) -> 
     """SIGINT the program ``after`` s after it logs a line holding ``line_start`` on stderr;
     (stdout, stderr) once it has exited."""
     err = []
-    try:
+    with group_reaped(p):
         for line in p.stderr:
             err.append(line)
             if line_start in line:
                 time.sleep(after)
-                os.killpg(p.pid, signal.SIGINT)
+                out, rest = interrupt(p)
                 break
-        out, rest = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        else:
+            out, rest = p.communicate(timeout=30)
     assert wait_until(lambda: not session_processes(p.pid), 5), session_processes(p.pid)
     return out, "".join(err) + rest
 
@@ -100,16 +97,11 @@ def test_interrupted_run_writes_its_trace_and_report(tmp_path):
     trace, rep = tmp_path / "t.json", tmp_path / "r.json"
     p = popen([sys.executable, "-m", "shmig", "run", "--ram", "32MiB", "--bandwidth", "10MiB/s",
                "--trace", str(trace), "--json", str(rep), "-q"])
-    try:  # once the guest runs (the run then lasts seconds), as a user's Ctrl-C would come
+    with group_reaped(p):  # once the guest runs (the run then lasts seconds), as a user's Ctrl-C would come
         assert wait_until(lambda: any(": guest/vcpu0" in x for x in session_processes(p.pid)), 20)
         time.sleep(0.5)
         assert p.poll() is None
-        os.killpg(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        out, err = interrupt(p)
     assert p.returncode == 130, err
     assert "interrupted" in one_error_line(err)
     assert json.loads(rep.read_text())["error"].startswith("interrupted")

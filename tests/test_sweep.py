@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import pty
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from shmig import progress, sweep
 from shmig.cli import CONFIG_KEYS, _compare_log
 from shmig.compare import compare
 
+from helpers import group_reaped, interrupt
 from test_cli import ENV, one_error_line, run_main
 from test_plot import png_size
 
@@ -87,18 +87,13 @@ def test_ctrl_c_keeps_the_finished_runs(tmp_path, shm_leftovers):
                           "--modes", "preempt", "--ram", "16MiB", "--workload", "idle", "--precopy-rounds", "0",
                           "--json", str(js)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                          start_new_session=True)
-    try:
+    with group_reaped(p):
         line = p.stderr.readline()  # no terminal: each run is announced on a line of its own
         assert line.startswith("run 1/3: preempt max-postcopy-bandwidth=1GiB/s"), line
         line = p.stderr.readline()
         assert line.startswith("run 2/3: preempt max-postcopy-bandwidth=1MiB/s"), line
         time.sleep(0.5)
-        os.killpg(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        out, err = interrupt(p, timeout=60)
     assert p.returncode == 130, err
     assert "shmig: interrupted: 1 of 3 runs finished" in err
     rows = [line for line in out.splitlines() if line.startswith("|") and "GiB/s" in line]

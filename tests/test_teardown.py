@@ -14,7 +14,7 @@ import pytest
 
 import shmig
 import shmig.memory
-from helpers import assert_all_reaped, proc_of, wait_doing
+from helpers import assert_all_reaped, group_reaped, interrupt, proc_of, wait_doing
 from shmig.wire import Msg, pack_frame
 
 MiB = 1024**2
@@ -178,15 +178,10 @@ CLI = [sys.executable, "-m", "shmig", "run", "--mode", "preempt", "--ram", "64Mi
 @pytest.mark.parametrize("rounds", ["1", "0"], ids=["in-precopy", "in-postcopy"])
 def test_ctrl_c_cli(rounds, shm_leftovers):
     p = subprocess.Popen(CLI + ["--precopy-rounds", rounds], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with group_reaped(p):
         time.sleep(1.0)
         assert p.poll() is None, p.communicate()
-        os.killpg(p.pid, signal.SIGINT)
-        out, err = p.communicate(timeout=20)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
+        out, err = interrupt(p, timeout=20)
     assert p.returncode == 130, (p.returncode, out, err)
     assert b"interrupted" in out + err, (out, err)
     assert wait_until(lambda: not session_processes(p.pid), 5), session_processes(p.pid)
