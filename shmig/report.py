@@ -216,8 +216,8 @@ class _Emulated:
     def duration(self, ns: float) -> float:
         return self.clock.emulated_ns(ns)
 
-    def faults(self, a: np.ndarray) -> np.ndarray:
-        """[start, end] rows; an unresolved end (-1) stays -1."""
+    def stamps(self, a: np.ndarray) -> np.ndarray:
+        """An array of stamps, any shape; -1 (a fault never resolved) stays -1."""
         if self.clock.dilation == 1 or not a.size:
             return a
         out = (self.t0 + (a - self.t0) / self.clock.dilation).astype(np.int64)
@@ -230,7 +230,7 @@ def _accesses_until(vcpu: dict[str, Any], t_run: int | None, phase_ms: float | N
     there it runs unhindered until it is told to stop, which says nothing about the migration."""
     log = np.frombuffer(vcpu.get("progress", b""), np.int64).reshape(-1, 2)
     if len(log):
-        log = np.stack([emu.faults(log[:, :1])[:, 0], log[:, 1]], axis=1)
+        log = np.stack([emu.stamps(log[:, 0]), log[:, 1]], axis=1)
     if t_run is None or phase_ms is None or not len(log):
         return int(vcpu["accesses_dst"])
     return int(round(np.interp(t_run + phase_ms * 1e6, log[:, 0], log[:, 1], left=0)))
@@ -301,7 +301,7 @@ def build_report(m: Migration) -> Report:
                   for pz in src.get("pauses", [])]
 
     vcpus = sorted((p.stats for p in m.procs if p.title.startswith("guest/")), key=lambda s: s["vcpu"])
-    intervals = [emu.faults(np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:]) for s in vcpus]
+    intervals = [emu.stamps(np.frombuffer(s["faults"], np.int64).reshape(-1, 3)[:, 1:]) for s in vcpus]
     all_f = np.concatenate(intervals) if intervals else np.empty((0, 2), np.int64)
     done = all_f[all_f[:, 1] >= 0]
     lat_ns = done[:, 1] - done[:, 0]

@@ -76,7 +76,7 @@ class _Builder:
 
     def us(self, t: np.ndarray) -> np.ndarray:
         """Real monotonic ns -> emulated µs since the start (the report's conversion)."""
-        return np.round((self.emu.faults(t) - self.m.t0) / 1e3, 3)
+        return np.round((self.emu.stamps(t) - self.m.t0) / 1e3, 3)
 
     def us1(self, t: int) -> float:
         return float(self.us(np.array([t], np.int64))[0])
