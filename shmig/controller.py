@@ -144,7 +144,8 @@ class Migration:
     # -- start ----------------------------------------------------------------
     def start(self) -> "Migration":
         if self.cfg.time_dilation == "auto":
-            self.cfg.time_dilation, self.calibration = calibrate_dilation(self.cfg)
+            factor, self.calibration = calibrate_dilation(self.cfg)
+            self.cfg = dataclasses.replace(self.cfg, time_dilation=factor)  # the caller's Config stays "auto"
         cfg = self.cfg
         ctx = multiprocessing.get_context(START_METHOD)
         memory.sweep_stale()
