@@ -59,7 +59,10 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited;"
                    " 0 is refused: leave the option out or say 'unlimited')")
     n.add_argument("--latency", help="one-way latency with a unit, e.g. 50us or 2ms, at most 1s (default 0)")
-    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
+    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks: send plus receive"
+                   " buffer (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
+    n.add_argument("--send-buffer", help="the sender's part of that queue: a blocked sender resumes once a"
+                   " third of it has drained (default 4MiB: tcp_wmem max; at most --socket-buffer)")
     w = p.add_argument_group("guest")
     w.add_argument("--workload", choices=WORKLOADS, help="access pattern (default random)")
     w.add_argument("--wss", help="working-set size (default: all RAM)")
@@ -84,7 +87,7 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
-               "socket_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
+               "socket_buffer", "send_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
                "time_dilation", "inject_faults", "recover_after")
 
 

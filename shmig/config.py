@@ -31,7 +31,7 @@ _INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a str
 FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "mode": (_STR, False), "workload": (_STR, False),
     "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
-    "socket_buffer": (_INT, False), "max_rounds": (_INT, False), "wss": (_INT, True),
+    "socket_buffer": (_INT, False), "send_buffer": (_INT, False), "max_rounds": (_INT, False), "wss": (_INT, True),
     "precopy_rounds": (_INT, True),
     "zero_fraction": (_REAL, False), "latency": (_REAL, False), "downtime_limit": (_REAL, False),
     "deadline": (_REAL, False),
@@ -83,6 +83,7 @@ def parse_dilation(value: str | float) -> float | str:
 # CLI-style strings -> the API's values; times suggest the unit a bare number probably meant
 FROM_STRING: dict[str, Callable[[Any], Any]] = {
     "ram": parse_size, "host_page": parse_size, "wss": parse_size, "socket_buffer": parse_size,
+    "send_buffer": parse_size,
     "dirty_rate": functools.partial(parse_rate, zero_is_unlimited=False),
     "bandwidth": functools.partial(parse_rate, zero_is_unlimited=False),
     "max_bandwidth": parse_rate, "max_postcopy_bandwidth": parse_rate,  # QEMU: 0 = no limit
@@ -91,7 +92,7 @@ FROM_STRING: dict[str, Callable[[Any], Any]] = {
     "deadline": functools.partial(parse_time, hint="s"),
     "recover_after": functools.partial(parse_time, hint="ms"),
     **{k: _parse_int for k, (kind, _) in FIELD_KINDS.items() if kind == _INT and k not in
-       ("ram", "host_page", "wss", "socket_buffer")},
+       ("ram", "host_page", "wss", "socket_buffer", "send_buffer")},
     **{k: _parse_bool for k, (kind, _) in FIELD_KINDS.items() if kind == _BOOL},
     "zero_fraction": float, "time_dilation": parse_dilation,
 }
@@ -116,6 +117,9 @@ class Config:
     # per channel: what may be queued before the sender blocks. Linux autotunes a TCP connection's
     # buffers up to tcp_wmem max (4MiB) + tcp_rmem max (6MiB), on loopback as on a NIC
     socket_buffer: int = 10 * 1024**2
+    # ... of which the sender's own buffer (sk_sndbuf, tcp_wmem max): a blocked sender resumes once
+    # a third of it has drained (Linux's write-space rule is on the send buffer alone)
+    send_buffer: int = 4 * 1024**2
     max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
     max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
     downtime_limit: float = 0.3  # QEMU downtime-limit
@@ -190,6 +194,11 @@ class Config:
         return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
 
     @property
+    def sndbuf(self) -> int:
+        """The send buffer's part of the queue: ``send_buffer``, at most the whole ``socket_buffer``."""
+        return min(self.send_buffer, self.socket_buffer)
+
+    @property
     def clock(self) -> Clock:
         """The run's one clock; "auto" must have been resolved (``calibrate``) before it is used."""
         if isinstance(self.time_dilation, str):
@@ -246,6 +255,8 @@ class Config:
             bad("--socket-buffer must be at least 64KiB")
         if self.socket_buffer > MAX_SOCKET_BUFFER:
             bad(f"--socket-buffer must be at most {fmt_size(MAX_SOCKET_BUFFER)} (real TCP queues are a few MiB)")
+        if self.send_buffer < 64 * 1024:
+            bad("--send-buffer must be at least 64KiB")
         if not self.downtime_limit > 0:
             bad("--downtime-limit must be positive")
         if self.max_rounds < 1:

@@ -46,7 +46,7 @@ from .wire import FrameReader, FrameWriter, ProtocolError, close_fds, ctrl_field
 
 F_SETPIPE_SZ = 1031
 SAMPLE_EVERY = 0.1  # emulated seconds between timeline samples
-CALIBRATION_FACTORS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+CALIBRATION_FACTORS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 CALIBRATION_S = 0.25  # emulated seconds of link time a calibration run takes
 SUSTAINED = 0.97  # utilisation at which the machine keeps up with the emulated link
 FILLED = 0.97  # ... and from first byte to last: the source must keep it busy too
@@ -181,7 +181,7 @@ class Migration:
                 ctrl.append((down_r, down_w, up_r, up_w))
             all_fds = set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
             self.link = link = Link(mem.link, cfg.bandwidth, cfg.latency, cfg.socket_buffer, ctx.Lock(),
-                                    cfg.clock)
+                                    cfg.clock, send_buffer=cfg.sndbuf)
             for (cls, fds, v), (down_r, down_w, up_r, up_w) in zip(roles, ctrl):
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)
@@ -522,19 +522,19 @@ class Migration:
             self.arena = None
 
 
-def calibrate_dilation(cfg: Config) -> tuple[float, list[dict[str, Any]]]:
+def calibrate_dilation(cfg: Config, start: float = 1.0) -> tuple[float, list[dict[str, Any]]]:
     """``--time-dilation auto``: the smallest factor at which a short run of this migration (same
     mode, link and guest; less RAM; postcopy at once) carries at least 97% of the link's rate
     while its queues hold data, and from first byte to last: the source too must keep
     the link busy, as QEMU's does at that rate (a source that cannot fill the socket would leave a
-    request behind a shorter queue than QEMU's)."""
+    request behind a shorter queue than QEMU's). Factors below ``start`` are not tried."""
     if cfg.bandwidth is None:
         return 1.0, []  # an unlimited link is whatever the machine does: nothing to sustain
     mib = 1024**2
     ram = int(min(max(cfg.bandwidth * CALIBRATION_S, 32 * mib), 512 * mib, cfg.ram)) // cfg.host_page * cfg.host_page
     ram = max(ram, cfg.host_page)
     tried: list[dict[str, Any]] = []
-    for n in CALIBRATION_FACTORS:
+    for n in [f for f in CALIBRATION_FACTORS if f >= start] or [start]:
         # the same migration, smaller, postcopy at once (its frames cost the receivers the most)
         probe = dataclasses.replace(
             cfg, ram=ram, wss=None if cfg.wss is None else min(cfg.wss, ram), max_rounds=1,

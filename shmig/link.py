@@ -14,10 +14,12 @@ the machine keeps up. The one-way latency is propagation: a frame arrives ``late
 last byte was carried, while the link already carries the next one (so the burst allowance covers
 the latency too).
 
-The socket queue of each channel is ``sent - carried`` bytes. A sender that finds no room for its
-next frame sleeps until the queue has fallen to two thirds of ``socket_buffer`` and is woken by
-the receiver that carried it there: Linux's write-space rule (``sk_stream_wspace() >=
-sk_stream_min_wspace()``), not "as soon as one frame fits".
+The socket queue of each channel is ``sent - carried`` bytes, at most ``socket_buffer``: the
+sender's and the receiver's socket buffers together, as when the destination is what drains them.
+A sender that finds no room for its next frame sleeps until a third of its own send buffer
+(``send_buffer``) has drained, and is woken by the receiver that carried it there: Linux's
+write-space rule (``sk_stream_wspace() >= sk_stream_min_wspace()``, queued <= 2/3 of
+``sk_sndbuf``; the receive buffer does not count), not "as soon as one frame fits".
 
 What the link carried is measured over the time its queues held data, so the report can say when
 the machine, not the emulated link, set the pace.
@@ -38,7 +40,7 @@ from .wire import close_fds
 
 QUANTUM = 64 * 1024
 BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
-WAKE_FRACTION = 2 / 3  # a blocked sender resumes once the queue is at most this full
+WAKE_FRACTION = 2 / 3  # a blocked sender resumes once its send buffer is at most this full
 RECHECK = 0.05  # a wake-up is never lost, but a blocked sender re-checks this often anyway
 CHANNELS = ("precopy", "postcopy")
 
@@ -51,7 +53,7 @@ STATE_WORDS = _CH0 + 3 * len(CHANNELS)
 
 class Link:
     def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float, socket_buffer: int,
-                 lock: multiprocessing.synchronize.Lock, clock: Clock = Clock()):
+                 lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None):
         self.state = state  # int64[STATE_WORDS] in shared memory; times in monotonic ns
         self.state[:] = 0
         self.state[BUSY_SINCE] = -1
@@ -60,7 +62,9 @@ class Link:
         self.ns_per_byte = None if real_bw is None else 1e9 / real_bw
         self.latency_ns = clock.real_ns(latency)
         self.capacity = socket_buffer
-        self.wake_at = int(socket_buffer * WAKE_FRACTION)
+        sndbuf = socket_buffer if send_buffer is None else min(send_buffer, socket_buffer)
+        # the receive buffer's part stays full while the sender waits: only the send buffer drains
+        self.wake_at = socket_buffer - sndbuf + int(sndbuf * WAKE_FRACTION)
         self.lock = lock
         self.clock = clock
         quantum_ns = 0 if self.ns_per_byte is None else 2 * QUANTUM * self.ns_per_byte
@@ -81,7 +85,7 @@ class Link:
     # -- the sending side (sk_stream_wait_memory) ------------------------------------------------
     def wait_for_space(self, ch: int, nbytes: int) -> int:
         """Before a frame of ``nbytes`` goes on channel ``ch``: if it does not fit in the queue,
-        sleep until the queue has drained to two thirds. Returns real ns spent blocked."""
+        sleep until a third of the send buffer has drained. Returns real ns spent blocked."""
         if self.queued(ch) + nbytes <= self.capacity:
             return 0
         t0 = time.monotonic_ns()

@@ -188,11 +188,11 @@ def test_requests_keep_the_loop_going_past_the_budget():
 # -- the socket queue and Linux's write-space rule ------------------------------------------------
 
 def make_link(bandwidth: float | None = None, socket_buffer: int = 300_000, latency: float = 0.0,
-              clock: Clock = Clock()) -> Link:
+              clock: Clock = Clock(), send_buffer: int | None = None) -> Link:
     import multiprocessing
 
     return Link(np.zeros(STATE_WORDS, np.int64), bandwidth, latency, socket_buffer,
-                multiprocessing.get_context("fork").Lock(), clock)
+                multiprocessing.get_context("fork").Lock(), clock, send_buffer=send_buffer)
 
 
 def test_blocked_sender_resumes_only_at_two_thirds():
@@ -215,6 +215,26 @@ def test_blocked_sender_resumes_only_at_two_thirds():
         assert link.wait_for_space(0, 100_000) == 0  # room: no wait at all
     finally:
         link.close()
+
+
+def test_only_the_send_buffer_counts_for_the_wake_up():
+    """Queue 300 KB = 120 KB send buffer + 180 KB receive buffer: the sender waits for a third of
+    its 120 KB (40 KB) to drain, not a third of the whole queue (100 KB)."""
+    link = make_link(socket_buffer=300_000, send_buffer=120_000)
+    try:
+        link.sent(0, 300_000)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (link.wait_for_space(0, 30_000), done.set()), daemon=True)
+        t.start()
+        link.carry(0, 39_000, 0, time.sleep)
+        assert not done.wait(0.3), "woken before a third of the send buffer had drained"
+        link.carry(0, 1_000, 0, time.sleep)  # 260 KB queued = 180 KB + 2/3 of 120 KB
+        assert done.wait(5), "not woken once a third of the send buffer had drained"
+    finally:
+        link.close()
+    capped = make_link(socket_buffer=300_000, send_buffer=10**9)
+    capped.close()
+    assert capped.wake_at == 200_000  # a send buffer larger than the queue is the whole queue
 
 
 class FakeTime:
