@@ -237,7 +237,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
     by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
                     for hp, over in (by_host_page or {}).items()}
-    labels = list(dict.fromkeys(label for label, _ in plan(base, modes, pages, 1, by_host_page)))  # what runs
+    cells = list(plan(base, modes, pages, 1, by_host_page))  # what runs; a row may leave a mode out
+    widest = max(([lb for lb, h in cells if h == hp] for hp in pages), key=len, default=[])
+    labels = list(dict.fromkeys(widest + [lb for lb, _ in cells]))
     _plot_check(ns.plot)
     check_output("--json", ns.json)
     ui = LiveStatus(enabled=_live(ns))

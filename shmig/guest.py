@@ -172,6 +172,8 @@ class Vcpu(Child):
                 continue
             if ran != phase:
                 self.status("running on the " + ("source" if phase == memory.RUN_SRC else "destination"))
+                if phase == memory.RUN_DST:
+                    self.stream.on_destination()
                 ran = phase
             if idle:
                 self.sleep_on_efd(RECHECK)

@@ -32,6 +32,14 @@ class AccessStream:
         self._start = int(self._rng.integers(0, max(1, self.hi - self.lo))) if workload == "sequential" else 0
         self._empty = np.empty(0, dtype=np.int64)
 
+    def on_destination(self) -> None:
+        """The guest resumed on the destination: a random stream starts afresh from (seed, vCPU),
+        so every mode of a compare faults on the same pages in the same order with the same seed,
+        whatever the source phase's timing let the guest do before (paired comparisons). A sweep
+        keeps its place."""
+        if self.workload in ("random", "hotset"):
+            self._rng = np.random.Generator(np.random.PCG64([self.seed, self.vcpu, 1]))
+
     @property
     def passes(self) -> int:
         """Completed sweeps over the vCPU's slice (sequential/ab; 0 otherwise)."""

@@ -67,3 +67,17 @@ def test_cheap():
         for _ in range((1 << 20) // 256):
             s.next_chunk(256)
         assert time.perf_counter() - t < 1.0, w
+
+
+def test_random_stream_restarts_on_the_destination_whatever_ran_before():
+    a = AccessStream("random", 1000, 0, 1, seed=7)
+    b = AccessStream("random", 1000, 0, 1, seed=7)
+    a.next_chunk(5)
+    b.next_chunk(50)  # a source phase of another length
+    a.on_destination()
+    b.on_destination()
+    assert (a.next_chunk(20) == b.next_chunk(20)).all()
+    s = AccessStream("sequential", 1000, 0, 1, seed=7)
+    first = s.next_chunk(3)
+    s.on_destination()  # a sweep keeps its place
+    assert s.next_chunk(1)[0] == (first[-1] + 1) % 1000
