@@ -31,7 +31,7 @@ import numpy as np
 
 from . import memory
 from .config import Config, ConfigError
-from .destination import Listen, PreemptReceiver
+from .destination import Listen, PreemptReceiver, channel_room
 from .events import Arena
 from .guest import Vcpu
 from .link import Link
@@ -155,7 +155,7 @@ class Migration:
                 self.arena = Arena(mem.nprocs)
             fill_initial(mem.src, cfg.seed, cfg.zero_fraction)  # the guest as it booted
             self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
-            pre_r, pre_w = self._pipe(cfg.socket_buffer)
+            pre_r, pre_w = self._pipe(channel_room(cfg.socket_buffer))
             ret_r, ret_w = self._pipe(1 << 16)
             fault_r, fault_w = self._pipe(1 << 16)
             roles: list[tuple[type[Child], dict[str, int], int]] = [
@@ -164,7 +164,7 @@ class Migration:
                           "fdsock": self._fd_socket(Listen.title)}, 0),
             ]
             if cfg.uses_preempt_channel:
-                post_r, post_w = self._pipe(cfg.socket_buffer)
+                post_r, post_w = self._pipe(channel_room(cfg.socket_buffer))
                 roles[0][1]["postcopy"] = post_w
                 roles.append((PreemptReceiver, {"postcopy": post_r,
                                                 "fdsock": self._fd_socket(PreemptReceiver.title)}, 0))
@@ -262,12 +262,12 @@ class Migration:
         self.phase = "postcopy-recover"
         self._sample()
         self.link.reset()  # every receiver is paused: nothing is on the link
-        pre_r, pre_w = make_pipe(cfg.socket_buffer)
+        pre_r, pre_w = make_pipe(channel_room(cfg.socket_buffer))
         ret_r, ret_w = make_pipe(1 << 16)
         plan = {"mig/dst/listen": ("recover", {"precopy": pre_r, "return": ret_w}),
                 "mig/src": ("resume", {"precopy": pre_w, "return": ret_r})}
         if cfg.uses_preempt_channel:
-            post_r, post_w = make_pipe(cfg.socket_buffer)
+            post_r, post_w = make_pipe(channel_room(cfg.socket_buffer))
             plan["mig/dst/preempt"] = ("recover", {"postcopy": post_r})
             plan["mig/src"][1]["postcopy"] = post_w
         try:

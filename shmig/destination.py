@@ -28,6 +28,15 @@ from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, Protocol
 
 F_GETPIPE_SZ = 1032
 MAX_FRAME = (1 << 20) + 65536
+
+
+def channel_room(socket_buffer: int) -> int:
+    """Bytes a data channel can physically hold (pipe plus read-ahead): the emulated queue and a
+    frame more, so that the sender is stopped by the emulated write-space rule (which lets it go on
+    in a burst once a third of its send buffer has drained) and never by a full pipe (which would
+    release it frame by frame, at the link's pace, and keep 7.1's migration thread away from its
+    requests while it writes)."""
+    return socket_buffer + MAX_FRAME
 BROKEN = (ChannelClosed, TruncatedFrame)  # a channel closed under us: in postcopy, a reason to pause
 
 
@@ -50,7 +59,7 @@ class Receiver(Child):
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
         # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
         # thread of its own, as the kernel would.
-        readahead = max(0, cfg.socket_buffer - pipe_cap)
+        readahead = 0 if cfg.socket_buffer <= pipe_cap else channel_room(cfg.socket_buffer) - pipe_cap
         self.reader = (SocketReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME) if readahead
                        else FrameReader(fd, self.channel, max_frame=MAX_FRAME, direct=True))
         self.ch = 0 if self.channel == "precopy" else 1

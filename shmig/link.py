@@ -19,7 +19,11 @@ sender's and the receiver's socket buffers together, as when the destination is 
 A sender that finds no room for its next frame sleeps until a third of its own send buffer
 (``send_buffer``) has drained, and is woken by the receiver that carried it there: Linux's
 write-space rule (``sk_stream_wspace() >= sk_stream_min_wspace()``, queued <= 2/3 of
-``sk_sndbuf``; the receive buffer does not count), not "as soon as one frame fits".
+``sk_sndbuf``; the receive buffer does not count), not "as soon as one frame fits". One thing
+wakes it earlier: data arriving on the socket. QEMU's return path is the main channel's socket
+read the other way, and its socket is blocking, so a sender asleep in ``sk_stream_wait_memory()``
+is on the wait queue ``sock_def_readable()`` wakes for every incoming message (a page request):
+it then writes what fits, and finishes its frame if the room is there (``data_arrived``).
 
 What the link carried is measured over the time its queues held data, so the report can say when
 the machine, not the emulated link, set the pace.
@@ -51,6 +55,13 @@ SENT, CARRIED, WAITING = range(3)
 STATE_WORDS = _CH0 + 3 * len(CHANNELS)
 
 
+def _drain(efd: int) -> None:
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        pass
+
+
 class Link:
     def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float, socket_buffer: int,
                  lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None):
@@ -69,11 +80,13 @@ class Link:
         self.clock = clock
         quantum_ns = 0 if self.ns_per_byte is None else 2 * QUANTUM * self.ns_per_byte
         self.slack_ns = self.latency_ns + int(max(BURST_S * 1e9, quantum_ns))
-        # one eventfd per channel: the receiver's "write space" wake-up of a blocked sender
+        # per channel: the receiver's "write space" wake-up of a blocked sender, and the wake-up
+        # incoming data (the return path's messages, on the main channel) gives it
         self.space_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in CHANNELS]
+        self.data_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in CHANNELS]
 
     def close(self) -> None:
-        close_fds(self.space_fds)
+        close_fds(self.space_fds + self.data_fds)
 
     def _w(self, ch: int, field: int) -> int:
         return _CH0 + 3 * ch + field
@@ -89,7 +102,8 @@ class Link:
         if self.queued(ch) + nbytes <= self.capacity:
             return 0
         t0 = time.monotonic_ns()
-        fd = self.space_fds[ch]
+        fd, data_fd = self.space_fds[ch], self.data_fds[ch]
+        _drain(data_fd)  # data that came before the sender slept wakes nobody
         waiting = self._w(ch, WAITING)
         try:
             while True:
@@ -97,15 +111,21 @@ class Link:
                     self.state[waiting] = 1
                     if self.queued(ch) <= self.wake_at:
                         break
-                r, _, _ = select.select([fd], [], [], RECHECK)
-                if r:
-                    try:
-                        os.eventfd_read(fd)
-                    except BlockingIOError:
-                        pass
+                r, _, _ = select.select([fd, data_fd], [], [], RECHECK)
+                if fd in r:
+                    _drain(fd)
+                if data_fd in r:  # woken by incoming data: it takes what room there is
+                    _drain(data_fd)
+                    with self.lock:
+                        if self.queued(ch) + nbytes <= self.capacity:
+                            break
         finally:
             self.state[waiting] = 0
         return time.monotonic_ns() - t0
+
+    def data_arrived(self, ch: int) -> None:
+        """A message came in on channel ``ch``'s socket (the return path: channel 0)."""
+        os.eventfd_write(self.data_fds[ch], 1)
 
     def sent(self, ch: int, nbytes: int) -> None:
         """A frame of ``nbytes`` was written into channel ``ch``."""

@@ -660,6 +660,7 @@ class Source(Child):
                 self.stats["postcopy_requests"] += 1  # per message, duplicates included, as QEMU
                 self.mem.counters[memory.C_REQUESTS] += 1
                 self.policy.on_request(hp)
+                self.link.data_arrived(0)  # it came in on the main channel's socket
                 if self.tr:
                     self.tr.put(K.REQUEST, t_rx, time.monotonic_ns(), hp, f.send_ns)
         except BROKEN as e:

@@ -237,6 +237,29 @@ def test_only_the_send_buffer_counts_for_the_wake_up():
     assert capped.wake_at == 200_000  # a send buffer larger than the queue is the whole queue
 
 
+def test_incoming_data_wakes_a_blocked_sender_if_its_frame_fits():
+    """QEMU's return path shares the main channel's blocking socket: a page request arriving wakes
+    the sender asleep for write space, which goes on if its frame fits by then, and otherwise
+    sleeps on until a third of the send buffer has drained. Data that came before it slept wakes
+    nothing."""
+    link = make_link(socket_buffer=300_000)
+    try:
+        link.sent(0, 300_000)
+        link.data_arrived(0)  # before the sender sleeps: no wake-up
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (link.wait_for_space(0, 50_000), done.set()), daemon=True)
+        t.start()
+        link.carry(0, 30_000, 0, time.sleep)  # 30 KB free: the 50 KB frame does not fit
+        link.data_arrived(0)
+        assert not done.wait(0.3), "a frame that does not fit went on"
+        link.carry(0, 30_000, 0, time.sleep)  # 60 KB free: it fits, but 240 KB > 2/3 of 300 KB
+        assert not done.wait(0.3), "resumed without a wake-up (nothing came in)"
+        link.data_arrived(0)
+        assert done.wait(5), "a page request arriving did not wake the sender whose frame fits"
+    finally:
+        link.close()
+
+
 class FakeTime:
     """A monotonic clock that only moves when the link's wait function sleeps."""
 
