@@ -125,6 +125,7 @@ class Rig:
         self.mem.unlink()
         self.mem.src[:] = np.frombuffer(np.random.default_rng(1).bytes(cfg.ram), np.uint8)
         self.fds: list[int] = []
+        self.links: list[Link] = []
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.switch = sys.getswitchinterval()  # the receivers shorten it for their own process
 
@@ -139,6 +140,7 @@ class Rig:
         up_r, up_w = self.pipe()
         os.write(ctrl_w, ctrl)
         link = Link(self.mem.link, self.cfg.bandwidth, self.cfg.latency, self.cfg.socket_buffer, threading.Lock())
+        self.links.append(link)
         c = cls(self.cfg, self.mem, link, fds, set(), [self.efd], 0)
         c.ctrl_out = FrameWriter(up_w, f"{c.title} control")
         c.ctrl_in = FrameReader(ctrl_r, f"{c.title} control")
@@ -151,13 +153,16 @@ class Rig:
         return tuple(zlib.crc32(a) for a in (m.src, m.dirty, m.stamps, m.wait))
 
     def release(self) -> None:
-        """Close the pipes of one example (select() cannot wait on descriptors past 1023)."""
+        """Close the pipes and links of one example (select() cannot wait on descriptors past 1023)."""
         for fd in self.fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.fds.clear()
+        for link in self.links:
+            link.close()
+        self.links.clear()
 
     def close(self) -> None:
         self.release()
