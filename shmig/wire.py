@@ -501,9 +501,14 @@ class SocketReader(FrameReader):
         if self._error is not None:
             raise ProtocolError(f"{self.name} channel: receiving failed ({self._error})")
         with self._cond:
+            # the caller found the frame incomplete before taking the lock: the bytes it lacked may
+            # have come in since, and if they were the stream's last, nothing else would wake us
             end = self.end
-            self._cond.wait_for(lambda: self.end != end or self.eof, timeout)
-            return self.end != end or self.eof  # EOF while waiting: the caller says ChannelClosed, not a timeout
+
+            def ready() -> bool:
+                return self.end != end or self.eof or self._complete()
+            self._cond.wait_for(ready, timeout)
+            return ready()  # EOF while waiting: the caller says ChannelClosed, not a timeout
 
     def wait(self, timeout: float | None) -> None:
         if timeout:

@@ -703,3 +703,23 @@ def test_socket_reader_eof_while_waiting_is_a_closed_channel_not_a_timeout(pipe)
     with pytest.raises(ChannelClosed, match="precopy channel closed"):
         reader.next_frame(timeout=5)
     assert time.monotonic() - t0 < 4
+
+
+@pytest.mark.timeout(10)
+def test_socket_reader_last_frame_read_before_the_consumer_waits(pipe):
+    """Regression (a run hung once in ~1500 at its very end): the consumer finds its frame
+    incomplete, the read-ahead thread then reads the stream's last bytes, and only then does the
+    consumer wait. Nothing more will come, so it must see the frame is whole instead of waiting
+    for a change that never happens."""
+    from shmig.wire import SocketReader
+
+    r, w = pipe
+    reader = SocketReader(r, "precopy", readahead=1 << 20, max_frame=1 << 16)
+    FrameWriter(w, "precopy").send(Msg.CTRL, ("last", None))
+    t0 = time.monotonic()
+    while not reader._complete():  # the thread has read it all: the interleaving that hung
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    assert reader._await(5) and time.monotonic() - t0 < 1
+    assert reader.next_frame(timeout=1).fields == ["last", None]
