@@ -6,10 +6,7 @@ regenerated chunk by chunk from the seed plus the per-vCPU stamp arrays.
 """
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -88,28 +85,12 @@ def initial_pages(seed: int, zero_fraction: float, pages: np.ndarray,
     return out
 
 
-def _over_chunks(npages: int, chunk_pages: int, work: Callable[[int, int], None]) -> None:
-    """``work(a, b)`` for every chunk of pages, on every core: numpy releases the GIL in the
-    loops that dominate (hash, broadcast add, compare), so a GiB of RAM takes half the time on two
-    cores. Each thread takes every n-th chunk; the first error is raised."""
-    workers = max(1, min(os.cpu_count() or 1, 4, -(-npages // chunk_pages)))
-
-    def part(k: int) -> None:
-        for a in range(k * chunk_pages, npages, workers * chunk_pages):
-            work(a, min(a + chunk_pages, npages))
-    if workers == 1:
-        part(0)
-        return
-    with ThreadPoolExecutor(workers) as pool:
-        for f in [pool.submit(part, k) for k in range(workers)]:
-            f.result()
-
-
 def fill_initial(ram: np.ndarray, seed: int, zero_fraction: float) -> None:
     """Fill a whole flat uint8 RAM array in place, 16 MiB at a time."""
     ram2d = ram.reshape(-1, PAGE)
-    _over_chunks(len(ram2d), CHUNK_PAGES,
-                 lambda a, b: initial_pages(seed, zero_fraction, np.arange(a, b), out=ram2d[a:b]))
+    for a in range(0, len(ram2d), CHUNK_PAGES):
+        b = min(a + CHUNK_PAGES, len(ram2d))
+        initial_pages(seed, zero_fraction, np.arange(a, b), out=ram2d[a:b])
 
 
 def stamp_pages(ram_u64_2d: np.ndarray, pages: np.ndarray, vcpu: int, stamp: int) -> None:
@@ -196,18 +177,19 @@ def check(ram: np.ndarray, seed: int, zero_fraction: float, stamps: np.ndarray, 
     ram2d = ram.reshape(-1, PAGE)
     npages = len(ram2d)
     stamps = np.asarray(stamps, dtype=np.uint64).reshape(-1, npages)
-    bad: list[np.ndarray] = []  # per chunk: the bad pages (list.append is atomic)
-
-    def chunk(a: int, b: int) -> None:
-        exp = initial_pages(seed, zero_fraction, np.arange(a, b))
+    buf = np.empty((min(chunk_pages, npages), PAGE), dtype=np.uint8)
+    neq = np.empty((len(buf), WORDS), dtype=bool)
+    bad, first, detail = 0, None, None
+    for a in range(0, npages, chunk_pages):
+        b = min(a + chunk_pages, npages)
+        exp = initial_pages(seed, zero_fraction, np.arange(a, b), out=buf[: b - a])
         _apply_stamps(exp, stamps[:, a:b], ab)
-        rows = np.flatnonzero(np.not_equal(ram2d[a:b].view(np.uint64), exp.view(np.uint64)).any(axis=1))
-        if rows.size:
-            bad.append(a + rows)
-    _over_chunks(npages, chunk_pages, chunk)
-    if not bad:
-        return IntegrityResult(True, npages, 0, None, None)
-    first = min(int(r[0]) for r in bad)
-    exp = expected_pages(seed, zero_fraction, np.array([first]), stamps, ab)[0]
-    detail = _describe(first, ram2d[first], exp, seed, zero_fraction, stamps[:, first], ab, npages)
-    return IntegrityResult(False, npages, sum(r.size for r in bad), first, detail)
+        got = ram2d[a:b]
+        rows = np.flatnonzero(np.not_equal(got.view(np.uint64), exp.view(np.uint64),
+                                           out=neq[: b - a]).any(axis=1))
+        if rows.size and first is None:
+            first = a + int(rows[0])
+            detail = _describe(first, got[rows[0]], exp[rows[0]], seed, zero_fraction,
+                               stamps[:, first], ab, npages)
+        bad += rows.size
+    return IntegrityResult(bad == 0, npages, bad, first, detail)
