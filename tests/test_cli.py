@@ -33,6 +33,15 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+def refused(capsys, *argv) -> str:
+    """cli.main refuses ``argv`` with exit 2 and one error line (returned), prints nothing on
+    stdout and has started no child process."""
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2 and out == ""
+    assert multiprocessing.active_children() == []
+    return one_error_line(err)
+
+
 def run_program(*argv, timeout=60):
     return subprocess.run([sys.executable, "-m", "shmig", *argv], capture_output=True, text=True,
                           timeout=timeout, env=ENV)
@@ -63,11 +72,7 @@ def run_program(*argv, timeout=60):
     (["--mode", "bogus"], "unknown mode 'bogus'"),  # validated against the policy registry, not argparse
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, text):
-    code, out, err = run_main(capsys, *argv)
-    assert code == 2
-    assert text in one_error_line(err)
-    assert out == ""
-    assert multiprocessing.active_children() == []
+    assert text in refused(capsys, *argv)
 
 
 @pytest.mark.parametrize("argv", [
