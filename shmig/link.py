@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 from .clock import Clock
-from .wire import close_fds
+from .wire import close_fds, drain_eventfd
 
 QUANTUM = 64 * 1024
 BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
@@ -53,13 +53,6 @@ FREE_AT, BUSY_SINCE, BUSY_NS, CARRIED_ALL, QUEUED_ALL = range(5)
 _CH0 = 8  # then per channel: sent, carried, a sender waiting for space
 SENT, CARRIED, WAITING = range(3)
 STATE_WORDS = _CH0 + 3 * len(CHANNELS)
-
-
-def _drain(efd: int) -> None:
-    try:
-        os.eventfd_read(efd)
-    except BlockingIOError:
-        pass
 
 
 class Link:
@@ -103,7 +96,7 @@ class Link:
             return 0
         t0 = time.monotonic_ns()
         fd, data_fd = self.space_fds[ch], self.data_fds[ch]
-        _drain(data_fd)  # data that came before the sender slept wakes nobody
+        drain_eventfd(data_fd)  # data that came before the sender slept wakes nobody
         waiting = self._w(ch, WAITING)
         try:
             while True:
@@ -113,9 +106,9 @@ class Link:
                         break
                 r, _, _ = select.select([fd, data_fd], [], [], RECHECK)
                 if fd in r:
-                    _drain(fd)
+                    drain_eventfd(fd)
                 if data_fd in r:  # woken by incoming data: it takes what room there is
-                    _drain(data_fd)
+                    drain_eventfd(data_fd)
                     with self.lock:
                         if self.queued(ch) + nbytes <= self.capacity:
                             break

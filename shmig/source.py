@@ -26,8 +26,8 @@ from .events import K, Recorder
 from .faults import CHANNELS, Fault, FaultInjector
 from .policies import make_policy
 from .process import Child
-from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect,
-                   frame_head, shutdown_pipe, writev_all)
+from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, TruncatedFrame, drain_eventfd,
+                   expect, frame_head, shutdown_pipe, writev_all)
 
 FRAME_PAGES_PRECOPY = 256  # up to 1 MiB frames while nothing waits on the channel: throughput
 FRAME_PAGES_POSTCOPY = 64  # 256 KiB frames once faults wait: the granularity of preemption checks (a
@@ -571,10 +571,7 @@ class Source(Child):
         self.return_reader.reopen(fds["return"])
         if self.post is not None:
             self.post.fd = fds["postcopy"]
-        try:
-            os.eventfd_read(self.rp_wake)
-        except BlockingIOError:
-            pass
+        drain_eventfd(self.rp_wake)
         self.pausing = None
         self.return_error = None
         try:

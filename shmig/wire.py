@@ -120,6 +120,14 @@ def close_fds(fds: Iterable[int]) -> None:
             pass
 
 
+def drain_eventfd(efd: int) -> None:
+    """Reset a non-blocking eventfd: the wake-ups it counted so far are consumed (or there were none)."""
+    try:
+        os.eventfd_read(efd)
+    except BlockingIOError:
+        pass
+
+
 class FrameWriter:
     """Sends frames on one pipe; counts what it sent.
 
