@@ -194,11 +194,6 @@ class Config:
         return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
 
     @property
-    def sndbuf(self) -> int:
-        """The send buffer's part of the queue: ``send_buffer``, at most the whole ``socket_buffer``."""
-        return min(self.send_buffer, self.socket_buffer)
-
-    @property
     def clock(self) -> Clock:
         """The run's one clock; "auto" must have been resolved (``calibrate``) before it is used."""
         if isinstance(self.time_dilation, str):

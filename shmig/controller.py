@@ -181,7 +181,7 @@ class Migration:
                 ctrl.append((down_r, down_w, up_r, up_w))
             all_fds = set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
             self.link = link = Link(mem.link, cfg.bandwidth, cfg.latency, cfg.socket_buffer, ctx.Lock(),
-                                    cfg.clock, send_buffer=cfg.sndbuf)
+                                    cfg.clock, send_buffer=cfg.send_buffer)
             for (cls, fds, v), (down_r, down_w, up_r, up_w) in zip(roles, ctrl):
                 fds = dict(fds, ctrl_in=down_r, ctrl_out=up_w)
                 child = cls(cfg, mem, link, fds, all_fds, self.efds, v)

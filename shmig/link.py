@@ -66,8 +66,9 @@ class Link:
         self.ns_per_byte = None if real_bw is None else 1e9 / real_bw
         self.latency_ns = clock.real_ns(latency)
         self.capacity = socket_buffer
+        # the send buffer is at most the whole queue; the receive buffer's part stays full while
+        # the sender waits: only the send buffer drains
         sndbuf = socket_buffer if send_buffer is None else min(send_buffer, socket_buffer)
-        # the receive buffer's part stays full while the sender waits: only the send buffer drains
         self.wake_at = socket_buffer - sndbuf + int(sndbuf * WAKE_FRACTION)
         self.lock = lock
         self.clock = clock
