@@ -257,6 +257,24 @@ class FrameReader:
                                 f" payload {plen} bytes)")
         return PREFIX.size + hlen + (0 if self.direct else plen)
 
+    def _make_room(self, need: int) -> bool:
+        """At a frame boundary: grow the buffer for a frame larger than it (e.g. a big stats
+        message), or move the buffered bytes to the front when the tail is too short for the frame
+        or the front half is spent. True if the bytes moved."""
+        n = self.buffered
+        if need > self.cap:
+            self.cap = need + 65536
+            buf = bytearray(self.cap)
+            buf[:n] = self.mv[self.start:self.end]
+            self.buf, self.mv = buf, memoryview(buf)
+        elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
+            self.mv[:n] = self.mv[self.start:self.end]
+        else:
+            return False
+        self.start, self.end = 0, n
+        self._peeked = None
+        return True
+
     def fill(self) -> int:
         """Non-blocking: read what the pipe has, up to the read-ahead limit. Returns bytes read."""
         if self.eof:
@@ -266,16 +284,7 @@ class FrameReader:
         if want <= 0:
             return 0
         if self.cap - self.end < want:
-            n = self.buffered
-            if need > self.cap:  # a frame larger than expected (e.g. a big stats message): grow
-                self.cap = need + 65536
-                buf = bytearray(self.cap)
-                buf[:n] = self.mv[self.start:self.end]
-                self.buf, self.mv = buf, memoryview(buf)
-                self.start, self.end = 0, n
-            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
-                self.mv[:n] = self.mv[self.start:self.end]
-                self.start, self.end = 0, n
+            self._make_room(need)
             want = min(want, self.cap - self.end)
             if want <= 0:
                 return 0
@@ -490,19 +499,8 @@ class SocketReader(FrameReader):
         with self._cond:
             while self._reading:
                 self._cond.wait()
-            n = self.buffered
-            if need > self.cap:
-                self.cap = need + 65536
-                buf = bytearray(self.cap)
-                buf[:n] = self.mv[self.start:self.end]
-                self.buf, self.mv = buf, memoryview(buf)
-            elif self.start >= self.cap // 2 or self.cap - self.end < need - n:
-                self.mv[:n] = self.mv[self.start:self.end]
-            else:
-                return 0
-            self.start, self.end = 0, n
-            self._peeked = None
-            self._cond.notify_all()
+            if self._make_room(need):
+                self._cond.notify_all()
         return 0
 
     def _await(self, timeout: float | None) -> bool:
