@@ -206,12 +206,18 @@ class Link:
 
     # -- what it carried ---------------------------------------------------------------------------
     def usage(self) -> dict[str, float | None]:
-        """The report's ``link``: nominal and achieved rate (emulated bits/s) while backlogged."""
-        with self.lock:
+        """The report's ``link``: nominal and achieved rate (emulated bits/s) while backlogged.
+        A child killed inside the lock holds it for ever: after a second the figures are read
+        without it (they are statistics; the run has failed anyway)."""
+        locked = self.lock.acquire(timeout=1.0)
+        try:
             busy = int(self.state[BUSY_NS])
             if self.state[BUSY_SINCE] >= 0:
                 busy += time.monotonic_ns() - int(self.state[BUSY_SINCE])
             carried = int(self.state[CARRIED_ALL])
+        finally:
+            if locked:
+                self.lock.release()
         nominal = None if self.nominal is None else self.nominal * 8
         achieved = None
         if busy > 0 and carried > 0:

@@ -260,6 +260,19 @@ def test_incoming_data_wakes_a_blocked_sender_if_its_frame_fits():
         link.close()
 
 
+def test_usage_does_not_wait_for_a_lock_a_dead_child_holds():
+    """Regression: a receiver SIGKILLed inside the link's lock left it held, and the controller's
+    report then waited for it until the test's timeout."""
+    link = make_link(bandwidth=100 * MiB)
+    try:
+        link.lock.acquire()  # as the killed child left it
+        t0 = time.monotonic()
+        assert link.usage()["carried_bytes"] == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        link.close()
+
+
 class FakeTime:
     """A monotonic clock that only moves when the link's wait function sleeps."""
 
