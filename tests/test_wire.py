@@ -723,3 +723,42 @@ def test_socket_reader_last_frame_read_before_the_consumer_waits(pipe):
     t0 = time.monotonic()
     assert reader._await(5) and time.monotonic() - t0 < 1
     assert reader.next_frame(timeout=1).fields == ["last", None]
+
+
+@pytest.mark.timeout(10)
+def test_socket_reader_idle_consumer_reads_the_pipe_itself(pipe):
+    """An urgent page's path: a consumer waiting on an idle channel is woken by the pipe directly,
+    not by the read-ahead thread (one wake-up on the way, as recv() in the kernel), and the thread
+    stays parked while nothing more is in the pipe."""
+    from shmig.wire import SocketReader
+
+    r, w = pipe
+    reader = SocketReader(r, "postcopy", readahead=1 << 20, max_frame=1 << 16)
+    writer = FrameWriter(w, "postcopy")
+    for i in range(3):
+        threading.Timer(0.05, writer.send, (Msg.PAGES, (i,), [bytes(4096)])).start()
+        f = reader.next_frame(timeout=5)
+        assert f is not None and f.fields == [i] and f.payload.nbytes == 4096
+        assert not reader._pump_on and reader._parked, "the thread read for a waiting consumer"
+
+
+@pytest.mark.timeout(20)
+def test_socket_reader_thread_drains_a_stream_while_the_consumer_is_busy(pipe):
+    """Once the pipe holds bytes the consumer has not read, the thread goes back to reading ahead:
+    a sender of more than the pipe holds finishes while the consumer sits on its first frame, as a
+    socket's receive buffer fills while the application is busy."""
+    from shmig.wire import SocketReader
+
+    r, w = pipe
+    reader = SocketReader(r, "precopy", readahead=8 << 20, max_frame=(1 << 20) + 65536)
+    writer = FrameWriter(w, "precopy")
+    writer.send(Msg.PAGES, (0,), [bytes(4096)])
+    assert reader.next_frame(timeout=5).fields == [0]  # read by the consumer: the thread parked
+    sender = Sender(lambda: [writer.send(Msg.PAGES, (i,), [bytes(1 << 19)]) for i in range(1, 13)])
+    sender.start()  # 6 MiB: several times what the pipe holds
+    time.sleep(0.05)
+    reader.fill()  # the consumer's next frame boundary
+    sender.join_ok(10)  # completes with the consumer busy (it reads nothing more meanwhile)
+    assert reader.bytes_in >= writer.bytes_out - (1 << 20)  # all but what the pipe itself holds
+    for i in range(1, 13):
+        assert reader.next_frame(timeout=5).fields == [i]
