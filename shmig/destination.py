@@ -48,6 +48,7 @@ class Receiver(Child):
     def setup(self) -> None:
         cfg = self.cfg
         self.k = cfg.tp_per_hp
+        self.npages = cfg.npages
         self.dst_pages = self.mem.pages(self.mem.dst)
         if cfg.prefault:
             populate(self.mem.dst)
@@ -119,8 +120,8 @@ class Receiver(Child):
         n = len(tps)
         nzero = 0 if zero is None else int(np.count_nonzero(zero))
         plen = self.reader.pending if f.payload is None else f.payload.nbytes
-        if (n == 0 or (zero is not None and len(zero) != n) or int(tps.max()) >= self.cfg.npages
-                or plen != (n - nzero) * TARGET_PAGE):
+        if (n == 0 or (zero is not None and len(zero) != n)
+                or int(tps[0] if n == 1 else tps.max()) >= self.npages or plen != (n - nzero) * TARGET_PAGE):
             raise ProtocolError(f"{self.channel} channel: inconsistent PAGES frame ({n} pages,"
                                 f" {nzero} zero, {plen} payload bytes)")
         self.stats["pages"] += n
@@ -132,8 +133,18 @@ class Receiver(Child):
         self.stats["last_place_ns"] = time.monotonic_ns()  # the last one ends the postcopy phase
         k = self.k
         if k == 1:
+            if n == 1:  # an urgent page: scalar receivedmap accesses
+                tp = int(tps[0])
+                if self.received[tp]:
+                    self.stats["duplicate_pages"] += 1
+                    self.payload_pages(f)
+                    return
+                self.write(f, tps, zero)
+                self.received[tp] = 1
+                self.wake(tps)
+                return
             fresh = self.received[tps] == 0
-            if not (fresh[0] if n == 1 else fresh.all()):  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
+            if not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
                 self.stats["duplicate_pages"] += int(n - np.count_nonzero(fresh))
                 data = self.payload_pages(f)
                 if zero is not None:
@@ -212,8 +223,9 @@ class Receiver(Child):
         """Wake every vCPU waiting on one of these host pages."""
         with self.fence:  # a locked instruction: receivedmap stores before wait-slot loads
             pass
+        one = int(hps[0]) if len(hps) == 1 else -1
         for v, hp in enumerate(self.mem.wait[:, 0].tolist()):  # a handful of vCPUs at most
-            if hp >= 0 and (hps == hp).any():
+            if hp >= 0 and (hp == one if one >= 0 else (hps == hp).any()):
                 os.eventfd_write(self.efds[v], 1)
                 if self.tr:
                     t = time.monotonic_ns()

@@ -164,11 +164,15 @@ class Source(Child):
             pages = (self.buf if buf is None else buf)[:n]
             np.take(self.src_pages, tps, axis=0, out=pages)
         words = pages.view(np.uint64)
-        maybe = np.flatnonzero(words[:, 0] == 0)  # buffer_is_zero: most pages fail on word 0
-        zero = np.zeros(n, dtype=bool)
-        if maybe.size:
-            zero[maybe] = ~words[maybe].any(axis=1)
-        nzero = int(np.count_nonzero(zero))
+        if n == 1:  # an urgent 4 KiB page: scalar tests (buffer_is_zero fails on word 0 mostly)
+            nzero = int(words[0, 0] == 0 and not words[0].any())
+            zero = np.array([nzero], dtype=bool)
+        else:
+            maybe = np.flatnonzero(words[:, 0] == 0)
+            zero = np.zeros(n, dtype=bool)
+            if maybe.size:
+                zero[maybe] = ~words[maybe].any(axis=1)
+            nzero = int(np.count_nonzero(zero))
         fields = (tps.astype(np.uint32).tobytes(), zero.view(np.uint8).tobytes() if nzero else None, urgent)
         if self.tr:
             t0, blocked = time.monotonic_ns(), writer.blocked_ns
@@ -206,10 +210,14 @@ class Source(Child):
 
     def host_dirty(self, hp: int) -> bool:
         k = self.k
+        if k == 1:  # a request's first question, on every fault: a scalar, not an array call
+            return bool(self.dirty[hp])
         return bool(self.dirty[hp * k:(hp + 1) * k].any())
 
     def host_tps(self, hp: int, first: int = 0) -> np.ndarray:
         """The dirty target pages of host page ``hp`` from target offset ``first`` on."""
+        if self.k == 1:
+            return np.array([hp] if self.dirty[hp] else [], np.int64)
         base = hp * self.k + first
         return np.flatnonzero(self.dirty[base:(hp + 1) * self.k]) + base
 
