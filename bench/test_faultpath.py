@@ -8,7 +8,8 @@ guest writes at random over all of RAM, so nearly every page is brought in by a 
 fault pipe -> dst fault thread -> return pipe -> src return thread -> postcopy pipe -> dst preempt
 receiver -> placement -> eventfd -> vCPU. Twice: with ``socket_buffer`` = 1 MiB (the pipe is the
 queue: the receiver reads its pipe itself) and with the default 10 MiB (a receive thread reads
-ahead, one wake-up more on the path).
+ahead while the receiver is busy; a receiver waiting on an idle channel reads the pipe itself, so
+the two should measure alike).
 
 7.1 ``preempt`` is not measured here any more: its requests are sent by the migration thread,
 which obeys QEMU's rate limit, so behind a throttled background a request waits for the next
