@@ -123,7 +123,7 @@ class Migration:
         self.phase = "setup"
         self.error: str | None = None
         self.samples: list[dict[str, Any]] = []
-        self.ready: set[int] = set()
+        self.ready: set[str] = set()
         self.paused: dict[int, int] = {}
         self.resumed: dict[int, int] = {}
         self.eos: set[str] = set()
@@ -428,9 +428,9 @@ class Migration:
                     self.phase = "completion"
                     self._send(self.procs[1], "shut")
                     self._set_guest_phase(memory.QUIT)
-        elif name == "ready":
-            self.ready.add(p.child.vcpu)
-            if len(self.ready) == cfg.vcpus:
+        elif name == "ready":  # a vCPU runs, or a receiver listens (-incoming is set up first)
+            self.ready.add(p.title)
+            if len(self.ready) == len(self.procs) - 1:
                 self.t0 = time.monotonic_ns()  # the guest runs: the migration starts
                 self._send(self.procs[0], "start")
         elif name == "paused":
@@ -543,9 +543,8 @@ def calibrate_dilation(cfg: Config, start: float = 1.0) -> tuple[float, list[dic
         rep = Migration(probe).start().wait()
         util = rep.link.get("utilisation") if rep.ok else None
         end_to_end = None
-        if rep.ok and rep.total_time_ms and rep.setup_time_ms is not None:
-            seconds = (rep.total_time_ms - rep.setup_time_ms) / 1e3
-            end_to_end = round(rep.link["carried_bytes"] / seconds / cfg.bandwidth, 4) if seconds > 0 else None
+        if rep.ok and rep.link.get("span_ms"):  # from the first byte carried to the last
+            end_to_end = round(rep.link["carried_bytes"] / (rep.link["span_ms"] / 1e3) / cfg.bandwidth, 4)
         tried.append({"time_dilation": n, "utilisation": util, "end_to_end": end_to_end})
         if util is not None and util >= SUSTAINED and end_to_end is not None and end_to_end >= FILLED:
             return float(n), tried

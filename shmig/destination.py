@@ -1,9 +1,11 @@
 """mig/dst/listen and mig/dst/preempt: load the data channels, place pages, turn faults into requests.
 
-Placement follows QEMU's rule that a vCPU never sees a partly placed host page: the target pages
-of a host page are written into destination RAM first (the guest cannot touch them: they are not
-in receivedmap yet, which is what userfaultfd's atomic UFFDIO_COPY of a temporary page achieves in
-QEMU), then the whole host page enters receivedmap, then every vCPU waiting on it is woken.
+Placement follows QEMU's rule that a vCPU never sees a partly placed host page. In postcopy the
+target pages of a huge host page are assembled in the channel's temporary host page
+(PostcopyTmpPage) and copied into destination RAM once whole, as UFFDIO_COPY does: the receiving
+thread reads nothing while it copies, and with preemption the other channel's thread goes on
+meanwhile. 4 KiB pages go straight into destination RAM, as QEMU places them straight from its
+buffer. Then the host page enters receivedmap, then every vCPU waiting on it is woken.
 """
 
 from __future__ import annotations
@@ -65,6 +67,12 @@ class Receiver(Child):
                        else FrameReader(fd, self.channel, max_frame=MAX_FRAME, direct=True))
         self.ch = 0 if self.channel == "precopy" else 1
         self.dst_mv = memoryview(self.mem.dst)
+        self.tmp: tuple[np.ndarray, memoryview] | None = None  # the temporary host page (k > 1)
+        if self.k > 1 and cfg.postcopy:
+            tmp = np.empty((self.k, TARGET_PAGE), np.uint8)
+            if cfg.prefault:  # touched before the guest runs, as destination RAM is
+                populate(tmp)
+            self.tmp = (tmp, memoryview(tmp).cast("B"))
         self.in_postcopy = False  # whole-host-page placement once the guest runs here
         self.asm_hp = -1  # the host page being assembled on this channel
         self.asm_count = 0
@@ -72,6 +80,7 @@ class Receiver(Child):
         self.stats: dict[str, Any] = {"frames": 0, "pages": 0, "zero_pages": 0, "bytes": 0,
                                       "duplicate_pages": 0, "link_wait_ms": 0.0}
         self.wait_ns = 0
+        self.ctrl_out.ctrl("ready", time.monotonic_ns())  # listening: the migration may start
 
     def next(self) -> Frame:
         """The next frame, once the link has carried it and its latency has passed."""
@@ -170,13 +179,17 @@ class Receiver(Child):
             self.stats["duplicate_pages"] += n
             self.payload_pages(f)
             return
-        self.write(f, tps, zero)
+        assert self.tmp is not None
+        self.write(f, tps - hp * k, zero, into=self.tmp)  # every target page is sent: all overwritten
         self.asm_hp = hp
         self.asm_count += n
         if self.asm_count >= k:
             if self.asm_count > k:
                 raise ProtocolError(f"{self.channel} channel: host page {hp} received"
                                     f" {self.asm_count} target pages of {k}")
+            t0 = time.monotonic_ns()
+            self.dst_pages[hp * k:(hp + 1) * k] = self.tmp[0]  # UFFDIO_COPY of the whole host page
+            self.link.stalled(self.ch, t0, time.monotonic_ns())
             self.received[hp * k:(hp + 1) * k] = 1
             self.asm_hp, self.asm_count = -1, 0
             self.wake(np.array([hp]))
@@ -186,37 +199,36 @@ class Receiver(Child):
         payload = self.reader.read_payload() if f.payload is None else f.payload
         return np.frombuffer(payload, np.uint8).reshape(-1, TARGET_PAGE)
 
-    def write(self, f: Frame, tps: np.ndarray, zero: np.ndarray | None,
-              data: np.ndarray | None = None) -> None:
+    def write(self, f: Frame, tps: np.ndarray, zero: np.ndarray | None, data: np.ndarray | None = None,
+              into: tuple[np.ndarray, memoryview] | None = None) -> None:
         """Zero pages are cleared; the others come from ``data`` if given, else from the payload:
-        straight off the pipe if it is still there (one readv into runs of destination pages),
-        else from the receive buffer."""
+        straight off the pipe if it is still there (one readv into runs of pages), else from the
+        receive buffer. Into destination RAM, or ``into`` (pages, bytes) indexed by ``tps``."""
+        pages, mv = into or (self.dst_pages, self.dst_mv)
         if zero is not None:
-            self.dst_pages[tps[zero]] = 0
+            pages[tps[zero]] = 0
             tps = tps[~zero]
             if not tps.size:
                 return
         if data is None and f.payload is None:
-            self.reader.read_payload_into(self.runs(tps))
+            self.reader.read_payload_into(self.runs(tps, mv))
         else:
-            self.scatter(tps, self.payload_pages(f) if data is None else data)
+            data = self.payload_pages(f) if data is None else data
+            first = int(tps[0])
+            if int(tps[-1]) - first == len(tps) - 1:  # a contiguous run: one slice copy
+                pages[first:first + len(tps)] = data
+            else:
+                pages[tps] = data
 
-    def scatter(self, tps: np.ndarray, data: np.ndarray) -> None:
-        first = int(tps[0])
-        if int(tps[-1]) - first == len(tps) - 1:  # a contiguous run: one slice copy
-            self.dst_pages[first:first + len(tps)] = data
-        else:
-            self.dst_pages[tps] = data
-
-    def runs(self, tps: np.ndarray) -> list[memoryview]:
-        """Destination RAM of these target pages as one buffer per run of consecutive pages."""
+    @staticmethod
+    def runs(tps: np.ndarray, mv: memoryview) -> list[memoryview]:
+        """The bytes of these target pages in ``mv`` as one buffer per run of consecutive pages."""
         first, n = int(tps[0]), len(tps)
         if int(tps[-1]) - first == n - 1:  # one run (always so for a requested host page)
-            return [self.dst_mv[first * TARGET_PAGE:(first + n) * TARGET_PAGE]]
+            return [mv[first * TARGET_PAGE:(first + n) * TARGET_PAGE]]
         breaks = np.flatnonzero(np.diff(tps) != 1) + 1
         starts = tps[np.concatenate(([0], breaks))].tolist()
         lens = np.diff(np.concatenate(([0], breaks, [len(tps)]))).tolist()
-        mv = self.dst_mv
         return [mv[a * TARGET_PAGE:(a + n) * TARGET_PAGE] for a, n in zip(starts, lens)]
 
     def wake(self, hps: np.ndarray) -> None:

@@ -25,6 +25,11 @@ read the other way, and its socket is blocking, so a sender asleep in ``sk_strea
 is on the wait queue ``sock_def_readable()`` wakes for every incoming message (a page request):
 it then writes what fits, and finishes its frame if the room is there (``data_arrived``).
 
+While a receiving thread is busy placing a huge page (QEMU's UFFDIO_COPY of its temporary page),
+the kernel goes on receiving into the socket's receive buffer: the link may carry that channel's
+bytes during the stall, up to the receive buffer (``stalled``), and the receiver takes them when
+it is back; beyond that the window is closed and the link waits, as TCP's does.
+
 What the link carried is measured over the time its queues held data, so the report can say when
 the machine, not the emulated link, set the pace.
 """
@@ -49,7 +54,7 @@ RECHECK = 0.05  # a wake-up is never lost, but a blocked sender re-checks this o
 CHANNELS = ("precopy", "postcopy")
 
 # layout of the shared int64 state
-FREE_AT, BUSY_SINCE, BUSY_NS, CARRIED_ALL, QUEUED_ALL = range(5)
+FREE_AT, BUSY_SINCE, BUSY_NS, CARRIED_ALL, QUEUED_ALL, FIRST_AT = range(6)
 _CH0 = 8  # then per channel: sent, carried, a sender waiting for space
 SENT, CARRIED, WAITING = range(3)
 STATE_WORDS = _CH0 + 3 * len(CHANNELS)
@@ -70,6 +75,10 @@ class Link:
         # the sender waits: only the send buffer drains
         sndbuf = socket_buffer if send_buffer is None else min(send_buffer, socket_buffer)
         self.wake_at = socket_buffer - sndbuf + int(sndbuf * WAKE_FRACTION)
+        self.rcvbuf = socket_buffer - sndbuf
+        # this receiver's last stall, per channel: (began, ended, bytes the kernel may still have taken)
+        self.stalls: list[tuple[int, int, int] | None] = [None] * len(CHANNELS)
+        self.window_closed = [False] * len(CHANNELS)  # the stall outlasted the receive buffer
         self.lock = lock
         self.clock = clock
         quantum_ns = 0 if self.ns_per_byte is None else 2 * QUANTUM * self.ns_per_byte
@@ -140,19 +149,44 @@ class Link:
             q = nbytes if nbytes < 2 * QUANTUM else QUANTUM  # a frame's tail rides with its last quantum
             with self.lock:
                 now = time.monotonic_ns()
-                start = max(int(self.state[FREE_AT]), send_ns, now - self.slack_ns)
+                earliest = now - self.slack_ns
+                stall = self.stalls[ch]
+                if stall is not None and send_ns >= stall[1]:
+                    stall = self.stalls[ch] = None  # sent after the receiver was back
+                if stall is not None:  # received into the socket while the receiver was busy
+                    earliest = min(earliest, stall[0])
+                free = int(self.state[FREE_AT])
+                start = max(free, send_ns, earliest)
                 done = start + int(q * self.ns_per_byte)
+                if stall is not None:
+                    left = stall[2] - q
+                    behind = done < now - self.slack_ns
+                    self.stalls[ch] = (stall[0], stall[1], left) if left > 0 and behind else None
+                    self.window_closed[ch] = left <= 0 and behind
+                elif self.window_closed[ch]:
+                    # the receive buffer was full until now: the link waited for the receiver's
+                    # window, not for the machine (that time is not backlogged time)
+                    self.window_closed[ch] = False
+                    self.state[BUSY_NS] -= max(0, start - free)
                 self.state[FREE_AT] = done
                 self._carried(ch, q)
             self.until(done, wait)
             nbytes -= q
         return done
 
+    def stalled(self, ch: int, t0: int, t1: int) -> None:
+        """Channel ``ch``'s receiver read nothing from ``t0`` to ``t1``: the kernel received
+        meanwhile what was sent, as much as the receive buffer holds, and the link may have
+        carried that then."""
+        self.stalls[ch] = (t0, t1, self.rcvbuf)
+
     def _carried(self, ch: int, q: int) -> None:
         """Under the lock: ``q`` bytes left channel ``ch``'s queue; wake its sender if waiting."""
         if self.state[CARRIED_ALL] == 0 and self.state[BUSY_SINCE] >= 0:
             # the first frame ever taken: until now the receivers were starting up, not the link
             self.state[BUSY_SINCE] = time.monotonic_ns()
+        if self.state[CARRIED_ALL] == 0:
+            self.state[FIRST_AT] = time.monotonic_ns()
         self.state[self._w(ch, CARRIED)] += q
         self.state[CARRIED_ALL] += q
         self._queue_change(-q)
@@ -168,7 +202,9 @@ class Link:
         if before <= 0 < after:
             self.state[BUSY_SINCE] = now
         elif after <= 0 < before and self.state[BUSY_SINCE] >= 0:
-            end = max(now, int(self.state[FREE_AT]))  # the last quantum reserved is still on the wire
+            # busy until the last quantum reserved leaves the wire (in the past, if it was carried
+            # while its receiver was stalled: the kernel received it then)
+            end = max(int(self.state[FREE_AT]), int(self.state[BUSY_SINCE]))
             self.state[BUSY_NS] += end - int(self.state[BUSY_SINCE])
             self.state[BUSY_SINCE] = -1
 
@@ -215,6 +251,7 @@ class Link:
             if self.state[BUSY_SINCE] >= 0:
                 busy += time.monotonic_ns() - int(self.state[BUSY_SINCE])
             carried = int(self.state[CARRIED_ALL])
+            span = int(self.state[FREE_AT] - self.state[FIRST_AT]) if carried else 0
         finally:
             if locked:
                 self.lock.release()
@@ -225,4 +262,5 @@ class Link:
         util = None if nominal is None or achieved is None else round(achieved / nominal, 4)
         return {"nominal_bps": nominal, "achieved_bps": None if achieved is None else round(achieved),
                 "utilisation": util, "carried_bytes": carried,
-                "busy_ms": round(self.clock.emulated_ms(busy), 3)}
+                "busy_ms": round(self.clock.emulated_ms(busy), 3),
+                "span_ms": round(self.clock.emulated_ms(span), 3)}

@@ -324,6 +324,58 @@ def test_a_stall_longer_than_the_burst_is_lost_and_reported(monkeypatch):
         link.close()
 
 
+def test_a_placement_stall_is_received_into_the_socket_up_to_its_receive_buffer(monkeypatch):
+    """A receiver busy copying a huge page into place (UFFDIO_COPY) reads nothing, but the kernel
+    goes on receiving: what the receive buffer holds was carried during the stall, the rest only
+    once the receiver is back (the window was closed), and neither counts against the link as
+    the machine falling behind."""
+    fake = FakeTime()
+    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    link = make_link(bandwidth=100 * MiB, socket_buffer=10 * MiB, send_buffer=4 * MiB)  # 6 MiB receive buffer
+    try:
+        def wait(seconds: float) -> None:
+            fake.ns += int(seconds * 1e9)
+        link.sent(0, MiB)
+        link.carry(0, MiB, fake.ns, wait)  # the link has been carrying: then the copy starts
+        t0 = fake.ns
+        link.sent(0, 8 * MiB)  # the sender fills the queue meanwhile
+        fake.ns += 200_000_000  # 200 ms of copying
+        back = fake.ns
+        link.stalled(0, t0, back)
+        first = link.carry(0, 6 * MiB, t0, wait)  # the receive buffer's worth: carried during the stall
+        assert first == pytest.approx(t0 + 6 * MiB * link.ns_per_byte, rel=1e-3)
+        assert fake.ns == back  # nothing to wait for: it is there already
+        rest = link.carry(0, 2 * MiB, t0, wait)  # the window was closed: from when the receiver is back
+        assert rest >= back - link.slack_ns + 2 * MiB * link.ns_per_byte * 0.99
+        assert link.usage()["utilisation"] == pytest.approx(1.0, abs=0.03)  # a closed window, not a slow machine
+    finally:
+        link.close()
+
+
+def test_a_short_placement_stall_loses_nothing(monkeypatch):
+    fake = FakeTime()
+    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    link = make_link(bandwidth=100 * MiB, socket_buffer=10 * MiB, send_buffer=4 * MiB)
+    try:
+        def wait(seconds: float) -> None:
+            fake.ns += int(seconds * 1e9)
+        link.sent(0, MiB)
+        link.carry(0, MiB, fake.ns, wait)
+        t0 = fake.ns
+        link.sent(0, 1 * MiB)
+        fake.ns += 50_000_000  # longer than the burst allowance, shorter than the receive buffer
+        link.stalled(0, t0, fake.ns)
+        done = link.carry(0, 1 * MiB, t0, wait)
+        assert done == pytest.approx(t0 + MiB * link.ns_per_byte, rel=1e-3)
+        assert link.usage()["utilisation"] == pytest.approx(1.0, abs=0.02)
+        later = fake.ns  # the credit is spent: a later stall of the machine is not covered
+        link.sent(0, QUANTUM)
+        fake.ns += 50_000_000
+        assert link.carry(0, QUANTUM, later, wait) >= fake.ns - link.slack_ns
+    finally:
+        link.close()
+
+
 def test_latency_is_propagation_the_link_carries_the_next_frame_meanwhile(monkeypatch):
     """Two frames back to back behind a 10 ms one-way latency arrive 10 ms after their last byte,
     one wire time apart: the latency does not stop the link (no stop-and-wait)."""
