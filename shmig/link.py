@@ -169,7 +169,7 @@ class Link:
                     self.window_closed[ch] = False
                     self.state[BUSY_NS] -= max(0, start - free)
                 self.state[FREE_AT] = done
-                self._carried(ch, q)
+                self._carried(ch, q, start)
             self.until(done, wait)
             nbytes -= q
         return done
@@ -180,13 +180,15 @@ class Link:
         carried that then."""
         self.stalls[ch] = (t0, t1, self.rcvbuf)
 
-    def _carried(self, ch: int, q: int) -> None:
-        """Under the lock: ``q`` bytes left channel ``ch``'s queue; wake its sender if waiting."""
-        if self.state[CARRIED_ALL] == 0 and self.state[BUSY_SINCE] >= 0:
-            # the first frame ever taken: until now the receivers were starting up, not the link
-            self.state[BUSY_SINCE] = time.monotonic_ns()
+    def _carried(self, ch: int, q: int, start: int | None = None) -> None:
+        """Under the lock: ``q`` bytes left channel ``ch``'s queue (the link began carrying them at
+        ``start``); wake its sender if waiting."""
         if self.state[CARRIED_ALL] == 0:
-            self.state[FIRST_AT] = time.monotonic_ns()
+            # the first frame ever taken: until then the receivers were starting up, not the link
+            first = time.monotonic_ns() if start is None else start
+            self.state[FIRST_AT] = first
+            if self.state[BUSY_SINCE] >= 0:
+                self.state[BUSY_SINCE] = first
         self.state[self._w(ch, CARRIED)] += q
         self.state[CARRIED_ALL] += q
         self._queue_change(-q)
@@ -259,7 +261,9 @@ class Link:
         achieved = None
         if busy > 0 and carried > 0:
             achieved = carried * 8 / (self.clock.emulated_ns(busy) / 1e9)
-        util = None if nominal is None or achieved is None else round(achieved / nominal, 4)
+        # at most 1: a frame's send time is stamped a few microseconds before the queue counts it,
+        # and the link may start carrying it from that stamp
+        util = None if nominal is None or achieved is None else min(round(achieved / nominal, 4), 1.0)
         return {"nominal_bps": nominal, "achieved_bps": None if achieved is None else round(achieved),
                 "utilisation": util, "carried_bytes": carried,
                 "busy_ms": round(self.clock.emulated_ms(busy), 3),
