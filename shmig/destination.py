@@ -142,18 +142,9 @@ class Receiver(Child):
         self.stats["last_place_ns"] = time.monotonic_ns()  # the last one ends the postcopy phase
         k = self.k
         if k == 1:
-            if n == 1:  # an urgent page: scalar receivedmap accesses
-                tp = int(tps[0])
-                if self.received[tp]:
-                    self.stats["duplicate_pages"] += 1
-                    self.payload_pages(f)
-                    return
-                self.write(f, tps, zero)
-                self.received[tp] = 1
-                self.wake(tps)
-                return
-            fresh = self.received[tps] == 0
-            if not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
+            # an urgent page not placed yet (the fault path) is told by a scalar, not an array call
+            fresh = None if n == 1 and not self.received[int(tps[0])] else self.received[tps] == 0
+            if fresh is not None and not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
                 self.stats["duplicate_pages"] += int(n - np.count_nonzero(fresh))
                 data = self.payload_pages(f)
                 if zero is not None:
