@@ -157,7 +157,10 @@ class Receiver(Child):
                 self.write(f, tps, zero, data)
             else:
                 self.write(f, tps, zero)
-            self.received[tps] = 1
+            if n == 1:  # the urgent page: a scalar store, not an array one
+                self.received[int(tps[0])] = 1
+            else:
+                self.received[tps] = 1
             self.wake(tps)
             return
         hp = int(tps[0]) // k

@@ -10,14 +10,13 @@ through msgpack's buffer, and a malformed length is caught before a byte of payl
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import os
 import select
 import struct
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import msgpack
 
@@ -94,11 +93,17 @@ def frame_head(kind: int, fields: Sequence[Any], plen: int, send_ns: int | None 
     return PREFIX.pack(len(h), plen) + h
 
 
-def writev_all(fd: int, bufs: list) -> int:
+def writev_all(fd: int, bufs: list, total: int | None = None) -> int:
     """``writev`` that finishes partial writes (a pipe write larger than its capacity may be split)."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    total = sum(v.nbytes for v in views)
-    n = os.writev(fd, views)
+    if total is not None:  # the common case, one call whole: no views made
+        n = os.writev(fd, bufs)
+        if n == total:
+            return total
+        views = [memoryview(b).cast("B") for b in bufs]
+    else:
+        views = [memoryview(b).cast("B") for b in bufs]
+        total = sum(v.nbytes for v in views)
+        n = os.writev(fd, views)
     left = total - n
     while left:
         i = 0
@@ -144,31 +149,52 @@ class FrameWriter:
         self.bytes_out = 0
         self.frames_out = 0
         self.blocked_ns = 0  # time spent waiting for write space
+        self._packer = msgpack.Packer()  # reused: packb makes one per call (pack runs under the GIL)
 
     def send(self, kind: int, fields: Sequence[Any] = (), payload: Sequence[Any] = (),
              send_ns: int | None = None) -> int:
-        plen = sum(memoryview(p).nbytes for p in payload) if payload else 0
-        self._wait_space(plen)
-        head = frame_head(kind, fields, plen, send_ns)
-        with self._sending(head, plen):
-            if plen == 0 and len(head) <= PIPE_BUF:  # the common small message: one atomic write
-                if os.write(self.fd, head) != len(head):
+        # inline on purpose: this runs at every hop of a fault's path, where each Python call counts
+        if not payload:
+            plen = 0
+        elif len(payload) == 1:
+            plen = memoryview(payload[0]).nbytes
+        else:
+            plen = sum(memoryview(p).nbytes for p in payload)
+        if self.link is not None:
+            self._wait_space(plen)
+        h = self._packer.pack([int(kind), time.monotonic_ns() if send_ns is None else send_ns, *fields])
+        head = PREFIX.pack(len(h), plen) + h
+        size = len(head) + plen
+        self._queue(size)
+        try:
+            if plen == 0 and size <= PIPE_BUF:  # the common small message: one atomic write
+                if os.write(self.fd, head) != size:
                     raise ProtocolError(f"{self.name} channel: short write of a small frame")
             else:
-                writev_all(self.fd, [head, *payload])
-        return len(head) + plen
+                writev_all(self.fd, [head, *payload], size)
+        except BrokenPipeError:
+            raise self._gone() from None
+        self.bytes_out += size
+        self.frames_out += 1
+        return size
 
     def send_file(self, kind: int, fields: Sequence[Any], fd: int, offset: int, nbytes: int) -> int:
         """A frame whose payload is ``nbytes`` of file ``fd`` at ``offset``, spliced into the pipe:
         the kernel moves page references instead of copying the bytes."""
         self._wait_space(nbytes)
         head = frame_head(kind, fields, nbytes)
-        with self._sending(head, nbytes):
-            writev_all(self.fd, [head])
+        size = len(head) + nbytes
+        self._queue(size)
+        try:
+            writev_all(self.fd, [head], len(head))
             end = offset + nbytes
             while offset < end:
                 offset += os.splice(fd, self.fd, end - offset, offset_src=offset)
-        return len(head) + nbytes
+        except BrokenPipeError:
+            raise self._gone() from None
+        self.bytes_out += size
+        self.frames_out += 1
+        return size
 
     def _wait_space(self, plen: int) -> None:
         """A data channel's frame waits for room in the socket queue before its header (and send
@@ -176,18 +202,14 @@ class FrameWriter:
         if self.link is not None:
             self.blocked_ns += self.link.wait_for_space(self.ch, plen + HEAD_ROOM)
 
-    @contextlib.contextmanager
-    def _sending(self, head: bytes, plen: int) -> Iterator[None]:
-        """A vanished receiver is a closed channel; a frame sent is counted (and queued, on a
-        data channel: before it is written, so the receiver never carries what is not counted)."""
+    def _queue(self, size: int) -> None:
+        """A data channel's frame is queued before it is written, so the receiver never carries
+        what is not counted."""
         if self.link is not None:
-            self.link.sent(self.ch, len(head) + plen)
-        try:
-            yield
-        except BrokenPipeError:
-            raise ChannelClosed(f"{self.name} channel: the receiver has gone") from None
-        self.bytes_out += len(head) + plen
-        self.frames_out += 1
+            self.link.sent(self.ch, size)
+
+    def _gone(self) -> ChannelClosed:
+        return ChannelClosed(f"{self.name} channel: the receiver has gone")
 
     def ctrl(self, name: str, obj: Any = None) -> None:
         self.send(Msg.CTRL, (name, obj))
@@ -240,7 +262,12 @@ class FrameReader:
         self.eof = False
         self.bytes_in = 0
         self.frames_in = 0
+        self._watch(fd)
+
+    def _watch(self, fd: int) -> None:
         os.set_blocking(fd, False)
+        self._readable = select.poll()  # asked before a read: a read of an empty pipe raises, and
+        self._readable.register(fd, select.POLLIN)  # an exception costs more than this syscall
 
     # -- buffer management ------------------------------------------------
     @property
@@ -249,7 +276,7 @@ class FrameReader:
 
     def _need(self) -> int:
         """Bytes needed for the frame at the head of the buffer (or its prefix)."""
-        if self.buffered < PREFIX.size:
+        if self.end - self.start < PREFIX.size:
             return PREFIX.size
         hlen, plen = PREFIX.unpack_from(self.buf, self.start)
         if hlen > MAX_HEADER or plen > MAX_PAYLOAD or hlen == 0:
@@ -288,6 +315,8 @@ class FrameReader:
             want = min(want, self.cap - self.end)
             if want <= 0:
                 return 0
+        if not self._readable.poll(0):
+            return 0
         try:
             got = os.readv(self.fd, [self.mv[self.end:self.end + want]])
         except BlockingIOError:
@@ -310,12 +339,15 @@ class FrameReader:
             self.fill()
 
     def _complete(self) -> bool:
-        return self.buffered >= PREFIX.size and self.buffered >= self._need()
+        n = self.end - self.start
+        return n >= PREFIX.size and n >= self._need()
 
     def next_frame(self, timeout: float | None = None, take: bool = True) -> Frame | None:
         """The next whole frame; None on timeout. Raises ChannelClosed at EOF between frames."""
         if self.pending:
             raise RuntimeError(f"{self.name}: the previous frame's payload was not read")
+        if self._complete():  # already buffered: the fast path
+            return self._take() if take else None
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._complete():
             if self.fill():
@@ -429,7 +461,7 @@ class FrameReader:
         self.start = self.end = self.pending = 0
         self._peeked = None
         self.eof = False
-        os.set_blocking(fd, False)
+        self._watch(fd)
 
     def has_frame(self) -> bool:
         """True if a whole frame is buffered (after a non-blocking read)."""
@@ -471,8 +503,6 @@ class SocketReader(FrameReader):
         self._pump_alive = True
         self._error: BaseException | None = None
         self._park = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # moves the thread off the pipe
-        self._unread = select.poll()  # does the pipe hold bytes nobody has read?
-        self._unread.register(self.fd, select.POLLIN)
         threading.Thread(target=self._pump, name=f"{self.name} socket", daemon=True).start()
 
     def _room(self) -> int:
@@ -534,7 +564,7 @@ class SocketReader(FrameReader):
 
     def _resume_pump(self, only_if_unread: bool) -> None:
         """Set the thread going again (with ``only_if_unread``: if the pipe holds bytes)."""
-        if self._pump_on or (only_if_unread and not self._unread.poll(0)):
+        if self._pump_on or (only_if_unread and not self._readable.poll(0)):
             return
         with self._cond:
             self._pump_on = True
@@ -596,8 +626,8 @@ class SocketReader(FrameReader):
     def _rewind(self) -> None:
         # never back to the front here: the frame just taken is still being placed from there,
         # and the thread would read new bytes over it; fill() moves bytes at the next boundary
-        with self._cond:
-            if self._pump_on:
+        if self._pump_on:  # only the consumer changes it: no lock needed to look
+            with self._cond:
                 self._unpark()  # a frame was taken: room for the thread
 
     def close(self) -> None:
