@@ -206,13 +206,17 @@ class Receiver(Child):
                 return
         if data is None and f.payload is None:
             self.reader.read_payload_into(self.runs(tps, mv))
+            return
+        first = int(tps[0])
+        contiguous = int(tps[-1]) - first == len(tps) - 1
+        if data is None and contiguous:  # one copy of the received bytes, no array made
+            mv[first * TARGET_PAGE:(first + len(tps)) * TARGET_PAGE] = f.payload
+            return
+        data = self.payload_pages(f) if data is None else data
+        if contiguous:
+            pages[first:first + len(tps)] = data
         else:
-            data = self.payload_pages(f) if data is None else data
-            first = int(tps[0])
-            if int(tps[-1]) - first == len(tps) - 1:  # a contiguous run: one slice copy
-                pages[first:first + len(tps)] = data
-            else:
-                pages[tps] = data
+            pages[tps] = data
 
     @staticmethod
     def runs(tps: np.ndarray, mv: memoryview) -> list[memoryview]:

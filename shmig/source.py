@@ -12,6 +12,7 @@ import collections
 import contextlib
 import os
 import select
+import struct
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ FRAME_PAGES_POSTCOPY = 64  # 256 KiB frames once faults wait: the granularity of
 SPLICE_PAGES = 16  # runs at least this long are spliced rather than copied
 BUFFER_DELAY = 0.1  # QEMU's rate-limit window (emulated seconds)
 MAX_DISCARDS = 4096  # host page runs per DISCARD frame
+ONE_PAGE = struct.Struct("<I")  # a PAGES frame's target page list when it holds one page
 
 
 class RateLimiter:
@@ -164,22 +166,24 @@ class Source(Child):
             pages = (self.buf if buf is None else buf)[:n]
             np.take(self.src_pages, tps, axis=0, out=pages)
         words = pages.view(np.uint64)
-        if n == 1:  # an urgent 4 KiB page: scalar tests (buffer_is_zero fails on word 0 mostly)
+        if n == 1:  # an urgent 4 KiB page: scalars only (buffer_is_zero fails on word 0 mostly)
             nzero = int(words[0, 0] == 0 and not words[0].any())
-            zero = np.array([nzero], dtype=bool)
+            fields = (ONE_PAGE.pack(first), b"\x01" if nzero else None, urgent)
+            payload = [] if nzero else [pages]
         else:
             maybe = np.flatnonzero(words[:, 0] == 0)
             zero = np.zeros(n, dtype=bool)
             if maybe.size:
                 zero[maybe] = ~words[maybe].any(axis=1)
             nzero = int(np.count_nonzero(zero))
-        fields = (tps.astype(np.uint32).tobytes(), zero.view(np.uint8).tobytes() if nzero else None, urgent)
+            fields = (tps.astype(np.uint32).tobytes(), zero.view(np.uint8).tobytes() if nzero else None, urgent)
+            payload = [pages[~zero]] if nzero else [pages]
         if self.tr:
             t0, blocked = time.monotonic_ns(), writer.blocked_ns
         if nzero == 0 and run and n >= SPLICE_PAGES and self.src_fd is not None:
             sent = writer.send_file(Msg.PAGES, fields, self.src_fd, first * TARGET_PAGE, n * TARGET_PAGE)
         else:
-            sent = writer.send(Msg.PAGES, fields, [pages[~zero]] if nzero else [pages])
+            sent = writer.send(Msg.PAGES, fields, payload)
         if self.tr:
             self.trace_send(writer, t0, blocked, sent, n, first, urgent)
         st = self.stats

@@ -346,8 +346,6 @@ class FrameReader:
         """The next whole frame; None on timeout. Raises ChannelClosed at EOF between frames."""
         if self.pending:
             raise RuntimeError(f"{self.name}: the previous frame's payload was not read")
-        if self._complete():  # already buffered: the fast path
-            return self._take() if take else None
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._complete():
             if self.fill():

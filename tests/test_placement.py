@@ -38,13 +38,17 @@ def test_a_huge_page_is_assembled_aside_and_copied_in_whole(rig):
         data = b"".join(frames)
         threading.Thread(target=lambda: os.write(w, data), daemon=True).start()  # 2 MiB: more than the pipe
         rx = rig.child(PreemptReceiver, {"postcopy": r})
-        assert rx.next().kind == Msg.HELLO
-        rx.in_postcopy = True
-        rx.place(rx.next())  # the first half
-        assert not dst[:512].any() and not rig.mem.received[:512].any(), "a partly received huge page is visible"
-        assert rx.link.stalls[1] is None
-        rx.place(rx.next())  # the second half: the host page is whole
-        assert np.array_equal(dst[:512], src[:512]) and rig.mem.received[:512].all()
-        assert not dst[512:].any()
-        stall = rx.link.stalls[1]
-        assert stall is not None and stall[0] <= stall[1], "the copy is a stall of the receiving thread"
+        try:
+            assert rx.next().kind == Msg.HELLO
+            rx.in_postcopy = True
+            rx.place(rx.next())  # the first half
+            assert not dst[:512].any() and not rig.mem.received[:512].any(), "a partly received huge page is visible"
+            assert rx.link.stalls[1] is None
+            rx.place(rx.next())  # the second half: the host page is whole
+            assert np.array_equal(dst[:512], src[:512]) and rig.mem.received[:512].all()
+            assert not dst[512:].any()
+            stall = rx.link.stalls[1]
+            assert stall is not None and stall[0] <= stall[1], "the copy is a stall of the receiving thread"
+        finally:  # its receive thread ends with it (a later test checks that no such thread is left)
+            rx.reader.close()
+            rig.fds.remove(r)
