@@ -637,6 +637,8 @@ class SocketReader(FrameReader):
             self._peeked = None
             self._pump_on = True
             self._unpark()
+            if self._selecting:  # select() still watches the old pipe, whose writer may be alive
+                os.eventfd_write(self._park, 1)
             if not self._cond.wait_for(lambda: not self._pump_alive, timeout=10):
                 raise ProtocolError(f"{self.name} channel: its receiving thread did not stop")
         os.close(self.fd)

@@ -223,6 +223,7 @@ def run_receiver(rig: Rig, cls: type, data: bytes) -> BaseException | None:
     """Run a receiver over ``data``. The error it ended with; None if it loaded the channel to its
     EOS, or if the channel broke in postcopy and it paused, as it must (and then found no
     'recover' on its control channel)."""
+    threads = set(threading.enumerate())  # another test's leftovers are not this receiver's
     with example(rig):
         r = feed(rig, data)
         fault_r, _ = rig.pipe()  # open but silent: the fault thread just waits
@@ -238,10 +239,10 @@ def run_receiver(rig: Rig, cls: type, data: bytes) -> BaseException | None:
         finally:
             if cls is Listen:
                 rx.stopping.set()
-                for t in threading.enumerate():
+                for t in set(threading.enumerate()) - threads:
                     if t.name == "fault":
                         t.join(5)
-            for t in threading.enumerate():  # a read-ahead thread ends at the pipe's EOF
+            for t in set(threading.enumerate()) - threads:  # a read-ahead thread ends at the pipe's EOF
                 if t.name == f"{channel} socket":
                     t.join(5)
         paused = rx.stats.get("postcopy_pauses", 0)
@@ -252,7 +253,7 @@ def run_receiver(rig: Rig, cls: type, data: bytes) -> BaseException | None:
             assert isinstance(err, ProtocolError) and "expected 'recover'" in str(err), repr(err)
             err = None
         assert rig.fingerprint() == before, "a receiver wrote outside the destination's guest RAM"
-        assert not [t for t in threading.enumerate() if t.name in ("fault", f"{channel} socket")]
+        assert not [t for t in set(threading.enumerate()) - threads if t.name in ("fault", f"{channel} socket")]
         return err
 
 
