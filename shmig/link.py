@@ -129,8 +129,10 @@ class Link:
         return time.monotonic_ns() - t0
 
     def data_arrived(self, ch: int) -> None:
-        """A message came in on channel ``ch``'s socket (the return path: channel 0)."""
-        os.eventfd_write(self.data_fds[ch], 1)
+        """A message came in on channel ``ch``'s socket (the return path: channel 0): it wakes a
+        sender already asleep on the socket, and no other."""
+        if self.state[self._w(ch, WAITING)]:
+            os.eventfd_write(self.data_fds[ch], 1)
 
     def sent(self, ch: int, nbytes: int) -> None:
         """A frame of ``nbytes`` was written into channel ``ch``."""
