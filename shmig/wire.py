@@ -612,7 +612,7 @@ class SocketReader(FrameReader):
         finally:
             with self._cond:
                 self._got(got)
-        if got >= n:  # it read all there was room for: the pipe may hold more
+        if got > 0:
             self._resume_pump(only_if_unread=True)
         return got >= 0
 
