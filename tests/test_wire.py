@@ -762,3 +762,27 @@ def test_socket_reader_thread_drains_a_stream_while_the_consumer_is_busy(pipe):
     assert reader.bytes_in >= writer.bytes_out - (1 << 20)  # all but what the pipe itself holds
     for i in range(1, 13):
         assert reader.next_frame(timeout=5).fields == [i]
+
+
+@pytest.mark.timeout(20)
+def test_socket_reader_close_stops_its_thread_while_the_writer_is_alive(pipe):
+    """close() while the read-ahead thread watches a pipe whose writer is still open (a channel
+    given up by the receiver, not broken by the sender): nothing will arrive to wake it, so close()
+    must wake it itself, and return once it has ended, long before its 10 s limit."""
+    from shmig.wire import SocketReader
+
+    r, w = pipe
+    before = set(threading.enumerate())
+    reader = SocketReader(r, "postcopy", readahead=1 << 20, max_frame=1 << 16)
+    (thread,) = set(threading.enumerate()) - before
+    writer = FrameWriter(w, "postcopy")
+    writer.send(Msg.PAGES, (0,), [bytes(1 << 19)])  # half a MiB: the thread reads it ahead
+    reader.fill()
+    t0 = time.monotonic()
+    while not reader._selecting:  # back in select(), waiting for more
+        assert time.monotonic() - t0 < 5
+        time.sleep(0.001)
+    t0 = time.monotonic()
+    reader.close()
+    pipe[0] = -1  # closed by the reader
+    assert time.monotonic() - t0 < 2 and not thread.is_alive()
