@@ -19,7 +19,7 @@ from .config import MODES, WORKLOADS, Config, ConfigError
 from .controller import Migration
 from .policies import load_entry_points, load_policy
 from .progress import LiveStatus
-from .report import Report, SavedRun, load_runs
+from .report import Companion, Report, SavedRun, load_runs, write_json
 from .stats import format_dist
 from .units import UnitError, fmt_size, parse_size
 
@@ -105,7 +105,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         report = m.start().wait()
     lost = [m.trace_error] if m.trace_error else []
     if ns.json:
-        lost += _write_or_print("--json", ns.json, report.to_json())
+        lost += _write_or_print("--json", ns.json, report.to_dict)
     if not ns.quiet:
         print(report.summary())
         if ns.dist and report.postcopy_latency_us.get("count"):
@@ -115,6 +115,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
         error(report.error or report.status)
     for line in lost:
         error(line)
+    if m.interrupted_late:  # Ctrl-C came while the results were handed back: they are all above
+        print("shmig: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return _exit_code(report) or (EXIT_FAILED if lost else 0)
 
 
@@ -137,14 +140,15 @@ def check_output(option: str, path: str | None) -> None:
         raise ConfigError(f"{option} {path} is not writable: choose another path")
 
 
-def _write_or_print(option: str, path: str, text: str) -> list[str]:
-    """Write an output file; if that fails at the end of a run, print what it should have held
-    instead, so the results are never lost. Returns the error line, if any."""
+def _write_or_print(option: str, path: str, document: Callable[[Companion | None], Any]) -> list[str]:
+    """Write a JSON output file (``document(companion)`` builds it; long fault tables go to the
+    companion .npz beside it); if that fails at the end of a run, print the whole document instead,
+    so the results are never lost. Returns the error line, if any."""
+    companion = Companion(path)
     try:
-        with open(path, "w") as f:
-            f.write(text)
+        write_json(path, document(companion), companion)
     except OSError as e:
-        print(text)
+        print(json.dumps(document(None), indent=2))
         return [f"{option} {path}: cannot write it ({e.strerror or e}); printed on stdout instead"]
     return []
 
@@ -252,9 +256,9 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         results, interrupted = e.results or {}, e
     lost = []
     if ns.json:
-        lost = _write_or_print("--json", ns.json, json.dumps(
-            [{"mode": m, "host_page": hp, "run": i, "report": r.to_dict()}
-             for (m, hp), c in results.items() for i, r in enumerate(c.reports)], indent=2))
+        lost = _write_or_print("--json", ns.json, lambda comp: [
+            {"mode": m, "host_page": hp, "run": i, "report": r.to_dict(comp)}
+            for (m, hp), c in results.items() for i, r in enumerate(c.reports)])
     print(format_table(results, labels, pages, qemu))
     _plot([SavedRun(m, hp, r) for (m, hp), c in results.items() for r in c.reports], ns.plot, ns.quiet)
     for (m, hp), c in results.items():
@@ -278,7 +282,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     check_output("--json", ns.json)
     with LiveStatus(len(runs), enabled=_live(ns), announce=not ns.quiet) as ui:
         done, interrupted = sweep.sweep(knob, runs, ui)
-    lost = _write_or_print("--json", ns.json, json.dumps(sweep.to_json(done), indent=2)) if ns.json else []
+    lost = _write_or_print("--json", ns.json, lambda comp: sweep.to_json(done, comp)) if ns.json else []
     if done:
         print(sweep.format_sweep(done))
     _plot(done, ns.plot, ns.quiet)

@@ -6,8 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .calibrate import calibrate_dilation
 from .config import Config
-from .controller import calibrate_dilation, run
+from .controller import run
+from .timeline import Sample
 from .report import Report
 from .units import fmt_size
 
@@ -94,7 +96,7 @@ class SeriesInterrupted(KeyboardInterrupt):
         self.total = total
 
 
-def run_one(cfg: Config, on_sample: Callable[[dict[str, Any]], None] | None = None) -> Report:
+def run_one(cfg: Config, on_sample: Callable[[Sample], None] | None = None) -> Report:
     """One run of a series. A Ctrl-C, whether it lands in the run (which then reports itself
     interrupted) or around it, raises SeriesInterrupted."""
     try:
@@ -153,7 +155,7 @@ def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int], 
 def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
             log: Callable[[str], None] | None = None, repeat: int = 1,
             by_host_page: dict[int, dict[str, Any]] | None = None,
-            on_sample: Callable[[dict[str, Any]], None] | None = None) -> dict[tuple[str, int], Cell]:
+            on_sample: Callable[[Sample], None] | None = None) -> dict[tuple[str, int], Cell]:
     """Run every cell of ``plan`` ``repeat`` times (seeds ``seed``, ``seed + 1``, ...), keyed by
     (label, host page). ``time_dilation="auto"`` is calibrated per host page size on every mode,
     and the largest factor is kept, so the modes of a row run on the same clock and none of them
@@ -165,7 +167,7 @@ def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int
         # faults), so its search starts where the larger page's ended
         row = [(m, cfg) for (m, h), (cfg, _) in plans.items() if h == hp and cfg.time_dilation == "auto"]
         for _, cfg in row:
-            factor, _ = calibrate_dilation(cfg, start=factor)
+            factor, _ = calibrate_dilation(cfg, run, start=factor)
         for _, cfg in row:
             cfg.time_dilation = factor
         if row and log:

@@ -11,14 +11,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import policies
 from .clock import Clock
+from .errors import ConfigError
+from .faults import MAX_FAULTS, Fault, FaultSpecError
 from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
 HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
 MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
-MAX_VCPUS = 64  # each vCPU stamps its own 8-byte slot of a 4 KiB page: 512 slots, 64 is plenty
+MAX_VCPUS = 64  # each vCPU stamps its own 8-byte word of a page (words 0..63; bytes 0..63 for ab)
 MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 MAX_LATENCY = 1.0  # seconds: no link has more; a larger value is a unit mistake
@@ -66,10 +69,6 @@ def _parse_int(v: Any) -> int:
         raise UnitError(f"cannot read {v!r} (use a whole number)") from None
 
 
-class ConfigError(ValueError):
-    """Bad input: one line that says what to change."""
-
-
 def parse_dilation(value: str | float) -> float | str:
     """``--time-dilation``: a factor (``4``, ``2.5``) or ``auto``."""
     if isinstance(value, str) and value.strip().lower() == "auto":
@@ -103,7 +102,7 @@ RATE_FIELDS = ("dirty_rate", "bandwidth", "max_bandwidth", "max_postcopy_bandwid
 class Config:
     """One migration. Sizes in bytes, rates in bytes/s (None = unlimited), times in seconds."""
 
-    mode: str = "preempt"
+    mode: str = "preempt"  # a mode name, or a policy class (registered under its ``name``)
     ram: int = 128 * 1024**2
     host_page: int = TARGET_PAGE
     seed: int = 1
@@ -135,6 +134,9 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     def __post_init__(self) -> None:
+        if isinstance(self.mode, type):  # Config(mode=MyPolicy), as mininet takes link=TCLink
+            self.mode = policies.register_class(str(getattr(self.mode, "name", "")), self.mode,
+                                                f"Config(mode={self.mode.__name__})")
         self.check_types()
 
     @classmethod
@@ -189,9 +191,8 @@ class Config:
 
     @property
     def uses_preempt_channel(self) -> bool:
-        from .policies import POLICIES
-
-        return self.mode in POLICIES and POLICIES[self.mode].preempt_channel
+        cls = policies.POLICIES.get(self.mode)
+        return cls is not None and bool(cls.preempt_channel)
 
     @property
     def clock(self) -> Clock:
@@ -202,16 +203,14 @@ class Config:
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
-        return 2 * self.ram + self.npages * (4 + 1 + 8 * self.vcpus) + 65536
+        return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
 
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
             raise ConfigError(msg)
 
         self.check_types()
-        from .policies import POLICIES
-
-        modes = ("precopy", *POLICIES)  # the built-in ones plus any registered policy
+        modes = ("precopy", *policies.POLICIES)  # the built-in ones plus any registered policy
         if self.mode not in modes:
             bad(f"unknown mode {self.mode!r}: use one of {', '.join(modes)}")
         if self.workload not in WORKLOADS:
@@ -282,8 +281,6 @@ class Config:
 
     def _validate_faults(self) -> None:
         """--inject-fault and --recover-after: every spec parses and can happen in this mode."""
-        from .faults import MAX_FAULTS, Fault, FaultSpecError
-
         if self.recover_after is not None and not 0 <= self.recover_after <= self.deadline:
             raise ConfigError(f"--recover-after must be between 0 and the deadline ({self.deadline:g}s),"
                               f" e.g. 100ms")

@@ -10,25 +10,27 @@ buffer. Then the host page enters receivedmap, then every vCPU waiting on it is 
 
 from __future__ import annotations
 
-import fcntl
 import os
 import select
 import sys
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
 from . import memory
 from .config import TARGET_PAGE
+from .control import Ctl, Ev
 from .events import K
+from .fds import pipe_size
+from .ledger import ReceiverStats
 from .memory import populate
+from .plan import Channel
 from .process import Child
-from .wire import (ChannelClosed, Frame, FrameReader, FrameWriter, Msg, ProtocolError, SocketReader,
-                   TruncatedFrame, expect)
+from .reader import FrameReader
+from .sockreader import SocketReader
+from .wire import ChannelClosed, Frame, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect
 
-F_GETPIPE_SZ = 1032
 MAX_FRAME = (1 << 20) + 65536
 
 
@@ -39,13 +41,16 @@ def channel_room(socket_buffer: int) -> int:
     release it frame by frame, at the link's pace, and keep 7.1's migration thread away from its
     requests while it writes)."""
     return socket_buffer + MAX_FRAME
+
+
 BROKEN = (ChannelClosed, TruncatedFrame)  # a channel closed under us: in postcopy, a reason to pause
 
 
 class Receiver(Child):
     """One data channel: paced by the emulated link, frames placed into destination RAM."""
 
-    channel = "precopy"
+    channel = Channel.PRECOPY
+    stats: ReceiverStats
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -55,17 +60,19 @@ class Receiver(Child):
         if cfg.prefault:
             populate(self.mem.dst)
         self.received = self.mem.received
-        fd = self.fds[self.channel]
-        pipe_cap = fcntl.fcntl(fd, F_GETPIPE_SZ)
+        self.stats = self.ledger.receiver(self.role)
+        fd = self.ends.channels[self.channel]
+        pipe_cap = pipe_size(fd)
         # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
         # as the destination places pages). The kernel holds it when the pipe could be made that
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
         # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
         # thread of its own, as the kernel would.
         readahead = 0 if cfg.socket_buffer <= pipe_cap else channel_room(cfg.socket_buffer) - pipe_cap
-        self.reader = (SocketReader(fd, self.channel, readahead=readahead, max_frame=MAX_FRAME) if readahead
-                       else FrameReader(fd, self.channel, max_frame=MAX_FRAME, direct=True))
-        self.ch = 0 if self.channel == "precopy" else 1
+        name = self.channel.value
+        self.reader = (SocketReader(fd, name, readahead=readahead, max_frame=MAX_FRAME) if readahead
+                       else FrameReader(fd, name, max_frame=MAX_FRAME, direct=True))
+        self.ch = self.channel.link_index
         self.dst_mv = memoryview(self.mem.dst)
         self.tmp: tuple[np.ndarray, memoryview] | None = None  # the temporary host page (k > 1)
         if self.k > 1 and cfg.postcopy:
@@ -77,10 +84,7 @@ class Receiver(Child):
         self.asm_hp = -1  # the host page being assembled on this channel
         self.asm_count = 0
         self.fence = threading.Lock()
-        self.stats: dict[str, Any] = {"frames": 0, "pages": 0, "zero_pages": 0, "bytes": 0,
-                                      "duplicate_pages": 0, "link_wait_ms": 0.0}
-        self.wait_ns = 0
-        self.ctrl_out.ctrl("ready", time.monotonic_ns())  # listening: the migration may start
+        self.ctrl(Ctl.READY, time.monotonic_ns())  # listening: the migration may start
 
     def next(self) -> Frame:
         """The next frame, once the link has carried it and its latency has passed."""
@@ -90,13 +94,14 @@ class Receiver(Child):
         t0 = time.monotonic_ns()
         carried = self.link.carry(self.ch, size, send_ns, self.reader.wait)
         self.link.deliver(carried, self.reader.wait)
-        self.wait_ns += time.monotonic_ns() - t0
+        st = self.stats
+        st.link_wait_ns += time.monotonic_ns() - t0
         f = self.reader.next_frame()
         assert f is not None
         if f.kind != Msg.PAGES and (f.payload is None or f.payload.nbytes):  # only pages carry a payload
-            raise ProtocolError(f"{self.channel} channel: {Msg(f.kind).name} frame with a payload")
-        self.stats["frames"] += 1
-        self.stats["bytes"] += f.size
+            raise ProtocolError(f"{self.channel.value} channel: {Msg(f.kind).name} frame with a payload")
+        st.frames += 1
+        st.bytes += f.size
         if self.tr:
             self.trace_recv(f, t0, carried)
         return f
@@ -120,32 +125,33 @@ class Receiver(Child):
 
     def place(self, f: Frame) -> None:
         """A PAGES frame: its pages go into destination RAM without a Python loop per page."""
-        fields = expect(f, Msg.PAGES, 3, self.channel)
+        fields = expect(f, Msg.PAGES, 3, self.channel.value)
         try:
             tps = np.frombuffer(fields[0], np.uint32)
             zero = None if fields[1] is None else np.frombuffer(fields[1], np.bool_)
         except (TypeError, ValueError) as e:
-            raise ProtocolError(f"{self.channel} channel: bad PAGES fields ({e})") from None
+            raise ProtocolError(f"{self.channel.value} channel: bad PAGES fields ({e})") from None
         n = len(tps)
         nzero = 0 if zero is None else int(np.count_nonzero(zero))
         plen = self.reader.pending if f.payload is None else f.payload.nbytes
         if (n == 0 or (zero is not None and len(zero) != n)
-                or int(tps[0] if n == 1 else tps.max()) >= self.npages or plen != (n - nzero) * TARGET_PAGE):
-            raise ProtocolError(f"{self.channel} channel: inconsistent PAGES frame ({n} pages,"
+                or int(tps[0] if n == 1 else tps[-1]) >= self.npages or plen != (n - nzero) * TARGET_PAGE
+                or (n > 1 and not bool((tps[1:] > tps[:-1]).all()))):  # ascending, no page twice
+            raise ProtocolError(f"{self.channel.value} channel: inconsistent PAGES frame ({n} pages,"
                                 f" {nzero} zero, {plen} payload bytes)")
-        self.stats["pages"] += n
-        self.stats["zero_pages"] += nzero
+        self.stats.pages += n
+        self.stats.zero_pages += nzero
         if not self.in_postcopy:
             self.write(f, tps, zero)
             self.received[tps] = 1  # ram_load_precopy: receivedmap per target page
             return
-        self.stats["last_place_ns"] = time.monotonic_ns()  # the last one ends the postcopy phase
+        self.stats.last_place_ns = time.monotonic_ns()  # the last one ends the postcopy phase
         k = self.k
         if k == 1:
             # an urgent page not placed yet (the fault path) is told by a scalar, not an array call
             fresh = None if n == 1 and not self.received[int(tps[0])] else self.received[tps] == 0
             if fresh is not None and not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
-                self.stats["duplicate_pages"] += int(n - np.count_nonzero(fresh))
+                self.stats.duplicate_pages += int(n - np.count_nonzero(fresh))
                 data = self.payload_pages(f)
                 if zero is not None:
                     data, zero = data[fresh[~zero]], zero[fresh]
@@ -165,12 +171,12 @@ class Receiver(Child):
             return
         hp = int(tps[0]) // k
         if int(tps[-1]) // k != hp or (n > 1 and int((tps // k != hp).sum())):
-            raise ProtocolError(f"{self.channel} channel: a frame spans host pages")
+            raise ProtocolError(f"{self.channel.value} channel: a frame spans host pages")
         if self.asm_hp not in (-1, hp):
-            raise ProtocolError(f"{self.channel} channel: target page of host page {hp} arrived before"
+            raise ProtocolError(f"{self.channel.value} channel: target page of host page {hp} arrived before"
                                 f" host page {self.asm_hp} was complete")
         if self.received[hp * k]:
-            self.stats["duplicate_pages"] += n
+            self.stats.duplicate_pages += n
             self.payload_pages(f)
             return
         assert self.tmp is not None
@@ -179,7 +185,7 @@ class Receiver(Child):
         self.asm_count += n
         if self.asm_count >= k:
             if self.asm_count > k:
-                raise ProtocolError(f"{self.channel} channel: host page {hp} received"
+                raise ProtocolError(f"{self.channel.value} channel: host page {hp} received"
                                     f" {self.asm_count} target pages of {k}")
             t0 = time.monotonic_ns()
             self.dst_pages[hp * k:(hp + 1) * k] = self.tmp[0]  # UFFDIO_COPY of the whole host page
@@ -241,10 +247,6 @@ class Receiver(Child):
                     t = time.monotonic_ns()
                     self.tr.put(K.WAKE, t, t, hp, v, self.ch, self.rx[2])
 
-    def final_stats(self) -> dict[str, Any]:
-        self.stats["link_wait_ms"] = round(self.cfg.clock.emulated_ms(self.wait_ns), 3)
-        return self.stats
-
     # -- postcopy recovery (postcopy_pause_incoming, loadvm_postcopy_handle_resume) ------------------
     recovering = False  # paused, or recovering: until the new channel is confirmed
     _hup: tuple[int, select.poll] | None = None  # (fd, a poll object watching it for POLLHUP)
@@ -257,26 +259,23 @@ class Receiver(Child):
             self._hup = (self.reader.fd, select.poll())
             self._hup[1].register(self.reader.fd, 0)  # POLLHUP is reported whatever the mask
         if self.reader.eof or self._hup[1].poll(0):
-            raise ChannelClosed(f"{self.channel} channel closed")
+            raise ChannelClosed(f"{self.channel.value} channel closed")
 
     def postcopy_pause_incoming(self, reason: str) -> None:
         """The channel is gone; a host page only partly assembled from it is dropped (it never
         entered receivedmap, so the source sends it again after the recovery)."""
         self.reader.close()
         if self.asm_hp >= 0:
-            self.stats["partial_host_pages_dropped"] = self.stats.get("partial_host_pages_dropped", 0) + 1
+            self.stats.partial_host_pages_dropped += 1
             self.asm_hp, self.asm_count = -1, 0
         self.recovering = True
-        self.stats["postcopy_pauses"] = self.stats.get("postcopy_pauses", 0) + 1
+        self.stats.postcopy_pauses += 1
         self.status(f"postcopy-paused ({reason}): waiting for the controller's 'recover'")
-        self.event("postcopy_paused", reason)
+        self.event(Ev.POSTCOPY_PAUSED, reason)
 
-    def wait_recover(self) -> dict[str, int]:
+    def wait_recover(self) -> dict[Channel, int]:
         """migrate-recover: the controller's new pipe ends; this receiver reads its new channel."""
-        name, names = self.recv_ctrl()
-        if name != "recover":
-            raise ProtocolError(f"control channel: expected 'recover', got {name!r}")
-        fds = self.take_channels(names)
+        fds = self.take_channels(self.expect_ctrl(Ctl.RECOVER))
         self.reader.reopen(fds[self.channel])
         return fds
 
@@ -285,16 +284,14 @@ class Listen(Receiver):
     """mig/dst/listen: the "listen" thread loads the main channel; the "fault" thread turns vCPU
     faults into page requests on the return path."""
 
-    proc_index = 1
-    title = "mig/dst/listen"
-    channel = "precopy"
+    channel = Channel.PRECOPY
+    stats: ReceiverStats
 
     def setup(self) -> None:
         super().setup()
-        self.rp = FrameWriter(self.fds["return"], "return path")
+        self.rp = FrameWriter(self.ends.channels[Channel.RETURN], "return path")
         self.requested = np.zeros(self.cfg.nhost, dtype=bool)  # mis->page_requested
         self.stopping = threading.Event()
-        self.stats.update({"requests_sent": 0, "faults_seen": 0, "faults_deduplicated": 0})
         self.fault_error: BaseException | None = None
         self.rp_lock = threading.Lock()  # rp_mutex: the fault thread and the listen thread share the return path
         self.rp_paused = False  # the return path is down: requests wait for the RESUME
@@ -303,22 +300,19 @@ class Listen(Receiver):
     def run(self) -> None:
         self.status("waiting for PING on the main channel")
         f = self.next()
-        expect(f, Msg.PING, 0, self.channel)
+        expect(f, Msg.PING, 0, self.channel.value)
         self.rp.send(Msg.PONG, ())
         fault = threading.Thread(target=self.fault_loop, name="fault", daemon=True)
         fault.start()
         self.status("loading the precopy channel")
         while not self.load():
             self.wait_recover_main()
-        self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
+        self.event(Ev.EOS)
         self.status("EOS: waiting for the controller's 'shut' (every page placed)")
-        name, _ = self.recv_ctrl()
-        if name != "shut":
-            raise ProtocolError(f"control channel: expected 'shut', got {name!r}")
+        self.expect_ctrl(Ctl.SHUT)
         self.stopping.set()
         fault.join(timeout=5)
         self.rp.send(Msg.SHUT, ())
-        self.ctrl_out.ctrl("stats", self.final_stats())
 
     def load(self) -> bool:
         """qemu_loadvm_state_main on the main channel: True at EOS; False when the channel broke
@@ -339,7 +333,7 @@ class Listen(Receiver):
                 elif f.kind == Msg.PACKAGED:
                     self.in_postcopy = True  # LISTEN + RUN: the guest now runs here
                     self.mem.ctl[memory.DST_POSTCOPY] = 1
-                    self.ctrl_out.ctrl("event", ["running", time.monotonic_ns()])
+                    self.event(Ev.RUNNING)
                     if self.tr:
                         self.tr.instant(K.RUNNING)
                     self.status("postcopy: loading the precopy channel")
@@ -367,7 +361,7 @@ class Listen(Receiver):
         super().postcopy_pause_incoming(reason)
 
     def wait_recover_main(self) -> None:
-        self.rp.fd = self.wait_recover()["return"]  # the fault thread does not use it until RESUME
+        self.rp.fd = self.wait_recover()[Channel.RETURN]  # the fault thread does not use it until RESUME
         self.status("postcopy-recover: waiting for the source's RECV_BITMAP and RESUME")
 
     def resume_incoming(self) -> None:
@@ -378,8 +372,8 @@ class Listen(Receiver):
             pending = np.flatnonzero(self.requested & (self.received[::self.k] == 0)).tolist()
             for hp in pending:
                 self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
-            self.stats["requests_sent"] += len(pending)
-            self.stats["requests_resent"] = self.stats.get("requests_resent", 0) + len(pending)
+            self.stats.requests_sent += len(pending)
+            self.stats.requests_resent += len(pending)
             self.rp_paused = False
         self.recovering = False
         self.status("postcopy: loading the precopy channel (recovered)")
@@ -388,7 +382,7 @@ class Listen(Receiver):
         """CMD_POSTCOPY_RAM_DISCARD: those host pages leave receivedmap and will fault."""
         t0 = time.monotonic_ns()
         try:
-            runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel)[0], np.uint32).reshape(-1, 2)
+            runs = np.frombuffer(expect(f, Msg.DISCARD, 1, self.channel.value)[0], np.uint32).reshape(-1, 2)
         except (TypeError, ValueError) as e:
             raise ProtocolError(f"precopy channel: bad DISCARD ranges ({e})") from None
         nhost = self.cfg.nhost
@@ -399,14 +393,14 @@ class Listen(Receiver):
         np.add.at(edge, runs[:, 0].astype(np.int64) + runs[:, 1], -1)
         hmask = np.cumsum(edge[:-1]) > 0
         self.received.reshape(-1, self.k)[hmask] = 0
-        self.stats["discarded_host_pages"] = self.stats.get("discarded_host_pages", 0) + int(hmask.sum())
+        self.stats.discarded_host_pages += int(hmask.sum())
         if self.tr:
             self.tr.put(K.DISCARD_APPLIED, t0, time.monotonic_ns(), int(hmask.sum()))
 
     def fault_loop(self) -> None:
         """postcopy_ram_fault_thread: one request per missing host page, never twice."""
         try:
-            reader = FrameReader(self.fds["fault"], "fault", max_frame=1 << 16)
+            reader = FrameReader(self.ends.channels[Channel.FAULT], "fault", max_frame=1 << 16)
             k = self.k
             while not self.stopping.is_set():
                 f = reader.next_frame(timeout=0.05)
@@ -415,14 +409,14 @@ class Listen(Receiver):
                 vcpu, hp = expect(f, Msg.FAULT, 2, "fault")[:2]
                 if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.cfg.nhost:
                     raise ProtocolError(f"fault channel: host page {hp!r} outside RAM")
-                self.stats["faults_seen"] += 1
+                self.stats.faults_seen += 1
                 t_rx = time.monotonic_ns() if self.tr else 0
                 if self.received[hp * k]:
                     if self.tr:
                         self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 1)
                     continue
                 if self.requested[hp]:
-                    self.stats["faults_deduplicated"] += 1
+                    self.stats.faults_deduplicated += 1
                     if self.tr:
                         self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 2)
                     continue
@@ -437,7 +431,7 @@ class Listen(Receiver):
                     except ChannelClosed:
                         self.rp_paused = True  # the source is pausing; the listen thread will see it
                         continue
-                    self.stats["requests_sent"] += 1
+                    self.stats.requests_sent += 1
                 if self.tr:
                     self.tr.put(K.FAULT_SEEN, t_rx, time.monotonic_ns(), vcpu, hp, 0)
         except BaseException as e:
@@ -447,20 +441,17 @@ class Listen(Receiver):
 class PreemptReceiver(Receiver):
     """mig/dst/preempt: loads the postcopy channel (the preempt thread's fast-load path)."""
 
-    proc_index = 2
-    title = "mig/dst/preempt"
-    channel = "postcopy"
+    channel = Channel.POSTCOPY
 
     def run(self) -> None:
         self.status("waiting for the postcopy channel's first frame")
-        expect(self.next(), Msg.HELLO, 0, self.channel)
+        expect(self.next(), Msg.HELLO, 0, self.channel.value)
         self.in_postcopy = True
         self.status("loading the postcopy channel")
         while not self.load():
             self.wait_recover()
             self.status("postcopy-recover: waiting for the new postcopy channel's HELLO")
-        self.ctrl_out.ctrl("event", ["eos", time.monotonic_ns()])
-        self.ctrl_out.ctrl("stats", self.final_stats())
+        self.event(Ev.EOS)
 
     def load(self) -> bool:
         """The preempt thread's loop: True at EOS; False when the channel broke during postcopy."""
@@ -470,7 +461,7 @@ class PreemptReceiver(Receiver):
                     self.check_open()
                 f = self.next()
                 if self.recovering:  # a recovered channel starts with its HELLO, like the first one
-                    expect(f, Msg.HELLO, 0, self.channel)
+                    expect(f, Msg.HELLO, 0, self.channel.value)
                     self.recovering = False
                     self.status("loading the postcopy channel (recovered)")
                 elif f.kind == Msg.PAGES:

@@ -10,8 +10,9 @@ The buffers are one anonymous shared mapping (the ``Arena``) that the controller
 forks the children: a fixed slot per thread of every process, reserved but not committed
 (``MAP_NORESERVE``: a page costs memory once written). So the controller reads what every process
 recorded whatever became of it, a failed, killed or interrupted run included, which is the run
-whose trace matters most; and nothing has to be sent at the end. A slot that fills up drops what
-comes after and says how much.
+whose trace matters most; and nothing has to be sent at the end. Slots are sized so that no legal
+run fills one (``Arena.for_run``); one that filled up anyway would drop what comes after and say
+how much.
 
 A row is ``t0, t1, kind, a..i``: start and end in ``time.monotonic_ns()`` (t1 == t0 for an
 instant) and up to nine integer arguments whose meaning depends on the kind (listed below and
@@ -25,16 +26,19 @@ import mmap
 import struct
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .config import Config
 
 ROW = struct.Struct("<12q")
 _pack, _SIZE = ROW.pack_into, ROW.size
 FIELDS = ("t0", "t1", "kind", "a", "b", "c", "d", "e", "f", "g", "h", "i")
 DTYPE = np.dtype([(name, "<i8") for name in FIELDS])
 SLOTS = 4  # threads per process that record (mig/src: migration, return; dst/listen: listen, fault)
-SLOT_ROWS = 1 << 20  # events per thread (96 MiB of address space, committed as written)
+SLOT_ROWS = 1 << 20  # events per thread by default (96 MiB of address space, committed as written)
 SLOT_HEAD = struct.Struct("<qq32s")  # events dropped (slot full), thread id, thread name
 NAMES_AT, PROC_HEAD = 256, 4096  # per process: slot heads, then interned names (NUL-separated)
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux's value; Python < 3.13 lacks the name
@@ -88,6 +92,17 @@ MAIN_THREADS = {"mig/src": "migration", "mig/dst/listen": "listen", "mig/dst/pre
 
 class Arena:
     """Every process's event slots in one shared mapping, made before the fork."""
+
+    @classmethod
+    def for_run(cls, cfg: Config, nprocs: int) -> "Arena":
+        """Slots no legal run can fill: a thread records a few rows per frame it sends, carries or
+        places (each frame holds a page at least, and no run sends more pages than its rounds,
+        its postcopy and a resend per injected fault allow), a few per fault (a vCPU faults at
+        most once per host page), and one per rate-limit window it sleeps through. Reserved, not
+        committed: only what is written costs memory."""
+        pages = (cfg.max_rounds + 3 + len(cfg.inject_faults)) * cfg.npages
+        rows = 4 * pages + 4 * cfg.vcpus * (cfg.nhost + 1) + int(20 * cfg.deadline) + SLOT_ROWS
+        return cls(nprocs, rows)
 
     def __init__(self, nprocs: int, slot_rows: int = SLOT_ROWS):
         self.nprocs = nprocs

@@ -13,14 +13,16 @@ import os
 import select
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
 from . import memory
 from .config import TARGET_PAGE
+from .control import Ctl
 from .events import K
+from .ledger import PROGRESS_EVERY_NS
 from .pattern import ab_increment, stamp_pages
+from .plan import Channel
 from .process import Child
 from .wire import FrameWriter, Msg
 from .workload import AccessStream
@@ -30,35 +32,31 @@ RECHECK = 0.05  # a wake-up can never be lost, but a sleeping vCPU re-checks thi
 
 
 class Vcpu(Child):
-    @property  # type: ignore[override]
-    def proc_index(self) -> int:
-        return 3 + self.vcpu
-
-    @property  # type: ignore[override]
-    def title(self) -> str:
-        return f"guest/vcpu{self.vcpu}"
+    """guest/vcpuN. What it measures goes into its part of the ledger as it happens: its counters,
+    QEMU's latency buckets, a row per fault (host page, start, end, accesses made before it), and a
+    progress point every ``PROGRESS_EVERY_NS`` while it runs on the destination."""
 
     def setup(self) -> None:
-        cfg, v = self.cfg, self.vcpu
+        cfg = self.cfg
+        v = self.vcpu = self.role.n
         self.stream = AccessStream(cfg.workload, cfg.wss_bytes // TARGET_PAGE, v, cfg.vcpus, cfg.seed)
         self.ab = cfg.workload == "ab"
         self.efd = self.efds[v]
-        self.fault_w = FrameWriter(self.fds["fault"], "fault")
+        self.fault_w = FrameWriter(self.ends.channels[Channel.FAULT], "fault")
         self.stamps = self.mem.stamps[v]
+        self.dirty = self.mem.dirty[v]  # this vCPU's own dirty-log counters: nobody else writes them
         if cfg.prefault and cfg.workload != "idle":
             memory.populate(self.mem.src[:cfg.wss_bytes])
             memory.populate(self.mem.dst[:cfg.wss_bytes])
         self.seq = 0
-        self.faults: list[tuple[int, int, int]] = []
+        led = self.ledger.vcpu(self.role)
+        self.stats, self.lat_dist, self.fault_log, self.progress = led.stats, led.lat_dist, led.faults, led.progress
         self.woken_ns = 0  # when tracing: the last eventfd wake-up
         self.fence = threading.Lock()
         # pacing: the whole guest dirties at most dirty_rate bytes/s, shared by the vCPUs
         self.interval = None if cfg.dirty_rate is None else cfg.clock.real(TARGET_PAGE * cfg.vcpus / cfg.dirty_rate)
         self.next_t = time.monotonic()
-        self.acc = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
-        self.run_ns = {memory.RUN_SRC: 0, memory.RUN_DST: 0}
-        self.progress: list[tuple[int, int]] = []  # (t, accesses on the destination): every ms, and around each fault
-        self.counter = memory.C_GUEST0 + v
+        self.next_point = 0  # when the next progress point is due (monotonic ns)
 
     def ram(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
         ram = self.mem.src if phase == memory.RUN_SRC else self.mem.dst
@@ -76,7 +74,7 @@ class Vcpu(Child):
             stamp_pages(u64, pages, self.vcpu, self.seq)
             self.stamps[pages] = self.seq
         if phase == memory.RUN_SRC:
-            self.mem.dirty[pages] += 1  # after the data: the dirty log never runs ahead of it
+            self.dirty[pages] += 1  # after the data: the dirty log never runs ahead of it
 
     def sleep_on_efd(self, timeout: float | None) -> None:
         r, _, _ = select.select([self.efd], [], [], timeout)
@@ -103,12 +101,13 @@ class Vcpu(Child):
             self.sleep_on_efd(RECHECK)
         w[0] = -1
         t1 = time.monotonic_ns() if received[tp] else -1
-        self.faults.append((hp, t0, t1))
+        self.fault_log.append(hp, t0, t1, self.stats.accesses_dst)  # never full: nhost + 1 rows
+        self.stats.faults += 1
         if self.tr:
             self.tr.put(K.FAULT, t0, t1 if t1 >= 0 else time.monotonic_ns(), hp, tp, t1 >= 0,
                         self.woken_ns if self.woken_ns >= t0 else 0)
         if t1 >= 0:  # QEMU's log2 bucket, so the controller can show the latency while it runs
-            self.mem.lat_dist[self.vcpu, min(max(((t1 - t0) // 1000).bit_length() - 1, 0), 23)] += 1
+            self.lat_dist[min(max(((t1 - t0) // 1000).bit_length() - 1, 0), len(self.lat_dist) - 1)] += 1
 
     def run_chunk(self, phase: int) -> int:
         """One chunk of accesses, each counted when it is made: on the destination a chunk may
@@ -129,23 +128,29 @@ class Vcpu(Child):
                 return len(pages)
             m = int(np.argmin(present))
             self.write(rest[:m], phase)
-            self.count(m, phase, mark=True)
+            self.count(m, phase)
             done += m
-            self.fault(int(rest[m]))
-            self.count(0, phase, mark=True)  # progress is a step across the fault, not a slope
+            self.fault(int(rest[m]))  # its row holds the accesses made before it
             if self.mem.ctl[memory.PHASE] != memory.RUN_DST:
                 break
         return done
 
-    def count(self, n: int, phase: int, mark: bool = False) -> None:
-        """``n`` accesses made: the controller's live counter, and on the destination the progress
-        log the report reads them from (a point every ms, and at each fault's start and end)."""
-        self.acc[phase] += n
-        self.mem.counters[self.counter] += n
-        if phase == memory.RUN_DST:
-            now = time.monotonic_ns()
-            if mark or not self.progress or now - self.progress[-1][0] >= 1_000_000:
-                self.progress.append((now, self.acc[phase]))
+    def count(self, n: int, phase: int) -> None:
+        """``n`` accesses made, counted as they are made; on the destination a progress point every
+        PROGRESS_EVERY_NS as well (with the fault rows, what the report reads the guest's progress
+        at any moment from: it makes no access during a fault)."""
+        st = self.stats
+        if phase == memory.RUN_SRC:
+            st.accesses_src += n
+            return
+        st.accesses_dst += n
+        now = time.monotonic_ns()
+        if now >= self.next_point:
+            self.next_point = now + PROGRESS_EVERY_NS
+            if len(self.progress) < self.progress.cap - 1:  # the last row is kept for where it stopped
+                self.progress.append(now, st.accesses_dst)
+            else:
+                st.progress_dropped += 1
 
     def run(self) -> None:
         ctl = self.mem.ctl
@@ -153,7 +158,7 @@ class Vcpu(Child):
         ran = None
         ready = False  # told the controller the guest runs (after its first chunk, if it writes)
         if idle:
-            self.ctrl_out.ctrl("ready", time.monotonic_ns())
+            self.ctrl(Ctl.READY, time.monotonic_ns())
             ready = True
         while True:
             phase = int(ctl[memory.PHASE])
@@ -161,14 +166,14 @@ class Vcpu(Child):
                 break
             if phase == memory.PAUSE:
                 t_paused = time.monotonic_ns()
-                self.ctrl_out.ctrl("paused", t_paused)
+                self.ctrl(Ctl.PAUSED, t_paused)
                 self.status("paused")
                 while int(ctl[memory.PHASE]) == memory.PAUSE:
                     self.sleep_on_efd(RECHECK)
                 if self.tr:
                     self.tr.put(K.PAUSED, t_paused, time.monotonic_ns())
                 if int(ctl[memory.PHASE]) == memory.RUN_DST:
-                    self.ctrl_out.ctrl("resumed", time.monotonic_ns())
+                    self.ctrl(Ctl.RESUMED, time.monotonic_ns())
                 continue
             if ran != phase:
                 self.status("running on the " + ("source" if phase == memory.RUN_SRC else "destination"))
@@ -181,25 +186,15 @@ class Vcpu(Child):
             t0 = time.monotonic_ns()
             n = self.run_chunk(phase)
             if not ready:
-                self.ctrl_out.ctrl("ready", time.monotonic_ns())
+                self.ctrl(Ctl.READY, time.monotonic_ns())
                 ready = True
             if self.interval is not None:
                 self.next_t = max(self.next_t, time.monotonic()) + n * self.interval
                 left = self.next_t - time.monotonic()
                 if left > 0:
                     self.sleep_on_efd(left)
-            self.run_ns[phase] += time.monotonic_ns() - t0
-        self.ctrl_out.ctrl("stats", self.final_stats())
-
-    def final_stats(self) -> dict[str, Any]:
-        f = np.array(self.faults, dtype=np.int64).reshape(-1, 3)
-        self.progress.append((time.monotonic_ns(), self.acc[memory.RUN_DST]))
-        return {
-            "progress": np.array(self.progress, dtype=np.int64).tobytes(),
-            "vcpu": self.vcpu,
-            "faults": f.tobytes(),
-            "accesses_src": self.acc[memory.RUN_SRC],
-            "accesses_dst": self.acc[memory.RUN_DST],
-            "run_src_ns": self.run_ns[memory.RUN_SRC],
-            "run_dst_ns": self.run_ns[memory.RUN_DST],
-        }
+            if phase == memory.RUN_SRC:
+                self.stats.run_src_ns += time.monotonic_ns() - t0
+            else:
+                self.stats.run_dst_ns += time.monotonic_ns() - t0
+        self.progress.append(time.monotonic_ns(), self.stats.accesses_dst)  # where it stopped

@@ -45,7 +45,7 @@ from typing import Callable
 import numpy as np
 
 from .clock import Clock
-from .wire import close_fds, drain_eventfd
+from .fds import close_fds, drain_eventfd, new_eventfd
 
 QUANTUM = 64 * 1024
 BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
@@ -87,8 +87,8 @@ class Link:
         self.slack_ns = self.latency_ns + int(max(BURST_S * 1e9, quantum_ns))
         # per channel: the receiver's "write space" wake-up of a blocked sender, and the wake-up
         # incoming data (the return path's messages, on the main channel) gives it
-        self.space_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in CHANNELS]
-        self.data_fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in CHANNELS]
+        self.space_fds = [new_eventfd() for _ in CHANNELS]
+        self.data_fds = [new_eventfd() for _ in CHANNELS]
 
     def close(self) -> None:
         close_fds(self.space_fds + self.data_fds)

@@ -31,12 +31,6 @@ PHASE = 0
 # the destination); from then on a broken channel pauses the migration instead of failing it
 DST_POSTCOPY = 1
 
-# counters sampled by the controller for the time series; each is written by one process only
-C_PRECOPY_BYTES, C_POSTCOPY_BYTES, C_REMAINING, C_PLACED, C_REQUESTS, C_PHASE = range(6)
-C_ROUNDS = 6  # precopy rounds completed (the source)
-LAT_BUCKETS = 24  # per vCPU, faults so far in QEMU's log2 latency buckets (stats.BUCKETS)
-C_GUEST0 = 16  # + vcpu: accesses so far
-NCOUNTERS = C_GUEST0 + 64
 
 
 def segment_owner(name: str) -> int | None:
@@ -126,25 +120,23 @@ def populate(a: np.ndarray, write: bool = True, threads: int | None = None) -> N
 class GuestMemory:
     """Every shared array of one run, as numpy views that live exactly as long as this object."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, slots: int):
+        """``slots``: the run's processes (``plan.Plan.slots``), one status line each."""
         self.cfg = cfg
         self.token = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self._segs: list[shared_memory.SharedMemory] = []
         self._names: list[str] = []
-        self.nprocs = 3 + cfg.vcpus
         n = cfg.npages
         try:
             ram_src = self._create("src", cfg.ram)
             ram_dst = self._create("dst", cfg.ram)
             layout = [
                 ("ctl", np.int64, (16,)),
-                ("counters", np.int64, (NCOUNTERS,)),
                 ("wait", np.int64, (cfg.vcpus, 2)),
-                ("lat_dist", np.int64, (cfg.vcpus, LAT_BUCKETS)),
                 ("link", np.int64, (STATE_WORDS,)),
-                ("status", np.uint8, (self.nprocs, STATUS_LEN)),
+                ("status", np.uint8, (slots, STATUS_LEN)),
                 ("stamps", np.uint64, (cfg.vcpus, n)),
-                ("dirty", np.uint32, (n,)),
+                ("dirty", np.uint32, (cfg.vcpus, n)),  # per vCPU: one writer per counter
                 ("received", np.uint8, (n,)),
             ]
             size = sum(int(np.prod(s)) * np.dtype(t).itemsize for _, t, s in layout)
@@ -197,8 +189,7 @@ class GuestMemory:
 
     def close(self) -> None:
         """Drop every view, then close (and unlink if not yet done). Views must not outlive this."""
-        for name in ("src", "dst", "ctl", "counters", "wait", "link", "status", "stamps", "dirty",
-                     "received", "lat_dist"):
+        for name in ("src", "dst", "ctl", "wait", "link", "status", "stamps", "dirty", "received"):
             self.__dict__.pop(name, None)
         self.unlink()
         for shm in self._segs:

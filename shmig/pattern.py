@@ -1,4 +1,4 @@
-"""Expected guest RAM, derived never copied (DESIGN.md section 8).
+"""Expected guest RAM, derived never copied.
 
 Each page's initial content is a cheap function of (seed, page index); guest
 writes only touch the writing vCPU's own slot, so the expected RAM can be
@@ -10,10 +10,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-PAGE = 4096
+from .config import MAX_VCPUS, TARGET_PAGE as PAGE
+
 WORDS = PAGE // 8
 CHUNK_PAGES = 4096  # 16 MiB per chunk: bounded memory, big enough to amortise numpy overhead
-MAX_VCPUS = 64  # stamps live in words 0..63 (bytes 0..63 for ab); word 511 stays pristine
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

@@ -1,280 +1,171 @@
-"""Request-servicing policies: who sends a requested page, on which channel, and when.
+"""Request-servicing policies: the questions QEMU's versions answer differently, and nothing else.
 
-One class per QEMU behaviour (reference sections 2.2-2.3, 7). A policy gets the ``Source`` and
-implements two hooks: ``on_request`` runs in the return thread for every REQ_PAGES message;
-``run_postcopy`` is the migration thread's postcopy loop. To try your own idea, subclass one of
-these and ``register`` it under a new mode name.
+The migration thread and the return thread (source.py, returnpath.py) do all the sending, the
+rate limiting and the bookkeeping, as QEMU's ``ram_save_iterate`` / ``ram_find_and_save_block`` /
+``ram_save_host_page`` and ``source_return_path_thread`` do for every version. A policy only
+answers their questions (the ``Policy`` protocol below):
+
+* ``urgent_sender``: which thread sends a requested page: the migration thread, after
+  ``ram_save_queue_pages`` queued it (vanilla, 7.1), or the return thread at once (8.0+,
+  ``ram_save_host_page_urgent``);
+* ``pages_for(hp)``: what a request for host page ``hp`` asks to send (QEMU: that page);
+* ``urgent_channel()``: on which channel requested pages go (the main one, or the preempt one);
+* ``preempt(pss)``: whether the background host page ``pss`` may be broken for a pending request
+  (7.1's break-huge, ``postcopy_needs_preempt``);
+* ``counts_against_limit(channel, urgent)``: whether those bytes spend the rate limit's budget (7.1
+  counts per QEMUFile, 8.0+ against one counter for every channel);
+* ``scan_after(hp, preempted)``: where the background scan goes on after urgent page ``hp`` (the
+  locality rule: vanilla goes on after it, 7.1 too unless it had broken a huge page, 8.0+ stays
+  where it was, 10.1's page hint moves it after the page), or None to leave it;
+* ``resume_prepare()``: what to forget when a postcopy recovery reloads the bitmap.
+
+A policy sees only its ``Config`` and the ``PageSearchStatus`` it is asked about: never the source's
+internals. To try your own idea, subclass one of the built-ins (or write a class with these
+members) and give it a ``name``; ``register`` it, pass the class as ``Config(mode=YourPolicy)``,
+or load it with ``--policy module:Class``. ``examples/prefetch.py`` is one.
 """
 
 from __future__ import annotations
 
+import enum
 import importlib
 import importlib.util
 import os
 import sys
-import threading
-import time
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-import numpy as np
-
-from .config import ConfigError
-from .events import K
-
-MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
+from .errors import ConfigError
+from .plan import Channel
 
 if TYPE_CHECKING:
     from .config import Config
-    from .source import Source
-    from .wire import FrameWriter
+    from .ramstate import PageSearchStatus
 
 
-class Policy:
-    """Vanilla postcopy: requests are queued and sent by the migration thread on the one channel."""
+class Sender(enum.Enum):
+    """The thread that sends a requested page."""
 
-    name = "vanilla"
-    preempt_channel = False
-    # QEMU 7.1 and earlier count bytes per QEMUFile: urgent pages on the postcopy channel do not
-    # spend the background stream's budget; 8.0+ counts every byte against one shared counter.
-    shared_rate_counter = False
+    MIGRATION_THREAD = "migration"  # queued (ram_save_queue_pages), sent by the migration thread
+    RETURN_THREAD = "return"  # sent by the return-path thread itself (QEMU 8.0+ Preempt-Full)
 
-    def __init__(self, cfg: Config, src: Source):
+
+@runtime_checkable
+class Policy(Protocol):
+    """What a request-servicing policy answers (see the module docstring). Construct with the
+    run's ``Config``; every method is called often and must be cheap."""
+
+    name: ClassVar[str]  # the mode name it runs under
+    preempt_channel: ClassVar[bool]  # the run has the postcopy (preempt) channel
+    urgent_sender: ClassVar[Sender]
+
+    def pages_for(self, hp: int) -> Sequence[int]: ...
+
+    def urgent_channel(self) -> Channel: ...
+
+    def preempt(self, pss: PageSearchStatus) -> bool: ...
+
+    def counts_against_limit(self, channel: Channel, urgent: bool) -> bool: ...
+
+    def scan_after(self, hp: int, preempted: bool) -> int | None: ...
+
+    def resume_prepare(self) -> None: ...
+
+
+class Vanilla:
+    """Postcopy without preemption: a request is queued for the migration thread, which sends it
+    on the one channel ahead of the background, whose scan then goes on after it."""
+
+    name: ClassVar[str] = "vanilla"
+    preempt_channel: ClassVar[bool] = False
+    urgent_sender: ClassVar[Sender] = Sender.MIGRATION_THREAD
+    # 7.1 and earlier count bytes per QEMUFile: urgent pages on the postcopy channel do not spend
+    # the background's budget; 8.0+ counts every byte against one counter (migration_rate_account)
+    shared_rate_counter: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.src = src
 
-    @property
-    def rate_wake(self) -> threading.Event | None:
-        """What ends a rate-limit sleep early: a queued request (migration_make_urgent_request)."""
-        return self.src.urgent
+    def pages_for(self, hp: int) -> Sequence[int]:
+        return (hp,)
 
-    def counts_against_limit(self, writer: FrameWriter, urgent: bool) -> bool:
-        return self.shared_rate_counter or writer is self.src.pre
+    def urgent_channel(self) -> Channel:
+        return Channel.PRECOPY
 
-    def on_request(self, hp: int) -> None:
-        """ram_save_queue_pages: queue it and wake the migration thread."""
-        self.src.requests.append(hp)
-        self.src.urgent.set()
+    def preempt(self, pss: PageSearchStatus) -> bool:
+        return False
 
-    def urgent_channel(self) -> FrameWriter:
-        return self.src.pre
+    def counts_against_limit(self, channel: Channel, urgent: bool) -> bool:
+        return self.shared_rate_counter or channel is Channel.PRECOPY
 
-    def serve_requests(self) -> None:
-        """get_queued_page: requested host pages go ahead of the background scan."""
-        src = self.src
-        src.urgent.clear()  # before looking, so a request queued meanwhile sets it again
-        while src.requests:
-            hp = src.requests.popleft()
-            if not src.host_dirty(hp):
-                continue  # already sent: the page is on its way or placed
-            self.send_urgent(hp)
-            src.scan_hp = hp + 1  # the scan goes on after the requested page (locality)
-
-    def send_urgent(self, hp: int) -> None:
-        self.src.send_host_page(hp, self.urgent_channel(), urgent=True)
-
-    def background(self) -> bool:
-        """Send the next unit of the background scan; False when nothing is dirty."""
-        src = self.src
-        if src.k == 1:
-            hps = src.next_dirty_hosts(src.frame_pages)
-            if not hps.size:
-                return False
-            src.send_host_batch(hps, src.pre, urgent=False)
-            src.scan_hp = int(hps[-1]) + 1
-            return True
-        hps = src.next_dirty_hosts(1)
-        if not hps.size:
-            return False
-        hp = int(hps[0])
-        src.scan_hp = hp + 1
-        self.send_background_host_page(hp)
-        return True
-
-    def send_background_host_page(self, hp: int) -> None:
-        self.src.send_host_page(hp, self.src.pre, urgent=False)
+    def scan_after(self, hp: int, preempted: bool) -> int | None:
+        return hp + 1  # "the dirty page scanning restarts from the requested location"
 
     def resume_prepare(self) -> None:
-        """ram_resume_prepare, after a postcopy recovery reloaded the dirty bitmap: whatever this policy
-        remembered about pages in flight is void (the requests still wanted will be sent again)."""
-
-    def run_postcopy(self) -> None:
-        """The migration thread in postcopy, as QEMU runs it (reference section 2.1).
-
-        While the window's budget is spent, qemu_savevm_state_iterate() returns at once: a request
-        that wakes the sleeping thread (migration_rate_limit) is *not* served, and QEMU spins until
-        the window rolls over. shmig sleeps to the window's end instead of spinning; the outcome is
-        the same. With budget left, ram_save_iterate runs: requests first, then the background,
-        for as long as the budget lasts or requests keep coming, at most MAX_WAIT.
-        """
-        src = self.src
-        limiter = src.limiter
-        max_wait = src.clock.real(MAX_WAIT)
-        while True:
-            if src.return_error is not None:
-                raise src.return_error
-            if limiter.exceeded():
-                limiter.sleep()  # until the window ends: the gate a request cannot pass
-                continue
-            t0 = time.monotonic()
-            while not limiter.exceeded() or src.requests:  # ram_save_iterate
-                self.serve_requests()
-                if src.return_error is not None:
-                    raise src.return_error
-                if limiter.exceeded():
-                    continue  # only requests may go on past the budget
-                if not self.background() and not src.requests:
-                    return
-                if time.monotonic() - t0 > max_wait:
-                    break
+        pass
 
 
-class Preempt(Policy):
+class Preempt(Vanilla):
     """QEMU 7.1 postcopy-preempt: the migration thread sends requested pages on the postcopy
-    channel, breaking a huge page it is in the middle of (unless break_huge is off), and resumes it
-    afterwards on the precopy channel. A request for the interrupted page itself is finished on the
-    precopy channel, marked urgent so it is not interrupted again (no split brain)."""
+    channel, breaking the background huge page it is in the middle of (unless break-huge is off)
+    and resuming it afterwards; the scan keeps its locality unless a huge page was broken."""
 
-    name = "preempt"
-    preempt_channel = True
+    name: ClassVar[str] = "preempt"
+    preempt_channel: ClassVar[bool] = True
 
-    def __init__(self, cfg: Config, src: Source):
-        super().__init__(cfg, src)
-        self.preempted: tuple[int, int] | None = None  # (host page, next target offset)
+    def urgent_channel(self) -> Channel:
+        return Channel.POSTCOPY
 
-    def urgent_channel(self) -> FrameWriter:
-        return self.src.post
+    def preempt(self, pss: PageSearchStatus) -> bool:
+        """postcopy_needs_preempt: break-huge on, a huge host page, sent in the background."""
+        return self.cfg.break_huge and self.cfg.tp_per_hp > 1 and not pss.urgent
 
-    def serve_requests(self) -> None:
-        src = self.src
-        src.urgent.clear()
-        while src.requests:
-            hp = src.requests.popleft()
-            if self.preempted is not None and self.preempted[0] == hp:
-                _, off = self.preempted
-                self.preempted = None
-                src.stats["urgent_on_precopy"] += 1
-                if src.tr:
-                    src.tr.instant(K.RESUME, hp, off, 1)
-                src.send_host_page(hp, src.pre, urgent=True, first=off)
-                continue
-            if not src.host_dirty(hp):
-                continue
-            self.send_urgent(hp)
-            if self.preempted is None:
-                src.scan_hp = hp + 1  # 7.1 keeps locality unless a huge page was preempted
-        if self.preempted is not None:  # postcopy_preempt_restore: resume where it stopped
-            hp, off = self.preempted
-            self.preempted = None
-            if src.tr:
-                src.tr.instant(K.RESUME, hp, off, 0)
-            self.resume(hp, off)
-
-    def background(self) -> bool:
-        if self.preempted is not None:
-            return True  # the interrupted host page is resumed before any other is started
-        return super().background()
-
-    def resume_prepare(self) -> None:
-        self.preempted = None  # the interrupted huge page is dirty again as a whole: sent from its start
-
-    def may_preempt(self) -> bool:
-        """postcopy_needs_preempt: break-huge on, a huge host page, a request pending."""
-        return self.cfg.break_huge and self.src.k > 1
-
-    def resume(self, hp: int, off: int) -> None:
-        stop = self.src.send_host_page(hp, self.src.pre, urgent=False, first=off,
-                                       may_preempt=self.may_preempt())
-        if stop is not None:
-            self.preempted = (hp, stop)
-            self.src.stats["preemptions"] += 1
-            if self.src.tr:
-                self.src.tr.instant(K.PREEMPT, hp, stop)
-
-    def send_background_host_page(self, hp: int) -> None:
-        self.resume(hp, 0)
+    def scan_after(self, hp: int, preempted: bool) -> int | None:
+        return None if preempted else hp + 1  # the enablement commit's "side effect"
 
 
-class PreemptFull(Policy):
-    """QEMU 8.0+ "Preempt-Full": the return thread sends each requested host page itself on the
-    postcopy channel under the bitmap lock; the migration thread only runs the background scan and
-    takes the lock per frame. A host page the background is in the middle of is left to it.
-    With ``page_hint`` (10.1) the background scan continues after the last urgent page."""
+class PreemptFull(Vanilla):
+    """QEMU 8.0+ Preempt-Full: the return thread sends each requested host page itself on the
+    postcopy channel; the background scan keeps its own position, unless 10.1's page hint moves
+    it after the last urgent page."""
 
-    name = "preempt-full"
-    preempt_channel = True
-    shared_rate_counter = True
+    name: ClassVar[str] = "preempt-full"
+    preempt_channel: ClassVar[bool] = True
+    urgent_sender: ClassVar[Sender] = Sender.RETURN_THREAD
+    shared_rate_counter: ClassVar[bool] = True
 
-    def __init__(self, cfg: Config, src: Source):
-        super().__init__(cfg, src)
-        self.bg_hp = -1  # the host page the background thread is in the middle of
-        self.hint: int | None = None
-        self.rp_buf = np.empty_like(src.buf)  # the return thread's own gather buffer
+    def urgent_channel(self) -> Channel:
+        return Channel.POSTCOPY
 
-    @property
-    def rate_wake(self) -> threading.Event | None:
-        return None  # the return thread sends by itself; nothing to wake
-
-    def resume_prepare(self) -> None:
-        self.bg_hp, self.hint = -1, None
-
-    def serve_requests(self) -> None:
-        pass  # the return thread serves them (on_request)
-
-    def on_request(self, hp: int) -> None:
-        src = self.src
-        with src.bitmap_lock:
-            if hp == self.bg_hp or not src.host_dirty(hp):
-                return
-            tps = src.host_tps(hp)
-            src.clear(tps)
-            fp = src.frame_pages
-            for i in range(0, len(tps), fp):
-                src.account(src.post, src.send_pages(src.post, tps[i:i + fp], True, buf=self.rp_buf), True)
-        if self.cfg.page_hint and self.hint is None:
-            self.hint = hp + 1  # only if the previous hint was consumed
-
-    def background(self) -> bool:
-        src = self.src
-        if self.hint is not None:
-            src.scan_hp, self.hint = self.hint, None
-        if src.k == 1:
-            with src.bitmap_lock:
-                hps = src.next_dirty_hosts(src.frame_pages)
-                if not hps.size:
-                    return False
-                src.clear(hps)
-            src.account(src.pre, src.send_pages(src.pre, hps, False), False)
-            src.scan_hp = int(hps[-1]) + 1
-            return True
-        with src.bitmap_lock:
-            hps = src.next_dirty_hosts(1)
-            if not hps.size:
-                return False
-            self.bg_hp = int(hps[0])
-        src.scan_hp = self.bg_hp + 1
-        src.send_host_page(self.bg_hp, src.pre, urgent=False, lock=True)
-        self.bg_hp = -1
-        return True
+    def scan_after(self, hp: int, preempted: bool) -> int | None:
+        return hp + 1 if self.cfg.page_hint else None
 
 
-POLICIES: dict[str, type[Policy]] = {"vanilla": Policy, "preempt": Preempt, "preempt-full": PreemptFull}
+POLICIES: dict[str, type] = {"vanilla": Vanilla, "preempt": Preempt, "preempt-full": PreemptFull}
+BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
+ENTRY_POINT_GROUP = "shmig.policies"
+_MEMBERS = ("name", "preempt_channel", "urgent_sender", "pages_for", "urgent_channel", "preempt",
+            "counts_against_limit", "scan_after", "resume_prepare")
 
 
-def register(mode: str, cls: type[Policy]) -> None:
+def missing_members(cls: Any) -> list[str]:
+    """The members of the Policy protocol ``cls`` lacks (none for a policy)."""
+    return [m for m in _MEMBERS if not hasattr(cls, m)]
+
+
+def register(mode: str, cls: type) -> None:
     """Make a policy of your own available as ``Config(mode=...)``."""
     POLICIES[mode] = cls
 
 
-def make_policy(cfg: Config, src: Source) -> Policy:
-    return POLICIES.get(cfg.mode, Policy)(cfg, src)
+def make_policy(cfg: Config) -> Policy:
+    """The policy of ``cfg``'s mode (validated: the mode exists). Precopy never reaches postcopy;
+    its rounds are the migration thread's alone, as vanilla's are."""
+    cls = Vanilla if cfg.mode == "precopy" else POLICIES[cfg.mode]
+    return cls(cfg)  # type: ignore[no-any-return]
 
 
 # -- policies from outside the package (``--policy``, entry points) -------------------------------
-
-BUILTIN_MODES = ("precopy", "vanilla", "preempt", "preempt-full")
-ENTRY_POINT_GROUP = "shmig.policies"
-
 
 def _import_class(target: str) -> type:
     """``pkg.mod:Class`` (imported like ``python -m`` would, the current directory first on the
@@ -311,10 +202,13 @@ def _import_class(target: str) -> type:
 
 
 def register_class(mode: str, cls: object, origin: str) -> str:
-    """``register`` with the checks a name from the command line needs: a Policy subclass, and a
-    mode name that does not shadow a built-in mode or another policy."""
-    if not (isinstance(cls, type) and issubclass(cls, Policy)):
-        raise ConfigError(f"{origin}: {cls!r} is not a subclass of shmig.policies.Policy")
+    """``register`` with the checks a name from the command line needs: a class with every member of
+    the Policy protocol, and a mode name that does not shadow a built-in mode or another policy."""
+    missing = missing_members(cls) if isinstance(cls, type) else ["(it is not a class)"]
+    if missing:
+        raise ConfigError(f"{origin}: {cls!r} is not a shmig policy: it lacks {', '.join(missing)}"
+                          f" (subclass one of shmig.policies' Vanilla, Preempt, PreemptFull)")
+    assert isinstance(cls, type)
     if not mode or mode in BUILTIN_MODES or POLICIES.get(mode, cls) is not cls:
         taken = "a built-in mode" if mode in BUILTIN_MODES else "already taken"
         raise ConfigError(f"{origin}: mode name {mode!r} is {taken}: set a `name` attribute on the class"

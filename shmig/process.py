@@ -3,8 +3,9 @@
 Children are forked from the controller (start method pinned to ``fork``: they inherit the shared
 memory mappings, so nothing has to be attached by name and the names can be unlinked at once).
 They ignore SIGINT (the controller handles Ctrl-C and stops them), die with the controller
-(``PR_SET_PDEATHSIG``), report what they are doing in a shared status slot, and report any error
-on their control pipe before exiting non-zero.
+(``PR_SET_PDEATHSIG``), report what they are doing in a shared status slot, count what they
+measure in the ledger as they go, and report any error on their control pipe before exiting
+non-zero.
 """
 
 from __future__ import annotations
@@ -16,13 +17,20 @@ import socket
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from typing import Any
 
+from . import control
 from .config import Config
+from .control import Ctl, Ev
 from .events import Arena, K, Recorder
+from .fds import close_fds
+from .ledger import Ledger
 from .link import Link
 from .memory import GuestMemory
-from .wire import ChannelClosed, FrameReader, FrameWriter, ProtocolError, close_fds, ctrl_fields
+from .plan import Channel, Plan, Role
+from .reader import FrameReader
+from .wire import ChannelClosed, FrameWriter, ProtocolError
 
 PR_SET_PDEATHSIG = 1
 
@@ -45,23 +53,49 @@ def set_title(title: str) -> None:
         pass
 
 
+@dataclass
+class Shared:
+    """What every child of a run inherits across the fork."""
+
+    cfg: Config
+    plan: Plan
+    mem: GuestMemory
+    link: Link
+    ledger: Ledger
+    efds: list[int]  # one wake-up eventfd per vCPU
+    arena: Arena | None = None  # record events (``--trace``)
+    all_fds: set[int] = field(default_factory=set)  # every descriptor of the run: a child closes the others'
+
+
+@dataclass
+class Ends:
+    """A child's descriptors: its control pipes, its end of each channel, its fd socket (where the
+    new pipe ends of a postcopy recovery arrive)."""
+
+    ctrl_in: int
+    ctrl_out: int
+    channels: dict[Channel, int]
+    fdsock: int | None = None
+
+    def all(self) -> set[int]:
+        return {self.ctrl_in, self.ctrl_out, *self.channels.values(), *([self.fdsock] if self.fdsock else [])}
+
+
 class Child:
     """Base of mig/src, mig/dst/listen, mig/dst/preempt and guest/vcpuN."""
 
-    proc_index = 0
-    title = "child"
-    arena: Arena | None = None  # set by the controller before the fork: record events (``--trace``)
     tr: Recorder | None = None  # the recorder every event hook checks for
 
-    def __init__(self, cfg: Config, mem: GuestMemory, link: Link, fds: dict[str, int],
-                 all_fds: set[int], efds: list[int], vcpu: int = 0):
-        self.cfg = cfg
-        self.mem = mem
-        self.link = link
-        self.fds = fds
-        self.all_fds = all_fds
-        self.efds = efds
-        self.vcpu = vcpu
+    def __init__(self, shared: Shared, role: Role, ends: Ends):
+        self.shared = shared
+        self.cfg = shared.cfg
+        self.mem = shared.mem
+        self.link = shared.link
+        self.ledger = shared.ledger
+        self.efds = shared.efds
+        self.role = role
+        self.title = role.title
+        self.ends = ends
 
     # -- lifecycle ------------------------------------------------------------
     def main(self, parent_pid: int) -> None:
@@ -73,15 +107,14 @@ class Child:
         if os.getppid() != parent_pid:
             os._exit(1)
         set_title(self.title)
-        keep = set(self.fds.values()) | set(self.efds)
-        close_fds(self.all_fds - keep)
-        self.ctrl_out = FrameWriter(self.fds["ctrl_out"], f"{self.title} control")
-        self.ctrl_in = FrameReader(self.fds["ctrl_in"], f"{self.title} control", max_frame=1 << 16)
+        close_fds(self.shared.all_fds - self.ends.all() - set(self.efds))
+        self.ctrl_out = FrameWriter(self.ends.ctrl_out, f"{self.title} control")
+        self.ctrl_in = FrameReader(self.ends.ctrl_in, f"{self.title} control", max_frame=control.MAX_CTRL_FRAME)
         code = 0
         profile_dir = os.environ.get("SHMIG_PROFILE")
         try:
-            if self.arena is not None:
-                self.tr = Recorder(self.title, self.arena, self.proc_index)
+            if self.shared.arena is not None:
+                self.tr = Recorder(self.title, self.shared.arena, self.role.index)
             self.status("starting")
             self.setup()
             if profile_dir:  # cProfile of this process, one file per process title
@@ -96,6 +129,7 @@ class Child:
             else:
                 self.run()
             self.status("exited")
+            self.ctrl(Ctl.DONE)
         except BaseException as e:  # every failure is reported, then the process exits non-zero
             code = 1
             self.report_error(e)
@@ -111,12 +145,12 @@ class Child:
             msg = f"{self.title}: {type(e).__name__}: {e}{where}"
         self.status(f"failed: {msg}")
         try:
-            self.ctrl_out.ctrl("error", msg)
+            self.ctrl(Ctl.ERROR, msg)
         except (OSError, ChannelClosed):  # the controller has gone (Ctrl-C): nobody to tell
             pass
 
     def status(self, text: str) -> None:
-        self.mem.set_status(self.proc_index, text)
+        self.mem.set_status(self.role.index, text)
 
     def setup(self) -> None:
         pass
@@ -125,30 +159,42 @@ class Child:
         raise NotImplementedError
 
     # -- control helpers ----------------------------------------------------
-    def recv_ctrl(self) -> tuple[str, Any]:
-        """The next message from the controller (blocking)."""
-        return ctrl_fields(self.ctrl_in.next_frame(), f"{self.title} control")
+    def ctrl(self, name: Ctl, obj: Any = None) -> None:
+        control.send(self.ctrl_out, name, obj)
 
-    def take_channels(self, names: Any) -> dict[str, int]:
+    def recv_ctrl(self) -> tuple[Ctl, Any]:
+        """The next message from the controller (blocking)."""
+        return control.parse(self.ctrl_in.next_frame(), f"{self.title} control")
+
+    def expect_ctrl(self, want: Ctl) -> Any:
+        name, obj = self.recv_ctrl()
+        if name is not want:
+            raise ProtocolError(f"control channel: expected {want.value!r}, got {name.value!r}")
+        return obj
+
+    def take_channels(self, names: Any) -> dict[Channel, int]:
         """The new pipe ends of a recovery, which the controller passed (SCM_RIGHTS) on this child's
         fd socket just before the command naming them: pipes cannot be inherited after fork."""
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            raise ProtocolError(f"{self.title} control channel: bad channel list {names!r}")
-        sock = socket.socket(fileno=os.dup(self.fds["fdsock"]))
         try:
-            _, fds, flags, _ = socket.recv_fds(sock, 16, len(names) + 1)
+            channels = [Channel(n) for n in names]
+        except ValueError:
+            raise ProtocolError(f"{self.title} control channel: bad channel list {names!r}") from None
+        assert self.ends.fdsock is not None
+        sock = socket.socket(fileno=os.dup(self.ends.fdsock))
+        try:
+            _, fds, flags, _ = socket.recv_fds(sock, 16, len(channels) + 1)
         finally:
             sock.close()
-        if len(fds) != len(names) or flags & socket.MSG_CTRUNC:
+        if len(fds) != len(channels) or flags & socket.MSG_CTRUNC:
             for fd in fds:
                 os.close(fd)
             raise ProtocolError(f"{self.title} fd socket: got {len(fds)} descriptors for {names}")
-        return dict(zip(names, fds))
+        return dict(zip(channels, fds))
 
-    def event(self, name: str, *info: Any) -> int:
+    def event(self, name: Ev, *info: Any) -> int:
         """Tell the controller something happened now (its timeline, the report)."""
         t = time.monotonic_ns()
-        self.ctrl_out.ctrl("event", [name, t, *info])
+        self.ctrl(Ctl.EVENT, [name.value, t, *info])
         if self.tr:
-            self.tr.put(K.MILESTONE, t, t, self.tr.intern(name), self.tr.intern(str(info[0])) if info else -1)
+            self.tr.put(K.MILESTONE, t, t, self.tr.intern(name.value), self.tr.intern(str(info[0])) if info else -1)
         return t

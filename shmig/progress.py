@@ -1,6 +1,6 @@
 """The live status line of ``shmig run``, ``compare`` and ``sweep`` (rich, an optional extra).
 
-The controller calls ``sample(dict)`` every 100 ms from its own event loop; the line is redrawn
+The controller calls ``sample(Sample)`` every 100 ms from its own event loop; the line is redrawn
 right there (``auto_refresh=False``), so no display thread runs in a process that forks the next
 run's children. Off when stderr is not a terminal, with ``-q``, or without rich: then the CLI passes
 no callback at all and a run pays nothing.
@@ -13,9 +13,10 @@ import sys
 import time
 from typing import Any
 
+from .config import TARGET_PAGE
+from .timeline import Sample
 from .units import fmt_size
 
-TARGET_PAGE = 4096
 RATE_WINDOW = 10  # samples (1 s) the throughput is averaged over
 
 
@@ -32,23 +33,22 @@ def _duration(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
-def status_text(s: dict[str, Any], rate_bps: float | None) -> str:
+def status_text(s: Sample, rate_bps: float | None) -> str:
     """One line from one controller sample: phase, round, bytes sent and left, throughput,
     requests served, faults waiting, the p50 so far (from QEMU's buckets, hence the ~)."""
-    sent = s["precopy_bytes"] + s["postcopy_bytes"]
-    parts = [f"{s['t_ms'] / 1e3:6.1f}s", f"{s['phase']:<10}"]
-    if s.get("rounds") is not None and s["phase"] in ("precopy", "switchover"):
-        parts.append(f"round {s['rounds'] + (s['phase'] == 'precopy')}")
-    parts.append(f"sent {fmt_size(sent)}" + (f" ({fmt_size(s['postcopy_bytes'])} on the postcopy channel)"
-                                             if s["postcopy_bytes"] else ""))
-    parts.append(f"left {fmt_size(s['remaining_pages'] * TARGET_PAGE)}")
+    sent = s.precopy_bytes + s.postcopy_bytes
+    parts = [f"{s.t_ms / 1e3:6.1f}s", f"{s.phase:<10}"]
+    if s.phase in ("precopy", "switchover"):
+        parts.append(f"round {s.rounds + (s.phase == 'precopy')}")
+    parts.append(f"sent {fmt_size(sent)}" + (f" ({fmt_size(s.postcopy_bytes)} on the postcopy channel)"
+                                             if s.postcopy_bytes else ""))
+    parts.append(f"left {fmt_size(s.remaining_pages * TARGET_PAGE)}")
     if rate_bps is not None:
         parts.append(f"{rate_bps * 8 / 1e6:,.0f} Mbit/s")
-    if "requests" in s:
-        parts.append(f"{s['requests']} requests")
-    parts.append(f"{s['faults_outstanding']} faults waiting")
-    if s.get("fault_p50_us") is not None:
-        p50 = s["fault_p50_us"]
+    parts.append(f"{s.requests} requests")
+    parts.append(f"{s.faults_outstanding} faults waiting")
+    if s.fault_p50_us is not None:
+        p50 = s.fault_p50_us
         parts.append(f"p50 ~{p50 / 1e3:.1f} ms" if p50 >= 1000 else f"p50 ~{p50:.0f} us")
     return "  ".join(parts)
 
@@ -114,8 +114,8 @@ class LiveStatus:
         left = mean * (self.total - self.index + 1) - (time.monotonic() - self.t_run)
         return f"~{_duration(max(left, 0.0))} left"
 
-    def sample(self, s: dict[str, Any]) -> None:
-        self.samples.append((s["t_ms"], s["precopy_bytes"] + s["postcopy_bytes"]))
+    def sample(self, s: Sample) -> None:
+        self.samples.append((s.t_ms, s.precopy_bytes + s.postcopy_bytes))
         rate = None
         if len(self.samples) >= 2:
             (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]

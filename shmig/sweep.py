@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from .compare import MODE_VARIANTS, SeriesInterrupted, markdown_table, run_one
 from .config import Config, ConfigError
 from .progress import LiveStatus
-from .report import SavedRun
+from .report import Companion, SavedRun
 from .units import fmt_size
 
 
@@ -97,7 +97,7 @@ def format_sweep(runs: Sequence[SavedRun]) -> str:
     return "\n".join(markdown_table(head, rows))
 
 
-def to_json(runs: Sequence[SavedRun]) -> list[dict[str, Any]]:
+def to_json(runs: Sequence[SavedRun], companion: Companion | None = None) -> list[dict[str, Any]]:
     """What ``--json`` writes: compare's list of {mode, host_page, report}, plus knob and value."""
     return [{"knob": r.knob, "value": r.value, "mode": r.mode, "host_page": r.host_page,
-             "report": r.report.to_dict()} for r in runs]
+             "report": r.report.to_dict(companion)} for r in runs]

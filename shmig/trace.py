@@ -16,7 +16,8 @@ module turns them, with the controller's phases and samples, into the Trace Even
   outstanding, guest accesses.
 
 Times are emulated microseconds since the migration started, converted as the report converts
-them (report._Emulated), so a trace and its report agree.
+them (record.RunRecord.emulated), so a trace and its report agree. It reads the run's record,
+never the controller.
 """
 
 from __future__ import annotations
@@ -25,18 +26,17 @@ import bisect
 import json
 import os
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .events import DTYPE, K
 from .link import CHANNELS
-from .report import _Emulated, phase_list
+from .analysis import phase_list
+from .record import RunRecord
+from .files import atomic_write
+from .report import Report
 from .wire import KINDS, Msg
-
-if TYPE_CHECKING:
-    from .controller import Migration
-    from .report import Report
 
 FLOW = {"cat": "fault", "name": "fault"}  # a v1 flow is (id, cat, name): every step shares them
 NS = 1e-3  # one nanosecond in microseconds: flow points sit just inside the slice they bind to
@@ -60,11 +60,10 @@ class _Flows:
 
 
 class _Builder:
-    def __init__(self, m: Migration, rep: Report):
+    def __init__(self, m: RunRecord, rep: Report):
         self.m = m
         self.rep = rep
-        self.k = m.cfg.tp_per_hp
-        self.emu = _Emulated(m.t0, m.cfg.clock)
+        self.k = m.config.tp_per_hp
         self.ev: list[dict[str, Any]] = []
         self.flows = _Flows()
         self.sends: list[np.ndarray] = []  # per channel: [start ns, end ns, seq] of its PAGES frames
@@ -72,11 +71,11 @@ class _Builder:
         self.remaining: list[tuple[float, int]] = []
         self.faulting: list[tuple[float, int]] = []
         self.pid0 = os.getpid()
-        self.latency_ns = m.link.latency_ns if m.link is not None else 0
+        self.latency_ns = m.link_latency_ns
 
     def us(self, t: np.ndarray) -> np.ndarray:
         """Real monotonic ns -> emulated µs since the start (the report's conversion)."""
-        return np.round((self.emu.stamps(t) - self.m.t0) / 1e3, 3)
+        return np.round((self.m.emulated_stamps(t) - self.m.t0) / 1e3, 3)
 
     def us1(self, t: int) -> float:
         return float(self.us(np.array([t], np.int64))[0])
@@ -108,26 +107,27 @@ class _Builder:
     # -- the whole trace ---------------------------------------------------------------------------
     def build(self) -> dict[str, Any]:
         m, pid0 = self.m, self.pid0
-        self.meta(pid0, pid0, "process_name", f"shmig controller ({m.cfg.mode})")
+        self.meta(pid0, pid0, "process_name", f"shmig controller ({m.config.mode})")
         self.meta(pid0, pid0, "process_sort_index", 0)
         self.meta(pid0, pid0, "thread_name", "phases")
-        # report.phase_list: the one source of phases (a failed run's report has none: its events do)
-        phases = self.rep.phases or phase_list(m.t0, {k: self.emu(t) for k, t in m.events.items()})
+        # analysis.phase_list: the one source of phases (a failed run's report has none: its events do)
+        phases = self.rep.phases or phase_list(m)
         for name, start, end in phases:
             self.slice(pid0, pid0, name, round(start * 1e3, 3), round(end * 1e3, 3), cat="phase")
         threads = []  # (pid, tid, process title, rows, interned names), every process's threads
         dropped = {}
         for i, p in enumerate(m.procs):
-            pid = p.process.pid
-            self.meta(pid, pid, "process_name", p.title)
+            title = p.role.title
+            pid = p.pid or 0
+            self.meta(pid, pid, "process_name", title)
             self.meta(pid, pid, "process_sort_index", i + 1)
-            recorded = m.trace_events.get(p.child.proc_index, {"threads": [], "names": []})
+            recorded = m.trace.get(p.role.index, {"threads": [], "names": []})
             for j, (tid, name, r, lost) in enumerate(sorted(recorded["threads"], key=lambda t: t[0] != pid)):
                 self.meta(pid, tid, "thread_name", name + (f" ({lost} events dropped: slot full)" if lost else ""))
                 self.meta(pid, tid, "thread_sort_index", j)
                 if lost:
-                    dropped[f"{p.title} {name}"] = lost
-                threads.append((pid, tid, p.title, r[np.argsort(r["t0"], kind="stable")], recorded["names"]))
+                    dropped[f"{title} {name}"] = lost
+                threads.append((pid, tid, title, r[np.argsort(r["t0"], kind="stable")], recorded["names"]))
         every = np.concatenate([t[3] for t in threads]) if threads else np.empty(0, DTYPE)
         for ch in range(len(CHANNELS)):  # the source's frames, to find a received frame's send
             sent = every[((every["kind"] == K.SEND) | (every["kind"] == K.SEND_URGENT)) & (every["a"] == ch)]
@@ -138,9 +138,9 @@ class _Builder:
         self.fault_flows()
         self.counters()
         return {"traceEvents": self.ev, "displayTimeUnit": "ms",
-                "otherData": {"shmig": f"mode {m.cfg.mode}; times are emulated µs since the migration"
-                                       f" started (time dilation {m.cfg.clock.dilation:g})",
-                              "config": m.cfg.to_dict(), "error": m.error, "events_dropped": dropped}}
+                "otherData": {"shmig": f"mode {m.config.mode}; times are emulated µs since the migration"
+                                       f" started (time dilation {m.clock.dilation:g})",
+                              "config": m.config.to_dict(), "error": m.error, "events_dropped": dropped}}
 
     def frame(self, ch: int, send_ns: int) -> int | None:
         """The sequence number of the frame the source sent on ``ch`` at ``send_ns`` (its header's
@@ -301,15 +301,16 @@ class _Builder:
         for ts, delta in sorted(self.faulting):
             n += delta
             self.counter("faults outstanding", ts, n)
-        for s in self.m.samples:
+        for s in self.m.timeline:
             self.counter("guest accesses", s["t_ms"] * 1e3, s["guest_accesses"])
 
 
-def chrome_trace(m: Migration, rep: Report) -> dict[str, Any]:
+def chrome_trace(m: RunRecord, rep: Report) -> dict[str, Any]:
     """The Trace Event document of one finished migration and its report."""
     return _Builder(m, rep).build()
 
 
-def write_trace(path: str, m: Migration, rep: Report) -> None:
-    with open(path, "w") as f:
-        json.dump(chrome_trace(m, rep), f)
+def write_trace(path: str, m: RunRecord, rep: Report) -> None:
+    """Written aside and renamed into place: a failure leaves the previous trace whole."""
+    doc = chrome_trace(m, rep)
+    atomic_write(path, lambda f: json.dump(doc, f))

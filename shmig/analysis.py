@@ -1,0 +1,273 @@
+"""From a run's record to its report: every figure derived the way QEMU derives it.
+
+Every process stamps real monotonic time; here each stamp becomes emulated time (the run's clock,
+time dilation undone), so each figure is an emulated duration. A failed or interrupted run gets
+every figure its record holds (its counters, faults and timeline up to the failure); only the
+integrity check needs a finished run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .config import TARGET_PAGE
+from .control import Ev
+from .faults import Fault
+from .plan import Kind
+from .record import Mark, RunRecord, VcpuRecord
+from .report import FaultTable, Report
+
+MIN_BASELINE_S = 0.2  # a guest that ran less than this on the source has no measured speed
+
+
+def _ms(a: int | None, b: int | None) -> float | None:
+    return None if a is None or b is None else round((b - a) / 1e6, 3)
+
+
+def build_report(rec: RunRecord) -> Report:
+    cfg = rec.config
+    rep = Report(config=cfg.to_dict(), error=rec.error, timeline=rec.timeline, host=dict(rec.host))
+    rep.time_dilation = {"factor": cfg.clock.dilation, "calibration": rec.calibration}
+    rep.link = dict(rec.link)
+    src = rec.source
+    em, t0 = rec.emulated, rec.t0
+    t_end = em(rec.first(Mark.COMPLETE))
+    t_stop = em(rec.first(Ev.STOP_VM))
+    t_run = em(rec.first(Ev.RUNNING))
+    rep.total_time_ms = _ms(t0, t_end)
+    rep.setup_time_ms = _ms(t0, em(rec.first(Ev.SETUP_DONE)))
+    if t_run is not None:  # postcopy happened
+        rep.downtime_ms = _ms(t_stop, t_run)
+        # every vCPU acknowledged running again, or (it quit before it could) the resume itself
+        resumed = rec.first(Mark.GUEST_RESUMED) or rec.first(Mark.GUEST_RESUME_REQUESTED)
+        rep.switchover_pause_ms = _ms(em(rec.first(Mark.GUEST_STOPPED)), em(resumed))
+        # postcopy ends when the last page is placed (the EOS and the controller come after)
+        placed = [em(r.last_place_ns) for r in rec.receivers.values() if r.last_place_ns]
+        rep.postcopy_phase_ms = _ms(t_run, max(placed, default=None) or t_end)
+    else:
+        eos = em(rec.first(Ev.EOS, Kind.LISTEN))
+        rep.downtime_ms = _ms(t_stop, eos)
+        rep.switchover_pause_ms = _ms(em(rec.first(Mark.GUEST_STOPPED)), eos)
+    if src is not None:
+        _source_figures(rep, rec)
+    listen = rec.receivers.get(rec.plan.listen)
+    rep.postcopy_requests_resent = listen.requests_resent if listen is not None else 0  # type: ignore[attr-defined]
+    rep.destination = {r.title: _receiver_dict(rec, s.to_dict()) for r, s in rec.receivers.items()}
+    _recovery_figures(rep, rec)
+    _fault_figures(rep, rec, t_end)
+    rep.phases = phase_list(rec) + [["postcopy-paused", a, b] for a, b in _pause_intervals(rec)]
+    _guest_progress(rep, rec, t_run)
+    if rec.integrity is not None:
+        rep.integrity = rec.integrity.to_dict()
+        rep.status = "completed"
+        if not rec.integrity.ok:
+            rep.error = f"integrity check failed: {rec.integrity.detail}"
+    return rep
+
+
+def _source_figures(rep: Report, rec: RunRecord) -> None:
+    src = rec.source
+    assert src is not None
+    cfg = rec.config
+    blocked = {"precopy": src.precopy_blocked_ns}
+    if rec.config.uses_preempt_channel:
+        blocked["postcopy"] = src.postcopy_blocked_ns
+    rep.link["sender_blocked_ms"] = {k: round(cfg.clock.emulated_ms(v), 3) for k, v in blocked.items()}
+    rep.dirty_sync_count = src.dirty_sync_count
+    rep.precopy_rounds = src.precopy_rounds
+    rep.ram = {
+        "total": cfg.ram,
+        "transferred": src.transferred,
+        "normal_pages": src.normal_pages,
+        "zero_pages": src.zero_pages,
+        "normal_bytes": src.normal_pages * TARGET_PAGE,
+        "precopy_bytes": src.precopy_bytes,
+        "downtime_bytes": src.downtime_bytes,
+        "postcopy_bytes": src.postcopy_bytes,
+        "channel_bytes": {"precopy": src.precopy_channel_bytes, "postcopy": src.postcopy_channel_bytes},
+        "discarded_host_pages": src.discarded_host_pages,
+        "expected_downtime_ms": (None if src.expected_downtime_ns < 0
+                                 else round(src.expected_downtime_ns / 1e6, 3)),
+    }
+    if rep.total_time_ms:
+        rep.throughput_mbps = round(src.transferred * 8 / 1e6 / (rep.total_time_ms / 1e3), 1)
+    rep.postcopy_requests = src.postcopy_requests
+    rep.postcopy_bytes = src.postcopy_bytes
+    rep.preemptions = src.preemptions
+    rep.urgent_on_precopy = src.urgent_on_precopy
+    rep.postcopy_pages_resent = src.postcopy_pages_resent
+    rep.postcopy_pauses = src.postcopy_pauses
+    rep.recoveries = src.recoveries
+    if rec.first(Ev.RUNNING) is None and src.converged >= 0:  # ended by stop-and-copy: converged?
+        rep.converged = bool(src.converged)
+
+
+def _receiver_dict(rec: RunRecord, d: dict[str, int]) -> dict[str, Any]:
+    d["link_wait_ms"] = round(rec.clock.emulated_ms(d.pop("link_wait_ns")), 3)
+    return d
+
+
+def _pause_intervals(rec: RunRecord) -> list[tuple[float | None, float | None]]:
+    """(paused, resumed) ms of every postcopy pause: from the first process that paused to the
+    source's RESUME_ACK."""
+    out: list[tuple[float | None, float | None]] = []
+    start = None
+    for e in rec.events:
+        if e.name is Ev.POSTCOPY_PAUSED and start is None:
+            start = e.t
+        elif e.name is Ev.POSTCOPY_RESUMED and e.role is not None and e.role.kind is Kind.SOURCE:
+            out.append((rec.ms(start if start is not None else e.t), rec.ms(e.t)))
+            start = None
+    return out
+
+
+def _recovery_figures(rep: Report, rec: RunRecord) -> None:
+    """Postcopy pauses and recoveries, from the source's events as they came."""
+    rep.postcopy_paused_ms = round(sum((b or 0) - (a or 0) for a, b in _pause_intervals(rec)), 3)
+    pauses: list[dict[str, Any]] = []
+    for e in rec.events:
+        if e.role is None or e.role.kind is not Kind.SOURCE:
+            continue
+        if e.name is Ev.POSTCOPY_PAUSED:
+            reason, during = (list(e.info) + ["", "postcopy"])[:2]
+            pauses.append({"reason": reason, "during": during, "pages_resent": 0, "paused_t_ms": rec.ms(e.t),
+                           "recv_bitmap_t_ms": None, "preempt_channel_t_ms": None, "resumed_t_ms": None})
+        elif pauses and e.name is Ev.RECV_BITMAP:
+            pauses[-1]["recv_bitmap_t_ms"] = rec.ms(e.t)
+            pauses[-1]["pages_resent"] += int(e.info[0]) if e.info else 0
+        elif pauses and e.name is Ev.PREEMPT_CHANNEL:
+            pauses[-1]["preempt_channel_t_ms"] = rec.ms(e.t)
+        elif pauses and e.name is Ev.POSTCOPY_RESUMED:
+            pauses[-1]["resumed_t_ms"] = rec.ms(e.t)
+        elif e.name is Ev.FAULT_INJECTED:
+            fault, left, during, postcopy_ms = (list(e.info) + [None] * 4)[:4]
+            rep.faults_injected.append({"fault": fault, "postcopy_ms": postcopy_ms, "pages_left": left,
+                                        "during": during})
+    rep.pauses = pauses
+    fired = Counter(f["fault"] for f in rep.faults_injected)
+    for spec in rec.config.inject_faults:
+        name = str(Fault.parse(spec))
+        if fired[name]:
+            fired[name] -= 1
+        else:
+            rep.faults_not_injected.append(name)
+
+
+def _intervals(rec: RunRecord, v: VcpuRecord) -> np.ndarray:
+    """A vCPU's faults as emulated (start, end) stamps; end -1: never resolved."""
+    return rec.emulated_stamps(v.faults[:, 1:3])
+
+
+def _fault_figures(rep: Report, rec: RunRecord, t_end: int | None) -> None:
+    """Latency, blocktime and the fault table, as QEMU 10.1 reports them (stats.py)."""
+    intervals = [_intervals(rec, v) for v in rec.vcpus]
+    done = [iv[iv[:, 1] >= 0] for iv in intervals]
+    lat = [d[:, 1] - d[:, 0] for d in done]
+    all_lat = np.concatenate(lat) if lat else np.empty(0, np.int64)
+    rep.postcopy_latency_us = stats.latency_summary(all_lat)
+    rep.postcopy_latency_dist = stats.latency_dist(all_lat)
+    total, per = stats.blocktime(intervals, t_end)
+    rep.postcopy_blocktime_ms = round(total, 3)
+    rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
+    # postcopy-vcpu-latency and postcopy-latency: resolved faults' waits over their number, in ns
+    rep.postcopy_vcpu_latency = [int(x.sum() // len(x)) if len(x) else 0 for x in lat]
+    rep.postcopy_latency = int(all_lat.sum() // len(all_lat)) if len(all_lat) else 0
+    rep.postcopy_non_vcpu_latency = 0  # every fault here is a vCPU's
+    rep.faults = fault_table(done, rec.t0)
+
+
+def fault_table(done: list[np.ndarray], t0: int) -> FaultTable:
+    """Every resolved fault as (t_ms, latency_us, vcpu), sorted by start: what a plot of faults
+    over time needs, 18 bytes a fault."""
+    if not done or not sum(len(d) for d in done):
+        return FaultTable()
+    f = np.concatenate(done)
+    vcpu = np.repeat(np.arange(len(done), dtype=np.int16), [len(d) for d in done])
+    order = np.argsort(f[:, 0], kind="stable")
+    t = f[order, 0]
+    lat = (f[order, 1] - t) / 1e3
+    return FaultTable((t - t0) / 1e6, lat, vcpu[order])
+
+
+def accesses_at(rec: RunRecord, v: VcpuRecord, t: int) -> int:
+    """How many accesses vCPU ``v`` had made on the destination by emulated time ``t``: its
+    progress points, and its faults (it makes none while it waits, so the count holds from a
+    fault's start to its end), interpolated in between."""
+    f, p = v.faults, v.progress
+    ts = np.concatenate([f[:, 1], f[f[:, 2] >= 0, 2], p[:, 0]])
+    acc = np.concatenate([f[:, 3], f[f[:, 2] >= 0, 3], p[:, 1]])
+    if not len(ts):
+        return int(v.stats.accesses_dst)
+    order = np.argsort(ts, kind="stable")
+    return int(round(np.interp(t, rec.emulated_stamps(ts[order]), acc[order], left=0)))
+
+
+def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
+    cfg = rec.config
+    vcpus = rec.vcpus
+    phase_ms = rep.postcopy_phase_ms
+    if t_run is None or phase_ms is None:
+        per_vcpu = [int(v.stats.accesses_dst) for v in vcpus]
+    else:
+        per_vcpu = [accesses_at(rec, v, t_run + int(phase_ms * 1e6)) for v in vcpus]
+    acc_src = sum(v.stats.accesses_src for v in vcpus)
+    acc_dst = sum(per_vcpu)
+    run_src = rec.clock.emulated_ns(sum(v.stats.run_src_ns for v in vcpus)) / 1e9
+    postcopy_s = (phase_ms or 0) / 1e3
+    # the guest's normal speed: measured on the source when it ran there long enough to tell,
+    # else the rate it is paced at; a few ms of running (postcopy right after setup) say nothing
+    run_src_ms = run_src / max(len(vcpus), 1) * 1e3
+    rate_src: float | None
+    if run_src_ms >= MIN_BASELINE_S * 1e3:
+        rate_src = acc_src / run_src
+    elif cfg.dirty_rate is not None:
+        rate_src = cfg.dirty_rate / TARGET_PAGE / cfg.vcpus
+    else:
+        rate_src = None
+    rate_dst = acc_dst / (postcopy_s * len(vcpus)) if postcopy_s > 0 and vcpus else None
+    if cfg.workload == "idle":
+        why = "the guest is idle (--workload idle)"
+    elif rate_dst is None:
+        why = "there was no postcopy phase to measure"
+    elif rate_src is None:
+        why = (f"no precopy baseline: the guest ran {run_src_ms:.0f} ms on the source, and"
+               f" {MIN_BASELINE_S * 1e3:.0f} ms are needed to measure its speed (use more"
+               f" --precopy-rounds, or pace it with --dirty-rate)")
+    else:
+        why = None
+    rep.guest_progress = {
+        "precopy_accesses": acc_src,
+        "postcopy_accesses": acc_dst,
+        "postcopy_bytes_accessed": acc_dst * TARGET_PAGE,
+        "per_vcpu_postcopy_accesses": per_vcpu,
+        "precopy_rate_per_vcpu": None if rate_src is None else round(rate_src, 1),
+        "postcopy_rate_per_vcpu": None if rate_dst is None else round(rate_dst, 1),
+        "precopy_run_ms_per_vcpu": round(run_src_ms, 1),
+        "speed_ratio_unavailable": why,
+    }
+    if why is None and rate_src and rate_dst is not None:
+        rep.guest_speed_ratio = round(rate_dst / rate_src, 4)
+
+
+PHASES = (("setup", None, Ev.SETUP_DONE), ("precopy", Ev.SETUP_DONE, Ev.STOP_VM),
+          ("switchover", Ev.STOP_VM, Ev.RUNNING), ("postcopy", Ev.RUNNING, Mark.COMPLETE))
+
+
+def phase_list(rec: RunRecord) -> list[list[Any]]:
+    """[name, start_ms, end_ms] of each phase that happened (precopy mode: its stop-and-copy ends
+    at the destination's end of stream)."""
+    at = {name: rec.emulated(rec.first(name)) for name in (Ev.SETUP_DONE, Ev.STOP_VM, Ev.RUNNING, Mark.COMPLETE)}
+    postcopy = at[Ev.RUNNING] is not None
+    if not postcopy:  # precopy: the downtime is the stop-and-copy, until the end of stream
+        at[Ev.RUNNING] = rec.emulated(rec.first(Ev.EOS, Kind.LISTEN)) or at[Mark.COMPLETE]
+    out = []
+    t0 = rec.t0
+    for name, a, b in PHASES if postcopy else PHASES[:-1]:
+        start, end = (t0 if a is None else at[a]), at[b]
+        if start is not None and end is not None and end >= start:
+            out.append([name, round((start - t0) / 1e6, 3), round((end - t0) / 1e6, 3)])
+    return out
