@@ -131,6 +131,11 @@ class Migration:
         return self
 
     # -- API while running ----------------------------------------------------
+    @property
+    def procs(self) -> list[Proc]:
+        """The run's processes (role, pid, exit code): for tools that watch or profile them."""
+        return list(self.sup.procs) if self.sup is not None else []
+
     def _running(self) -> Supervisor:
         if self.closed or self.sup is None or not self.sup.procs:
             raise RuntimeError("the migration is not running")

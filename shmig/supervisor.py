@@ -47,8 +47,10 @@ def sigint_held() -> Iterator[None]:
 class Proc:
     """The controller's view of one child."""
 
-    def __init__(self, role: Role, process: multiprocessing.Process, ctrl_in: FrameReader, ctrl_out: FrameWriter):
+    def __init__(self, role: Role, process: multiprocessing.Process, ctrl_in: FrameReader, ctrl_out: FrameWriter,
+                 child_ctrl_out: int):
         self.role = role
+        self.child_ctrl_out = child_ctrl_out  # the child's end of its control output (its fd number)
         self.title = role.title
         self.process = process
         self.ctrl_in = ctrl_in
@@ -106,7 +108,7 @@ class Supervisor:
                 p.start()
                 self.procs.append(Proc(role, p, FrameReader(up_r, f"{role.title} control",
                                                             max_frame=control.MAX_CTRL_FRAME),
-                                       FrameWriter(down_w, f"{role.title} control")))
+                                       FrameWriter(down_w, f"{role.title} control"), up_w))
         keep = {fd for c in ctrl.values() for fd in (c[1], c[2])}
         close_fds(fd for fd in self.fds if fd not in keep)
         self.fds = sorted(keep)

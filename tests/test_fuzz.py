@@ -28,15 +28,16 @@ from hypothesis import strategies as st
 
 import shmig
 from helpers import wait_doing
+from rig import Rig, pipe
+from shmig import control
 from shmig.config import Config
+from shmig.control import Ctl, Ev
 from shmig.destination import Listen, PreemptReceiver
-from shmig.link import Link
-from shmig.memory import GuestMemory
+from shmig.reader import FrameReader
 from shmig.source import Source
-from shmig.wire import PREFIX, ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, ctrl_fields, pack_frame
+from shmig.wire import PREFIX, ChannelClosed, Msg, ProtocolError, pack_frame
 
 MiB = 1024**2
-F_SETPIPE_SZ = 1031
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                        HealthCheck.data_too_large])
@@ -109,67 +110,6 @@ def stream(draw: st.DrawFn, valid: st.SearchStrategy[bytes], first: bytes = b"")
 
 
 # --- real readers in this process -----------------------------------------------------------
-
-def pipe(size: int = 1 << 20) -> tuple[int, int]:
-    r, w = os.pipe()
-    fcntl.fcntl(w, F_SETPIPE_SZ, size)
-    return r, w
-
-
-class Rig:
-    """Guest memory and pipes for one child object run in this process; closes everything."""
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg.validate()
-        self.mem = GuestMemory(cfg)
-        self.mem.unlink()
-        self.mem.src[:] = np.frombuffer(np.random.default_rng(1).bytes(cfg.ram), np.uint8)
-        self.fds: list[int] = []
-        self.links: list[Link] = []
-        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.switch = sys.getswitchinterval()  # the receivers shorten it for their own process
-
-    def pipe(self) -> tuple[int, int]:
-        r, w = pipe()
-        self.fds += [r, w]
-        return r, w
-
-    def child(self, cls: type, fds: dict[str, int], ctrl: bytes = b""):
-        """A child object wired to fresh pipes (``ctrl`` already waiting on its control input)."""
-        ctrl_r, ctrl_w = self.pipe()
-        up_r, up_w = self.pipe()
-        os.write(ctrl_w, ctrl)
-        link = Link(self.mem.link, self.cfg.bandwidth, self.cfg.latency, self.cfg.socket_buffer, threading.Lock())
-        self.links.append(link)
-        c = cls(self.cfg, self.mem, link, fds, set(), [self.efd], 0)
-        c.ctrl_out = FrameWriter(up_w, f"{c.title} control")
-        c.ctrl_in = FrameReader(ctrl_r, f"{c.title} control")
-        c.setup()
-        return c
-
-    def fingerprint(self) -> tuple[int, ...]:
-        """Everything a receiver must never write: the source's RAM and the guest's own maps."""
-        m = self.mem
-        return tuple(zlib.crc32(a) for a in (m.src, m.dirty, m.stamps, m.wait))
-
-    def release(self) -> None:
-        """Close the pipes and links of one example (select() cannot wait on descriptors past 1023)."""
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds.clear()
-        for link in self.links:
-            link.close()
-        self.links.clear()
-
-    def close(self) -> None:
-        self.release()
-        os.close(self.efd)
-        self.mem.close()
-        sys.setswitchinterval(self.switch)
-
 
 CONFIGS = {
     "4KiB-direct": dict(mode="preempt", ram=4 * MiB, prefault=False),
@@ -245,7 +185,7 @@ def run_receiver(rig: Rig, cls: type, data: bytes) -> BaseException | None:
             for t in set(threading.enumerate()) - threads:  # a read-ahead thread ends at the pipe's EOF
                 if t.name == f"{channel} socket":
                     t.join(5)
-        paused = rx.stats.get("postcopy_pauses", 0)
+        paused = rx.stats.postcopy_pauses
         if paused:  # it closed its channel (and Listen its return path) itself
             rig.fds.remove(r)
             if cls is Listen:
@@ -326,23 +266,23 @@ def test_return_path(rig, data, mode):
         drain.start()  # preempt-full's return thread sends urgent pages itself
         try:
             src = rig.child(Source, {"precopy": pre_w, "postcopy": post_w, "return": r})
-            src.return_loop()
+            src.return_path.loop()
         finally:
             os.close(post_w)
             drain.join(5)
             os.close(post_r)
-        assert_named_error(src.return_error, "return path")
+        assert_named_error(src.return_path.error, "return path")
 
 
 @FUZZ
 @given(data=st.data())
 def test_control_channel(data):
-    """Both directions share one reader and one check (``ctrl_fields``): what passes it is a
+    """Both directions share one reader and one check (``control.parse``): what passes it is a
     message name with an object of the shape the receiver acts on."""
     valid = st.builds(lambda n, o: pack_frame(Msg.CTRL, (n, o)),
-                      st.sampled_from(["error", "stats", "event", "ready", "paused", "resumed", "start", "shut",
-                                       "start_postcopy", "vm_stopped"]) | values, values
-                      | st.tuples(st.text(max_size=8), st.integers(-2**63, 2**64 - 1)).map(list))
+                      st.sampled_from([c.value for c in Ctl]) | values, values
+                      | st.tuples(st.sampled_from([e.value for e in Ev]) | st.text(max_size=8),
+                                  st.integers(-2**63, 2**64 - 1)).map(list))
     r, w = pipe()
     os.write(w, data.draw(stream(valid)))
     os.close(w)
@@ -350,14 +290,14 @@ def test_control_channel(data):
     try:
         while True:
             try:
-                name, obj = ctrl_fields(reader.next_frame(timeout=5), "guest/vcpu0 control")
+                name, obj = control.parse(reader.next_frame(timeout=5), "guest/vcpu0 control")
             except (ProtocolError, ChannelClosed) as e:
                 assert "guest/vcpu0 control" in str(e)
                 break
-            assert isinstance(name, str)
-            if name == "event":
-                assert isinstance(obj[0], str) and isinstance(obj[1], int)
-            elif name in ("ready", "paused", "resumed"):
+            assert isinstance(name, Ctl)
+            if name is Ctl.EVENT:
+                assert Ev(obj[0]) and isinstance(obj[1], int)
+            elif name in (Ctl.READY, Ctl.PAUSED, Ctl.RESUMED):
                 assert isinstance(obj, int) and not isinstance(obj, bool)
     finally:
         os.close(r)
@@ -368,8 +308,8 @@ def test_control_channel(data):
 def inject_ctrl(m: shmig.Migration, title: str, data: bytes) -> None:
     """Write bytes into the controller's control input from ``title`` (through /proc, as a second
     writer on the child's end)."""
-    (p,) = [p for p in m.procs if p.title == title]
-    fd = os.open(f"/proc/{p.process.pid}/fd/{p.child.fds['ctrl_out']}", os.O_WRONLY)
+    (p,) = [p for p in m.sup.procs if p.title == title]
+    fd = os.open(f"/proc/{p.process.pid}/fd/{p.child_ctrl_out}", os.O_WRONLY)
     try:
         os.write(fd, data)
     finally:
@@ -381,7 +321,8 @@ def inject_ctrl(m: shmig.Migration, title: str, data: bytes) -> None:
     (b"\x05\x00\x00\x00\x00\x00\x00\x00\xff\xff\xff\xff\xff", "undecodable"),
     (pack_frame(Msg.CTRL, ("event", "running")), "malformed 'event' message"),
     (pack_frame(Msg.CTRL, ("event", ["running", "now"])), "malformed 'event' message"),
-    (pack_frame(Msg.CTRL, ("stats", [1, 2])), "malformed 'stats' message"),
+    (pack_frame(Msg.CTRL, ("done", [1, 2])), "malformed 'done' message"),
+    (pack_frame(Msg.CTRL, ("event", ["no such event", 1])), "malformed 'event' message"),
     (pack_frame(Msg.CTRL, ("ready", "yes")), "malformed 'ready' message"),
     (pack_frame(Msg.CTRL, (7, None)), "malformed message"),
     (pack_frame(Msg.PAGES, (b"", None, False)), "malformed message"),
@@ -417,7 +358,7 @@ def test_send_time_in_the_future_is_refused_not_waited_for(rig4k):
         _, pre_w = rig.pipe()
         src = rig.child(Source, {"precopy": pre_w, "return": r})
         t0 = time.monotonic()
-        src.return_loop()
+        src.return_path.loop()
         assert time.monotonic() - t0 < 1
-        assert isinstance(src.return_error, ProtocolError)
-        assert "return path channel: frame sent" in str(src.return_error)
+        assert isinstance(src.return_path.error, ProtocolError)
+        assert "return path channel: frame sent" in str(src.return_path.error)

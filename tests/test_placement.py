@@ -13,7 +13,8 @@ import pytest
 from shmig.config import Config
 from shmig.destination import PreemptReceiver
 from shmig.wire import Msg, pack_frame
-from test_fuzz import Rig, example
+from rig import Rig
+from test_fuzz import example
 
 MiB = 1024**2
 

@@ -18,11 +18,12 @@ import pytest
 
 import shmig
 from helpers import assert_all_reaped, assert_ok, proc_of
-from shmig import cli, controller
+from shmig import cli, supervisor
 from shmig.compare import MODE_VARIANTS
 from shmig.faults import Fault, FaultInjector, FaultSpecError
-from shmig.wire import (ChannelClosed, FrameReader, FrameWriter, Msg, ProtocolError, TruncatedFrame, pack_frame,
-                        shutdown_pipe)
+from shmig.fds import pipe_max, shutdown_pipe
+from shmig.reader import FrameReader
+from shmig.wire import ChannelClosed, FrameWriter, Msg, ProtocolError, TruncatedFrame, pack_frame
 
 KiB, MiB = 1024, 1024**2
 TIMEOUT = 60
@@ -205,9 +206,9 @@ def test_one_fault_is_survived(variant, host_page, what):
 def socket_reader(monkeypatch):
     """Pipes no larger than pipe-max-size (as without CAP_SYS_RESOURCE): each receiver reads its
     channel ahead with a thread of its own (wire.SocketReader), which must stop and start again."""
-    real = controller.make_pipe
-    monkeypatch.setattr(controller, "make_pipe",
-                        lambda size=None: real(min(size, controller.pipe_max()) if size else size))
+    real = supervisor.make_pipe
+    monkeypatch.setattr(supervisor, "make_pipe",
+                        lambda size=None: real(min(size, pipe_max()) if size else size))
 
 
 @pytest.mark.timeout(TIMEOUT)
@@ -274,8 +275,8 @@ def test_recover_by_hand_nothing_moves_while_paused():
         assert m.wait_for_pause(timeout=20), m.phase
         assert m.phase == "postcopy-paused"
         for title in ("mig/src", "mig/dst/listen", "mig/dst/preempt"):
-            (p,) = [p for p in m.procs if p.title == title]
-            assert m.mem.get_status(p.child.proc_index).startswith("postcopy-paused"), title
+            (p,) = [p for p in m.sup.procs if p.title == title]
+            assert m.mem.get_status(p.role.index).startswith("postcopy-paused"), title
         deadline = time.monotonic() + 10
         while m.mem.wait[0, 0] < 0:  # the random guest faults at once on a missing page
             assert time.monotonic() < deadline, "the vCPU never blocked"

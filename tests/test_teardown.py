@@ -161,7 +161,7 @@ def test_unknown_control_message():
     m = shmig.Migration(slow_cfg(precopy_rounds=None)).start()
     try:
         time.sleep(0.3)
-        m.procs[0].ctrl_out.ctrl("bogus", None)
+        m.procs[0].ctrl_out.send(Msg.CTRL, ("bogus", None))
     finally:
         r = m.wait()
     assert r.status == "failed"

@@ -12,10 +12,13 @@ import msgpack
 import numpy as np
 import pytest
 
-from shmig import wire
+from shmig import fds as fds_mod
+from shmig.fds import writev_all
 from shmig.link import Link
-from shmig.wire import (MAX_HEADER, MAX_PAYLOAD, PREFIX, ChannelClosed, Frame, FrameReader, FrameWriter,
-                        Msg, ProtocolError, expect, pack_frame, writev_all)
+from shmig.reader import FrameReader
+from shmig.sockreader import SocketReader
+from shmig.wire import (MAX_HEADER, MAX_PAYLOAD, PREFIX, ChannelClosed, Frame, FrameWriter, Msg, ProtocolError,
+                        expect, pack_frame)
 
 F_SETPIPE_SZ, F_GETPIPE_SZ = 1031, 1032
 
@@ -370,7 +373,7 @@ def test_writev_all_finishes_partial_writes(monkeypatch, step):
         calls.append(n)
         return n
 
-    monkeypatch.setattr(wire.os, "writev", fake_writev)
+    monkeypatch.setattr(fds_mod.os, "writev", fake_writev)
     bufs = [b"abc", b"", np.arange(5000, dtype=np.uint16), b"", b"", bytearray(b"x" * 4096),
             np.zeros((2, 3), np.uint8), memoryview(b"end")]
     expected = b"".join(bytes(memoryview(b)) if not isinstance(b, np.ndarray) else b.tobytes() for b in bufs)
@@ -659,7 +662,6 @@ def test_socket_reader_keeps_every_frame_intact_while_its_thread_reads_ahead():
     import random
     import threading
 
-    from shmig.wire import FrameWriter, SocketReader
 
     r, w = os.pipe()
     rng = random.Random(7)
@@ -694,7 +696,6 @@ def test_socket_reader_keeps_every_frame_intact_while_its_thread_reads_ahead():
 def test_socket_reader_eof_while_waiting_is_a_closed_channel_not_a_timeout(pipe):
     """The writer goes away while the consumer waits for the read-ahead thread: ChannelClosed at
     once, not None after the timeout (which read as "nothing yet" and hid the close)."""
-    from shmig.wire import SocketReader
 
     r, w = pipe
     reader = SocketReader(r, "precopy", readahead=1 << 20, max_frame=1 << 16)
@@ -711,7 +712,6 @@ def test_socket_reader_last_frame_read_before_the_consumer_waits(pipe):
     incomplete, the read-ahead thread then reads the stream's last bytes, and only then does the
     consumer wait. Nothing more will come, so it must see the frame is whole instead of waiting
     for a change that never happens."""
-    from shmig.wire import SocketReader
 
     r, w = pipe
     reader = SocketReader(r, "precopy", readahead=1 << 20, max_frame=1 << 16)
@@ -730,7 +730,6 @@ def test_socket_reader_idle_consumer_reads_the_pipe_itself(pipe):
     """An urgent page's path: a consumer waiting on an idle channel is woken by the pipe directly,
     not by the read-ahead thread (one wake-up on the way, as recv() in the kernel), and the thread
     stays parked while nothing more is in the pipe."""
-    from shmig.wire import SocketReader
 
     r, w = pipe
     reader = SocketReader(r, "postcopy", readahead=1 << 20, max_frame=1 << 16)
@@ -747,7 +746,6 @@ def test_socket_reader_thread_drains_a_stream_while_the_consumer_is_busy(pipe):
     """Once the pipe holds bytes the consumer has not read, the thread goes back to reading ahead:
     a sender of more than the pipe holds finishes while the consumer sits on its first frame, as a
     socket's receive buffer fills while the application is busy."""
-    from shmig.wire import SocketReader
 
     r, w = pipe
     reader = SocketReader(r, "precopy", readahead=8 << 20, max_frame=(1 << 20) + 65536)
@@ -769,7 +767,6 @@ def test_socket_reader_close_stops_its_thread_while_the_writer_is_alive(pipe):
     """close() while the read-ahead thread watches a pipe whose writer is still open (a channel
     given up by the receiver, not broken by the sender): nothing will arrive to wake it, so close()
     must wake it itself, and return once it has ended, long before its 10 s limit."""
-    from shmig.wire import SocketReader
 
     r, w = pipe
     before = set(threading.enumerate())
