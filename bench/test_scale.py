@@ -35,6 +35,7 @@ import time
 import pytest
 
 import shmig
+from shmig.timeline import Sample
 from shmig.config import ConfigError
 
 BIG_RAM = 4 << 30
@@ -69,8 +70,8 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="memory-sampler", daemon=True)
 
-    def on_sample(self, s: dict) -> None:  # the controller's progress callback
-        self.phase = s["phase"]
+    def on_sample(self, s: Sample) -> None:  # the controller's progress callback
+        self.phase = s.phase
 
     def pids(self) -> list[int]:
         return [os.getpid()] + [p.process.pid for p in self.mig.procs if p.process.pid is not None]

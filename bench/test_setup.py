@@ -1,6 +1,6 @@
 """Setup: creating and pre-faulting the shared memory of a 1 GiB guest, against plain numpy.
 
-``shmig.memory.GuestMemory(cfg)`` for ``ram=1GiB`` creates every segment of a run (source and
+``shmig.memory.GuestMemory(cfg, slots)`` for ``ram=1GiB`` creates every segment of a run (source and
 destination RAM, 2 GiB, plus the per-page maps: ``cfg.shm_bytes()`` in all) and pre-faults it
 with MADV_POPULATE_WRITE. The baseline is a plain ``np.empty`` of the same number of bytes plus
 one write per 4 KiB page (its first touch). Also measured, for context: the same numpy allocation
@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 import shmig
+from shmig.plan import Plan
 from bench.baselines import PAGE, median, numpy_first_touch_seconds, thp_setting
 from shmig.memory import GuestMemory
 
@@ -47,7 +48,7 @@ def shm_touch_seconds(cfg: shmig.Config) -> float:
     """GuestMemory without prefault, then one write per page of every segment."""
     nofault = dataclasses.replace(cfg, prefault=False)
     t0 = time.perf_counter()
-    mem = GuestMemory(nofault)
+    mem = GuestMemory(nofault, Plan.of(cfg.vcpus, True, 1 << 16).slots)
     try:
         for seg in mem._segs:
             a = np.ndarray((seg.size,), np.uint8, seg.buf)
@@ -80,7 +81,7 @@ def test_setup(benchmark, record, quick):
 
     def create():
         t0 = time.perf_counter()
-        live.append(GuestMemory(cfg))
+        live.append(GuestMemory(cfg, Plan.of(cfg.vcpus, True, 1 << 16).slots))
         shm_s.append(time.perf_counter() - t0)
 
     try:

@@ -72,11 +72,11 @@ def test_trace_overhead(benchmark, record, quick, tmp_path):
             m = shmig.Migration(cfg, trace=path if traced else None).start()
             rep = m.wait()
             _check(rep)
-            events = sum(len(t[2]) for rec in m.trace_events.values() for t in rec["threads"])
+            events = sum(len(t[2]) for rec in m.record.trace.values() for t in rec["threads"])
             export = 0.0
             if traced:  # once more, timed: the export happens after the migration, off its clock
                 t = time.perf_counter()
-                write_trace(str(tmp_path / "again.json"), m, rep)
+                write_trace(str(tmp_path / "again.json"), m.record, rep)
                 export = (time.perf_counter() - t) * 1e3
             runs[traced].append((rep.total_time_ms, events, export))
 

@@ -7,6 +7,8 @@ Use it from the command line (``--policy`` registers it under its ``name``):
 or from Python: ``shmig.policies.register(PrefetchNeighbours.name, PrefetchNeighbours)``.
 """
 
+from typing import Sequence
+
 from shmig.policies import PreemptFull
 
 
@@ -15,6 +17,5 @@ class PrefetchNeighbours(PreemptFull):
 
     name = "prefetch"
 
-    def on_request(self, hp: int) -> None:
-        for p in range(hp, min(hp + 8, self.src.nhost)):
-            super().on_request(p)
+    def pages_for(self, hp: int) -> Sequence[int]:
+        return range(hp, min(hp + 8, self.cfg.nhost))

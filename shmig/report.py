@@ -28,7 +28,7 @@ from .files import atomic_write
 INLINE_FAULTS = 50_000  # more faults than this go to the companion .npz when written to a file
 
 
-@dataclass
+@dataclass(eq=False)
 class FaultTable:
     """Every resolved fault, by start time: emulated ms since the start, latency in us, vCPU."""
 
@@ -43,6 +43,10 @@ class FaultTable:
 
     def columns(self) -> dict[str, np.ndarray]:
         return {c: getattr(self, c) for c in self.COLUMNS}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FaultTable) and all(
+            np.array_equal(getattr(self, c), getattr(other, c)) for c in self.COLUMNS)
 
     def to_json(self) -> dict[str, list]:
         return {"t_ms": np.round(self.t_ms, 3).tolist(), "latency_us": np.round(self.latency_us, 1).tolist(),
@@ -141,6 +145,10 @@ class Report:
     def guest_slowdown(self) -> float | None:
         """The former name of ``guest_speed_ratio`` (it read the wrong way round: 0.9 = 90% speed)."""
         return self.guest_speed_ratio
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.faults, FaultTable):  # rows or columns, as a caller or a saved report has them
+            self.faults = _faults_from_json(self.faults, ".")
 
     def to_dict(self, companion: Companion | None = None) -> dict[str, Any]:
         """The JSON document. With a ``companion``, a long fault table goes there instead."""

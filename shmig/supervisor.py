@@ -48,9 +48,10 @@ class Proc:
     """The controller's view of one child."""
 
     def __init__(self, role: Role, process: multiprocessing.Process, ctrl_in: FrameReader, ctrl_out: FrameWriter,
-                 child_ctrl_out: int):
+                 child_ctrl_out: int, channels: dict[Channel, int]):
         self.role = role
         self.child_ctrl_out = child_ctrl_out  # the child's end of its control output (its fd number)
+        self.channels = channels  # the child's end of each channel at fork (fd numbers in the child)
         self.title = role.title
         self.process = process
         self.ctrl_in = ctrl_in
@@ -108,7 +109,7 @@ class Supervisor:
                 p.start()
                 self.procs.append(Proc(role, p, FrameReader(up_r, f"{role.title} control",
                                                             max_frame=control.MAX_CTRL_FRAME),
-                                       FrameWriter(down_w, f"{role.title} control"), up_w))
+                                       FrameWriter(down_w, f"{role.title} control"), up_w, ends[role]))
         keep = {fd for c in ctrl.values() for fd in (c[1], c[2])}
         close_fds(fd for fd in self.fds if fd not in keep)
         self.fds = sorted(keep)

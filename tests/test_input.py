@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -74,6 +75,7 @@ def test_report_kept_when_outputs_cannot_be_written(capsys):
     assert len(lines) == 2 and all(x.startswith("shmig: error: ") for x in lines), err
     assert any("--json /dev/full: cannot write it" in x for x in lines)
     assert any("--trace /dev/full: cannot write it" in x for x in lines)
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode), "an output path that is a device stays one"
 
 
 @pytest.mark.timeout(60)

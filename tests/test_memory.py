@@ -16,8 +16,15 @@ import pytest
 from shmig import memory
 from shmig.config import Config
 from shmig.memory import STATUS_LEN, GuestMemory, leftovers, sweep_stale
+from shmig.plan import Plan
+from shmig.ramstate import DirtyLog
 
 MiB = 1024**2
+
+
+def guest_memory(cfg: Config) -> GuestMemory:
+    """The memory of a run of ``cfg``: one status row per process of its plan."""
+    return GuestMemory(cfg, Plan.of(cfg.vcpus, preempt_channel=True, data_channel_bytes=1 << 16).slots)
 
 
 
@@ -27,7 +34,7 @@ def mine() -> list[str]:
 
 @pytest.fixture
 def mem():
-    m = GuestMemory(Config(ram=1 * MiB, vcpus=2, prefault=False))
+    m = guest_memory(Config(ram=1 * MiB, vcpus=2, prefault=False))
     yield m
     m.close()
 
@@ -65,9 +72,9 @@ def test_segments_are_visible_with_the_owner_prefix(mem):
 
 
 def test_two_runs_do_not_collide():
-    a = GuestMemory(Config(ram=MiB, prefault=False))
+    a = guest_memory(Config(ram=MiB, prefault=False))
     try:
-        b = GuestMemory(Config(ram=MiB, prefault=False))
+        b = guest_memory(Config(ram=MiB, prefault=False))
         try:
             assert a.token != b.token
             assert len(mine()) == 6
@@ -84,15 +91,15 @@ def test_unlink_removes_names_but_arrays_stay_usable(mem):
     mem.src[::4096] = 9
     mem.dst[:] = mem.src
     assert mem.dst[0] == 9 and mem.dst[1] == 7 and int(mem.dst.sum()) == 7 * MiB + 2 * 256
-    mem.dirty[3] += 1
-    assert mem.dirty[3] == 1
+    mem.dirty[1, 3] += 1
+    assert mem.dirty[1, 3] == 1
     mem.unlink()  # twice is fine
     mem.close()
     assert mine() == []
 
 
 def test_close_leaves_nothing_and_is_idempotent():
-    m = GuestMemory(Config(ram=MiB, prefault=False))
+    m = guest_memory(Config(ram=MiB, prefault=False))
     assert len(mine()) == 3
     m.close()
     assert mine() == []
@@ -101,7 +108,7 @@ def test_close_leaves_nothing_and_is_idempotent():
 
 
 def test_prefault_populates_and_zeroes():
-    m = GuestMemory(Config(ram=4 * MiB, prefault=True))
+    m = guest_memory(Config(ram=4 * MiB, prefault=True))
     try:
         assert not m.src.any() and not m.dst.any()
         m.dst[-1] = 1
@@ -121,7 +128,7 @@ def test_failed_creation_cleans_up(monkeypatch):
 
     monkeypatch.setattr(memory.shared_memory, "SharedMemory", flaky)
     with pytest.raises(OSError):
-        GuestMemory(Config(ram=MiB, prefault=False))
+        guest_memory(Config(ram=MiB, prefault=False))
     assert len(calls) == 3
     assert mine() == []
 
@@ -132,14 +139,13 @@ def test_layout(mem):
     assert mem.src.shape == mem.dst.shape == (cfg.ram,)
     assert mem.pages(mem.src).shape == (n, 4096)
     assert np.shares_memory(mem.pages(mem.src), mem.src)
-    assert mem.dirty.shape == (n,) and mem.dirty.dtype == np.uint32
+    assert mem.dirty.shape == (cfg.vcpus, n) and mem.dirty.dtype == np.uint32
     assert mem.received.shape == (n,) and mem.received.dtype == np.uint8
     assert mem.stamps.shape == (cfg.vcpus, n) and mem.stamps.dtype == np.uint64
     assert mem.wait.shape == (cfg.vcpus, 2) and (mem.wait[:, 0] == -1).all()
-    assert mem.status.shape == (mem.nprocs, STATUS_LEN)
-    assert mem.counters.shape == (memory.NCOUNTERS,)
+    assert mem.status.shape[1] == STATUS_LEN and mem.status.shape[0] >= cfg.vcpus + 3
     # the state arrays do not overlap: each keeps its own pattern
-    arrays = ["ctl", "counters", "wait", "link", "status", "stamps", "dirty", "received"]
+    arrays = ["ctl", "wait", "link", "status", "stamps", "dirty", "received"]
     for i, name in enumerate(arrays):
         getattr(mem, name)[...] = i + 1
     for i, name in enumerate(arrays):
@@ -198,7 +204,7 @@ def test_sweep_stale_spares_a_live_run(mem):
 # --- status rows ------------------------------------------------------------------------
 
 def test_status_round_trip(mem):
-    for proc in range(mem.nprocs):
+    for proc in range(mem.status.shape[0]):
         assert mem.get_status(proc) == ""
     mem.set_status(0, "waiting for the return path (REQ)")
     mem.set_status(1, "placing host page 12 — µ")
@@ -226,44 +232,44 @@ def test_status_visible_from_a_forked_child(mem):
 STARTED, COMPLETED, STOP = 0, 1, 2
 
 
-def writer(mem: GuestMemory, seed: int, nwrites: int) -> None:
-    """A guest: write a page (stamp = its new counter value), then bump its dirty counter."""
-    pages = np.random.default_rng(seed).integers(0, mem.cfg.npages, nwrites)
+def writer(mem: GuestMemory, seed: int, nwrites: int, vcpu: int = 0, pages=None) -> None:
+    """A guest's vCPU: write a page (stamp = its new counter value), then bump its own dirty counter."""
+    if pages is None:
+        pages = np.random.default_rng(seed).integers(0, mem.cfg.npages, nwrites)
     src = mem.pages(mem.src).view(np.uint64)
     ctl = mem.ctl
+    dirty = mem.dirty[vcpu]
     for j, p in enumerate(pages):
         if ctl[STOP]:
             break
         ctl[STARTED] = j + 1
-        stamp = int(mem.dirty[p]) + 1
+        stamp = int(dirty[p]) + 1
         src[p, :] = stamp  # data first ...
-        mem.dirty[p] += 1  # ... then the counter
+        dirty[p] += 1  # ... then the counter
         ctl[COMPLETED] = j + 1
 
 
 def check_sync(mem: GuestMemory, seed: int, nwrites: int, start, done, pause=lambda: None) -> int:
-    """Start the writer, snapshot the dirty log repeatedly; return how many writes were checked."""
+    """Start the writer (vCPU 0), collect the dirty log repeatedly; return how many writes were checked."""
     pages = np.random.default_rng(seed).integers(0, mem.cfg.npages, nwrites)
     src = mem.pages(mem.src).view(np.uint64)
     ctl = mem.ctl
-    prev = mem.dirty.copy()
-    started_after_prev = int(ctl[STARTED])  # writes with index >= this began after `prev` was taken
-    start()  # only now: every write happens after the first snapshot, so some are always checked
+    log = DirtyLog(mem.dirty)
+    started_after_prev = int(ctl[STARTED])  # writes with index >= this began after the last collect
+    start()  # only now: every write happens after the first collect, so some are always checked
     checked = 0
     while True:
         finished = done()
-        completed = int(ctl[COMPLETED])  # writes with index < this ended before the next snapshot
-        snap = mem.dirty.copy()
+        completed = int(ctl[COMPLETED])  # writes with index < this ended before the next collect
+        changed = log.collect()
         # the counter never runs ahead of the data: a page's content is at least as new as its counter
-        changed = np.flatnonzero(snap != prev)
-        assert (src[changed, 0] >= snap[changed]).all()
-        # no lost write: every page written between the two snapshots shows a changed counter
+        assert (src[changed, 0] >= log.last[0, changed]).all()
+        # no lost write: every page written between the two collects is reported dirty
         between = pages[started_after_prev:completed]
         if between.size:
-            lost = between[snap[between] == prev[between]]
+            lost = between[~changed[between]]
             assert lost.size == 0, f"writes to pages {lost[:10]} not seen by the sync"
             checked += between.size
-        prev = snap
         started_after_prev = int(ctl[STARTED])
         if finished:
             return checked
@@ -297,7 +303,30 @@ def test_dirty_log_sync_loses_no_write_process(mem):
     # the final counters say exactly how often each page was written, and the data agrees
     pages = np.random.default_rng(2).integers(0, mem.cfg.npages, nwrites)
     counts = np.bincount(pages, minlength=mem.cfg.npages)
-    assert np.array_equal(mem.dirty, counts)
+    assert np.array_equal(mem.dirty[0], counts)
     src = mem.pages(mem.src).view(np.uint64)
     assert np.array_equal(src[:, 0], counts)
     assert checked > 0
+
+
+@pytest.mark.timeout(60)
+def test_two_vcpus_on_the_same_pages_lose_no_count(mem):
+    """Issue 22 #11: two vCPUs dirtying the same pages at once. With one shared counter per page
+    their read-modify-writes raced and a write could go unseen by the next sync; each vCPU has
+    its own row now, so every write is counted and every collect sees it."""
+    nwrites = 60_000
+    hot = np.tile(np.arange(8), nwrites // 8)  # both vCPUs hammer the same eight pages
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=writer, args=(mem, 0, nwrites, v, hot), daemon=True) for v in (0, 1)]
+    log = DirtyLog(mem.dirty)
+    for p in procs:
+        p.start()
+    seen = 0
+    while any(p.is_alive() for p in procs):
+        seen += int(log.collect()[:8].sum())
+    for p in procs:
+        p.join(10)
+        assert p.exitcode == 0
+    assert int(mem.dirty.sum()) == 2 * nwrites  # not one increment lost
+    assert np.array_equal(mem.dirty[0], mem.dirty[1])
+    assert seen > 0

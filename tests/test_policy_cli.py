@@ -75,7 +75,7 @@ def test_entry_points_register_themselves(capsys, tmp_path, monkeypatch):
     ("examples.prefetch:Nope", "module 'examples.prefetch' has no 'Nope'"),
     ("examples/nofile.py:X", "no such file 'examples/nofile.py'"),
     ("examples.prefetch", "use module:Class"),
-    ("os:getcwd", "is not a subclass of shmig.policies.Policy"),
+    ("os:getcwd", "is not a shmig policy: it lacks (it is not a class)"),
     ("shmig.policies:PreemptFull", "mode name 'preempt-full' is a built-in mode"),
     ("vanilla=examples.prefetch:PrefetchNeighbours", "mode name 'vanilla' is a built-in mode"),
 ])

@@ -3,6 +3,7 @@ plotted; Ctrl-C keeps the finished runs. Also the live status line, on a real te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pty
@@ -16,6 +17,7 @@ import pytest
 from shmig import progress, sweep
 from shmig.cli import CONFIG_KEYS, _compare_log
 from shmig.compare import compare
+from shmig.timeline import Sample
 
 from helpers import group_reaped, interrupt
 from test_cli import ENV, refused, run_main
@@ -99,13 +101,14 @@ def test_ctrl_c_keeps_the_finished_runs(tmp_path, shm_leftovers):
 
 
 def test_status_line_and_time_left():
-    s = {"t_ms": 1234.0, "phase": "postcopy", "precopy_bytes": 3 << 20, "postcopy_bytes": 1 << 20,
-         "remaining_pages": 256, "faults_outstanding": 1, "rounds": 1, "requests": 42, "fault_p50_us": 1500.0}
+    s = Sample(t_ms=1234.0, phase="postcopy", precopy_bytes=3 << 20, postcopy_bytes=1 << 20, remaining_pages=256,
+               received_pages=0, faults_outstanding=1, guest_accesses=0, rounds=1, requests=42, faults_done=0,
+               fault_p50_us=1500.0)
     line = progress.status_text(s, 100e6 / 8)
     for part in ("1.2s", "postcopy", "sent 4MiB (1MiB on the postcopy channel)", "left 1MiB", "100 Mbit/s",
                  "42 requests", "1 faults waiting", "p50 ~1.5 ms"):
         assert part in line, (part, line)
-    assert "round 2" in progress.status_text(dict(s, phase="precopy"), None)
+    assert "round 2" in progress.status_text(dataclasses.replace(s, phase="precopy"), None)
     ui = progress.LiveStatus(total_runs=3, enabled=False)
     with ui:
         assert ui.on_sample is None  # nothing shown: the run gets no callback at all

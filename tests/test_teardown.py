@@ -13,6 +13,7 @@ import time
 import pytest
 
 import shmig
+from shmig.plan import Channel
 import shmig.memory
 from helpers import assert_all_reaped, group_reaped, interrupt, proc_of, wait_doing
 from shmig.wire import Msg, pack_frame
@@ -105,7 +106,7 @@ def test_killed_cause_wins_over_its_consequences():
 def inject(m: shmig.Migration, title: str, channel: str, data: bytes) -> None:
     """Write raw bytes into one of a child's pipes (through /proc, as a second writer)."""
     p = proc_of(m, title)
-    fd = os.open(f"/proc/{p.process.pid}/fd/{p.child.fds[channel]}", os.O_WRONLY)
+    fd = os.open(f"/proc/{p.process.pid}/fd/{p.channels[Channel(channel)]}", os.O_WRONLY)
     try:
         os.write(fd, data)
     finally:

@@ -6,7 +6,6 @@ Where a mechanism is about time, the test drives a fake clock or asserts an orde
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 import types
@@ -19,8 +18,12 @@ import shmig.link as link_mod
 from helpers import assert_ok
 from shmig.clock import Clock
 from shmig.link import QUANTUM, STATE_WORDS, Link
-from shmig.policies import Policy
-from shmig.source import RateLimiter
+from shmig.ledger import SourceStats
+from shmig.policies import make_policy
+from shmig.ramstate import RamState
+from shmig.ratelimit import RateLimiter
+from shmig.sender import PageSender
+from shmig.source import MigrationThread
 
 MiB = 1024**2
 
@@ -84,83 +87,87 @@ def test_rate_limiter_sleep_ends_the_window_or_returns_on_a_request():
     assert lim.exceeded()  # the budget is still spent: the gate is not the sleep
 
 
-class GateSource:
-    """Just what the migration thread's postcopy loop touches, for 4 KiB pages: a background of
-    ``npages`` pages, 4 KiB each, sent 16 per frame; every send recorded with the window it fell in."""
+class RecordingSender(PageSender):
+    """The real PageSender, whose frames go nowhere: each send is recorded with the rate-limit
+    window it fell in and the budget used before it, then accounted as the real one accounts it.
+    Everything above the frame (save_batch, save_host_page, the bitmap, the queue, the gate) is
+    the migration thread's own code."""
 
-    def __init__(self, npages: int, budget_frames: int):
-        self.clock = Clock()  # 100 ms windows: far longer than the few frames a budget holds
-        self.limiter = RateLimiter(budget_frames * 16 * 4096 / 0.1, self.clock)
-        self.requests: collections.deque[int] = collections.deque()
-        self.urgent = threading.Event()
-        self.return_error = None
-        self.k, self.frame_pages, self.nhost, self.scan_hp = 1, 16, npages, 0
-        self.pre = object()
-        self.dirty = np.ones(npages, bool)
-        self.log: list[tuple[str, int, float, int]] = []  # (what, page, window, bytes used before)
+    def __init__(self, cfg: shmig.Config, ram: RamState, limiter: RateLimiter, policy):
+        super().__init__(cfg, np.zeros((cfg.npages, 4096), np.uint8), None, {}, ram, ram.stats, limiter, policy,
+                         None, lambda writer, tps: None)  # type: ignore[arg-type]
+        self.frame_pages = 16
+        self.log: list[tuple[str, int, float, int]] = []  # (what, first page, window, bytes used before)
         self.on_background = lambda: None
 
-    def host_dirty(self, hp: int) -> bool:
-        return bool(self.dirty[hp])
-
-    def next_dirty_hosts(self, limit: int) -> np.ndarray:
-        return np.flatnonzero(self.dirty)[:limit]
-
-    def _send(self, what: str, hps: np.ndarray) -> None:
-        self.log.append((what, int(hps[0]), self.limiter.window, self.limiter.used))
-        self.dirty[hps] = False
-        self.limiter.account(len(hps) * 4096)
-
-    def send_host_batch(self, hps: np.ndarray, writer: object, urgent: bool) -> None:
-        self._send("background", hps)
-        self.on_background()
-
-    def send_host_page(self, hp: int, writer: object, urgent: bool) -> None:
-        self._send("urgent", np.array([hp]))
+    def send(self, channel, tps, urgent, buf=None) -> int:
+        self.log.append(("urgent" if urgent else "background", int(tps[0]), self.limiter.window, self.limiter.used))
+        sent = len(tps) * 4096
+        if self.policy.counts_against_limit(channel, urgent):
+            self.limiter.account(sent)
+        if not urgent:
+            self.on_background()
+        return sent
 
 
-def run_gate(src: GateSource) -> list[tuple[str, int, float, int]]:
-    t = threading.Thread(target=Policy(shmig.Config(mode="vanilla"), src).run_postcopy, daemon=True)
-    t.start()
-    t.join(20)
-    assert not t.is_alive(), "the migration thread's loop did not finish"
-    return src.log
+class Gate:
+    """The migration thread's postcopy loop (MigrationThread.postcopy) over ``npages`` dirty 4 KiB
+    pages, vanilla, with a budget of ``budget_frames`` 16-page frames per 100 ms window: far
+    longer than the few frames a budget holds, so which window a send fell in is an order, not a
+    duration."""
 
+    def __init__(self, npages: int, budget_frames: int):
+        cfg = shmig.Config(mode="vanilla", ram=npages * 4096)
+        self.ram = RamState(npages, 1, SourceStats())
+        self.limiter = RateLimiter(budget_frames * 16 * 4096 / 0.1, Clock())
+        policy = make_policy(cfg)
+        self.sender = RecordingSender(cfg, self.ram, self.limiter, policy)
+        self.thread = MigrationThread(self.ram, self.sender, self.limiter, policy, 10.0, lambda: None)
 
-def request(src: GateSource, hp: int) -> None:
-    """What the return thread does (ram_save_queue_pages)."""
-    src.requests.append(hp)
-    src.urgent.set()
+    @property
+    def log(self) -> list[tuple[str, int, float, int]]:
+        return self.sender.log
+
+    def request(self, hp: int) -> None:
+        """What the return thread does (ram_save_queue_pages)."""
+        self.ram.queue(hp)
+
+    def run(self) -> list[tuple[str, int, float, int]]:
+        t = threading.Thread(target=self.thread.postcopy, daemon=True)
+        t.start()
+        t.join(20)
+        assert not t.is_alive(), "the migration thread's loop did not finish"
+        return self.log
 
 
 def test_request_arriving_after_the_budget_is_spent_waits_for_the_next_window():
-    src = GateSource(npages=16 * 12, budget_frames=4)
+    g = Gate(npages=16 * 12, budget_frames=4)
     spent: list[float] = []
 
     def background() -> None:
-        if src.limiter.exceeded() and not spent:
-            spent.append(src.limiter.window)
+        if g.limiter.exceeded() and not spent:
+            spent.append(g.limiter.window)
             # the thread is about to sleep on the spent budget: the request wakes it
-            threading.Timer(0.005, request, (src, 16 * 11 + 5)).start()
-    src.on_background = background
-    log = run_gate(src)
+            threading.Timer(0.005, g.request, (16 * 11 + 5,)).start()
+    g.sender.on_background = background
+    log = g.run()
     urgent = [e for e in log if e[0] == "urgent"]
-    assert len(urgent) == 1
+    assert len(urgent) == 1 and urgent[0][1] == 16 * 11 + 5
     _, _, window, used = urgent[0]
     assert window != spent[0], "served in the window whose budget was already spent"
     assert used == 0, "served first thing in the new window, ahead of the background"
 
 
 def test_request_queued_while_the_loop_runs_is_served_within_the_window():
-    src = GateSource(npages=16 * 12, budget_frames=4)
+    g = Gate(npages=16 * 12, budget_frames=4)
     asked: list[float] = []
 
     def background() -> None:
         if not asked:
-            asked.append(src.limiter.window)
-            request(src, 16 * 11 + 5)  # the loop is running, with budget left
-    src.on_background = background
-    log = run_gate(src)
+            asked.append(g.limiter.window)
+            g.request(16 * 11 + 5)  # the loop is running, with budget left
+    g.sender.on_background = background
+    log = g.run()
     urgent = [e for e in log if e[0] == "urgent"]
     assert len(urgent) == 1 and urgent[0][2] == asked[0], "a request inside the loop waited for a window"
 
@@ -168,21 +175,24 @@ def test_request_queued_while_the_loop_runs_is_served_within_the_window():
 def test_requests_keep_the_loop_going_past_the_budget():
     """``while (!rate_exceeded || postcopy_has_request)``: requests queued while the loop runs are
     served even once the budget is spent."""
-    src = GateSource(npages=16 * 12, budget_frames=1)
+    g = Gate(npages=16 * 12, budget_frames=1)
     fired: list[int] = []
 
     def background() -> None:
         if not fired:  # the first frame spends the whole budget; requests are already waiting
             fired.append(1)
             for hp in (100, 120, 140):
-                request(src, hp)
-    src.on_background = background
-    log = run_gate(src)
+                g.request(hp)
+    g.sender.on_background = background
+    log = g.run()
     first_window = log[0][2]
     served = [e for e in log if e[0] == "urgent"]
     assert [e[1] for e in served] == [100, 120, 140]
     assert all(e[2] == first_window for e in served)
-    assert all(e[3] >= src.limiter.budget for e in served)  # past the budget
+    assert all(e[3] >= g.limiter.budget for e in served)  # past the budget
+    # and then the background waits for the next window
+    after = log[log.index(served[-1]) + 1]
+    assert after[0] == "background" and after[2] != first_window
 
 
 # -- the socket queue and Linux's write-space rule ------------------------------------------------

@@ -217,6 +217,6 @@ def test_recorder_slots_per_thread():
 def test_tracing_is_off_unless_asked():
     m = Migration(Config(ram=4 << 20))
     assert m.trace is None and m.arena is None
-    from shmig.process import Child
+    from shmig.process import Child, Shared
 
-    assert Child.tr is None and Child.arena is None
+    assert Child.tr is None and Shared.arena is None
