@@ -22,6 +22,8 @@ RATES = {"100MiB/s": 100 * MiB, "1Gbit/s": 1e9 / 8}
 FAST = [2e9 / 8, 4e9 / 8, 8e9 / 8, 10e9 / 8, 16e9 / 8]
 TARGET = 0.97
 
+QUICK_TARGET = 0.9
+
 
 def carry(rate: float, ram: int) -> shmig.Report:
     cfg = shmig.Config(mode="precopy", ram=ram, bandwidth=rate, workload="idle", zero_fraction=0.0,
@@ -44,8 +46,8 @@ def test_link_rate(benchmark, record, quick, name):
     record(show=("link_utilisation", "achieved_bps", "target", "meets_target"), link_utilisation=util,
            achieved_bps=r.link["achieved_bps"], nominal_bps=r.link["nominal_bps"], total_time_ms=r.total_time_ms,
            target=TARGET, meets_target="yes" if util >= TARGET else "no", ram=ram)
-    if not quick:
-        assert util >= TARGET, r.link
+    # CI's quick run asserts too, with a margin for a loaded 2-core machine (measured there: 1.00)
+    assert util >= (QUICK_TARGET if quick else TARGET), r.link
 
 
 def test_link_fastest_sustained(benchmark, record, quick):

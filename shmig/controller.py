@@ -92,6 +92,7 @@ class Migration:
         self.plan: Plan | None = None
         self.events: list[Event] = []
         self.timeline = Timeline()
+        self.last_sample: Sample | None = None  # the latest of the timeline (query-migrate's figures)
         self.phase = "setup"
         self.error: str | None = None
         self.ready: set[Role] = set()
@@ -148,6 +149,19 @@ class Migration:
         with self._lock:
             sup = self._running()
             sup.proc(sup.plan.source).send(Ctl.START_POSTCOPY)
+
+    def wait_for(self, until: Callable[[Sample], bool], timeout: float | None = None) -> bool:
+        """Run the migration until a live sample satisfies ``until`` (as QEMU's tests poll
+        query-migrate, e.g. for dirty-sync-count >= 2 before migrate-start-postcopy). The migration
+        advances only while ``wait_for``, ``wait_for_pause`` or ``wait`` runs. False on timeout,
+        or if the migration ended first (``wait()`` then returns its report)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        seen = lambda: self.last_sample is not None and until(self.last_sample)  # noqa: E731
+        try:
+            self._loop(until=lambda: seen() or (end is not None and time.monotonic() >= end))
+        except RunFailed:
+            return False
+        return seen()
 
     def wait_for_pause(self, timeout: float | None = None) -> bool:
         """Run the migration until the source and every destination receiver are postcopy-paused
@@ -375,6 +389,7 @@ class Migration:
             fault_p50_us=None if p50 is None else round(self.cfg.clock.emulated_ns(p50), 1),
         )
         self.timeline.append(s)
+        self.last_sample = s
         if self.on_sample is not None:
             self.on_sample(s)
 

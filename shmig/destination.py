@@ -195,7 +195,7 @@ class Receiver(Child):
             self.wake(np.array([hp]))
 
     def payload_pages(self, f: Frame) -> np.ndarray:
-        """The frame's non-zero pages as a [n, 4096] view (read off the pipe if still there)."""
+        """The frame's non-zero pages as a [n, TARGET_PAGE] view (read off the pipe if still there)."""
         payload = self.reader.read_payload() if f.payload is None else f.payload
         return np.frombuffer(payload, np.uint8).reshape(-1, TARGET_PAGE)
 

@@ -111,10 +111,11 @@ def populate(a: np.ndarray, write: bool = True, threads: int | None = None) -> N
         if failed[0] not in (errno.EINVAL, errno.ENOSYS):  # an old kernel: touch instead
             raise OSError(failed[0], f"madvise(MADV_POPULATE_*) failed: {os.strerror(failed[0])}")
         flat = a.reshape(-1).view(np.uint8)
+        step = os.sysconf("SC_PAGE_SIZE")  # one touch per page of the host's MMU
         if write:
-            flat[::4096] = flat[::4096]
+            flat[::step] = flat[::step]
         else:
-            int(flat[::4096].sum())
+            int(flat[::step].sum())
 
 
 class GuestMemory:
@@ -164,7 +165,7 @@ class GuestMemory:
 
     # views used on the data path
     def pages(self, ram: np.ndarray) -> np.ndarray:
-        """[pages, 4096] view of one RAM copy."""
+        """[pages, TARGET_PAGE] view of one RAM copy."""
         return ram.reshape(-1, TARGET_PAGE)
 
     def unlink(self) -> None:

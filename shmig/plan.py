@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 
 class Kind(enum.Enum):
-    """What a process is: QEMU's thread names, one process each (DESIGN.md section 1)."""
+    """What a process is: QEMU's thread names, one process each (see process.py)."""
 
     SOURCE = "mig/src"  # migration thread + return thread
     LISTEN = "mig/dst/listen"  # destination main: listen thread + fault thread

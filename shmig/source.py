@@ -71,7 +71,8 @@ class MigrationThread:
 
     # -- postcopy -------------------------------------------------------------------------------------
     def postcopy(self) -> None:
-        """The migration thread in postcopy, until nothing is dirty (reference section 2.1).
+        """The migration thread in postcopy, until nothing is dirty (migration_thread ->
+        migration_iteration_run -> qemu_savevm_state_iterate, migration/migration.c).
 
         While the window's budget is spent, qemu_savevm_state_iterate() returns at once: a request
         that wakes the sleeping thread (migration_rate_limit) is *not* served, and QEMU spins until

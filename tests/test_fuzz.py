@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import os
-import sys
 import threading
 import time
-import zlib
 
 import msgpack
 import numpy as np
@@ -357,8 +354,6 @@ def test_send_time_in_the_future_is_refused_not_waited_for(rig4k):
         r = feed(rig, pack_frame(Msg.REQ, (1, 4096), send_ns=time.monotonic_ns() + 3600 * 10**9))
         _, pre_w = rig.pipe()
         src = rig.child(Source, {"precopy": pre_w, "return": r})
-        t0 = time.monotonic()
-        src.return_path.loop()
-        assert time.monotonic() - t0 < 1
+        src.return_path.loop()  # returns with the error; waiting for the send time would hit the timeout
         assert isinstance(src.return_path.error, ProtocolError)
         assert "return path channel: frame sent" in str(src.return_path.error)

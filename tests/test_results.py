@@ -68,8 +68,9 @@ def test_every_mode_completes_under_the_small_cap(small_cap, mode):
 def test_a_failed_run_still_returns_what_it_measured(small_cap):
     """A run that fails (its deadline passes mid-postcopy) still reports every fault resolved so
     far, and the source's and receivers' counters."""
-    cfg = shmig.Config(mode="preempt-full", ram=16 << 20, wss=2 << 20, workload="random", precopy_rounds=0, zero_fraction=0.0,
-                       max_postcopy_bandwidth=1 << 20, deadline=2)  # 16 s of background: it cannot finish
+    cfg = shmig.Config(mode="preempt-full", ram=16 << 20, wss=2 << 20, workload="random", precopy_rounds=0,
+                       zero_fraction=0.0, max_postcopy_bandwidth=1 << 20,
+                       deadline=2)  # 16 s of background: it cannot finish
     r = shmig.run(cfg)
     assert r.status == "failed" and "deadline" in (r.error or "")
     assert len(r.faults) == r.postcopy_latency_us["count"] > 0

@@ -74,10 +74,9 @@ KILLS = ([(r, signal.SIGKILL, 0.5) for r in ROLES] + [(r, signal.SIGKILL, 0.0) f
                          ids=[f"{r}-{s.name}-{'setup' if d == 0 else 'running'}" for r, s, d in KILLS])
 def test_child_killed(role, sig, delay, shm_leftovers):
     m = shmig.Migration(slow_cfg()).start()
-    r, elapsed = wait_doing(m, delay, os.kill, proc_of(m, role).process.pid, sig)
-    assert elapsed < 10, f"wait() took {elapsed:.1f}s after {role} was killed"
+    r, _ = wait_doing(m, delay, os.kill, proc_of(m, role).process.pid, sig)
     assert r.status == "failed" and not r.ok
-    assert r.error, r
+    assert r.error and "deadline" not in r.error, r.error  # the death ended it, not the 60 s deadline
     assert r.error in r.summary()
     assert_all_reaped(m)
     assert not shm_leftovers()
@@ -150,11 +149,9 @@ def test_bad_request_on_return_path_during_postcopy():
 
 @pytest.mark.timeout(30)
 def test_bad_request_on_return_path_during_precopy():
-    r, elapsed = run_injecting(slow_cfg(precopy_rounds=None, deadline=4), "mig/src", "return",
-                               pack_frame(Msg.REQ, (10**9, 4096)))
+    r, _ = run_injecting(slow_cfg(precopy_rounds=None), "mig/src", "return", pack_frame(Msg.REQ, (10**9, 4096)))
     assert r.status == "failed"
-    assert "return path" in r.error, r.error
-    assert elapsed < 3, f"took {elapsed:.1f}s"
+    assert "return path" in r.error and "deadline" not in r.error, r.error  # found at once, not at the deadline
 
 
 @pytest.mark.timeout(30)
@@ -245,10 +242,7 @@ def test_next_run_sweeps_stale_segments():
                          ids=["preempt-in-precopy", "preempt-in-postcopy", "precopy"])
 def test_deadline(mode, precopy_rounds):
     c = shmig.Config(mode=mode, ram=64 * MiB, bandwidth=5 * MiB, deadline=1.5, precopy_rounds=precopy_rounds)
-    t0 = time.monotonic()
-    r = shmig.run(c)
-    elapsed = time.monotonic() - t0
-    assert elapsed < 10, f"{elapsed:.1f}s"
+    r = shmig.run(c)  # the test's timeout is the guard against a teardown that hangs
     assert r.status == "failed" and not r.ok
     assert "deadline" in r.error, r.error
     # who was doing what: every live process, with its status after a colon

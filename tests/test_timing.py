@@ -74,11 +74,9 @@ def test_rate_limiter_sleep_ends_the_window_or_returns_on_a_request():
     lim.account(100)
     assert lim.exceeded()
     window = lim.window
-    t0 = time.monotonic()
     assert lim.sleep() is False  # nothing to wake it: to the window's end...
     assert time.monotonic() >= window + lim.window_s - 1e-4
     assert lim.window != window and lim.used == 0 and not lim.exceeded()  # ...and a new one starts
-    assert time.monotonic() - t0 < 5  # (sanity)
     lim.account(100)
     wake = threading.Event()
     wake.set()
@@ -270,15 +268,14 @@ def test_incoming_data_wakes_a_blocked_sender_if_its_frame_fits():
         link.close()
 
 
+@pytest.mark.timeout(10)
 def test_usage_does_not_wait_for_a_lock_a_dead_child_holds():
     """Regression: a receiver SIGKILLed inside the link's lock left it held, and the controller's
     report then waited for it until the test's timeout."""
     link = make_link(bandwidth=100 * MiB)
     try:
         link.lock.acquire()  # as the killed child left it
-        t0 = time.monotonic()
-        assert link.usage()["carried_bytes"] == 0
-        assert time.monotonic() - t0 < 5
+        assert link.usage()["carried_bytes"] == 0  # (waiting for the lock would hit the timeout)
     finally:
         link.close()
 
