@@ -148,7 +148,10 @@ class Migration:
             raise RuntimeError("postcopy is not enabled in mode 'precopy' (QEMU: postcopy-ram is off)")
         with self._lock:
             sup = self._running()
-            sup.proc(sup.plan.source).send(Ctl.START_POSTCOPY)
+            src = sup.proc(sup.plan.source)
+            if not src.process.is_alive():
+                raise RuntimeError("the migration has ended: nothing to switch over (wait() returns its report)")
+            src.send(Ctl.START_POSTCOPY)
 
     def wait_for(self, until: Callable[[Sample], bool], timeout: float | None = None) -> bool:
         """Run the migration until a live sample satisfies ``until`` (as QEMU's tests poll

@@ -26,7 +26,7 @@ from .plan import Channel, Kind, Plan, Role
 from .process import Child, Ends, Shared
 from .reader import FrameReader
 from .source import Source
-from .wire import FrameWriter
+from .wire import ChannelClosed, FrameWriter
 
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
 CHILD_OF: dict[Kind, type[Child]] = {Kind.SOURCE: Source, Kind.LISTEN: Listen, Kind.PREEMPT: PreemptReceiver,
@@ -62,7 +62,7 @@ class Proc:
     def send(self, name: control.Ctl, obj: object = None) -> None:
         try:
             control.send(self.ctrl_out, name, obj)
-        except OSError:
+        except (OSError, ChannelClosed):
             pass  # it has gone; its sentinel says so
 
 
