@@ -290,9 +290,16 @@ class FakeTime:
         return self.ns
 
 
-def test_late_receiver_catches_up_within_the_burst(monkeypatch):
+@pytest.fixture
+def fake_time(monkeypatch) -> FakeTime:
+    """The link's clock, moved by hand: one fixture for every test of the link's timing."""
     fake = FakeTime()
     monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    return fake
+
+
+def test_late_receiver_catches_up_within_the_burst(fake_time):
+    fake = fake_time
     link = make_link(bandwidth=100 * MiB, socket_buffer=64 * MiB)
     try:
         oversleep = 1_000_000  # every wake-up comes 1 ms late
@@ -311,9 +318,8 @@ def test_late_receiver_catches_up_within_the_burst(monkeypatch):
         link.close()
 
 
-def test_a_stall_longer_than_the_burst_is_lost_and_reported(monkeypatch):
-    fake = FakeTime()
-    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+def test_a_stall_longer_than_the_burst_is_lost_and_reported(fake_time):
+    fake = fake_time
     link = make_link(bandwidth=100 * MiB, socket_buffer=64 * MiB)
     try:
         def wait(seconds: float) -> None:
@@ -331,13 +337,12 @@ def test_a_stall_longer_than_the_burst_is_lost_and_reported(monkeypatch):
         link.close()
 
 
-def test_a_placement_stall_is_received_into_the_socket_up_to_its_receive_buffer(monkeypatch):
+def test_a_placement_stall_is_received_into_the_socket_up_to_its_receive_buffer(fake_time):
     """A receiver busy copying a huge page into place (UFFDIO_COPY) reads nothing, but the kernel
     goes on receiving: what the receive buffer holds was carried during the stall, the rest only
     once the receiver is back (the window was closed), and neither counts against the link as
     the machine falling behind."""
-    fake = FakeTime()
-    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    fake = fake_time
     link = make_link(bandwidth=100 * MiB, socket_buffer=10 * MiB, send_buffer=4 * MiB)  # 6 MiB receive buffer
     try:
         def wait(seconds: float) -> None:
@@ -359,9 +364,8 @@ def test_a_placement_stall_is_received_into_the_socket_up_to_its_receive_buffer(
         link.close()
 
 
-def test_a_short_placement_stall_loses_nothing(monkeypatch):
-    fake = FakeTime()
-    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+def test_a_short_placement_stall_loses_nothing(fake_time):
+    fake = fake_time
     link = make_link(bandwidth=100 * MiB, socket_buffer=10 * MiB, send_buffer=4 * MiB)
     try:
         def wait(seconds: float) -> None:
@@ -383,11 +387,10 @@ def test_a_short_placement_stall_loses_nothing(monkeypatch):
         link.close()
 
 
-def test_latency_is_propagation_the_link_carries_the_next_frame_meanwhile(monkeypatch):
+def test_latency_is_propagation_the_link_carries_the_next_frame_meanwhile(fake_time):
     """Two frames back to back behind a 10 ms one-way latency arrive 10 ms after their last byte,
     one wire time apart: the latency does not stop the link (no stop-and-wait)."""
-    fake = FakeTime()
-    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=fake.monotonic_ns))
+    fake = fake_time
     link = make_link(bandwidth=100 * MiB, socket_buffer=64 * MiB, latency=0.01)
     try:
         def wait(seconds: float) -> None:
