@@ -164,33 +164,37 @@ def _intervals(rec: RunRecord, v: VcpuRecord) -> np.ndarray:
 
 def _fault_figures(rep: Report, rec: RunRecord, t_end: int | None) -> None:
     """Latency, blocktime and the fault table, as QEMU 10.1 reports them (stats.py)."""
+    # one step at a time, each one's temporaries gone before the next: a run may hold millions of
+    # faults, and the controller's memory per fault is what this function holds at its peak
     intervals = [_intervals(rec, v) for v in rec.vcpus]
-    done = [iv[iv[:, 1] >= 0] for iv in intervals]
-    lat = [d[:, 1] - d[:, 0] for d in done]
-    all_lat = np.concatenate(lat) if lat else np.empty(0, np.int64)
-    rep.postcopy_latency_us = stats.latency_summary(all_lat)
-    rep.postcopy_latency_dist = stats.latency_dist(all_lat)
     total, per = stats.blocktime(intervals, t_end)
     rep.postcopy_blocktime_ms = round(total, 3)
     rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
+    done = [iv if (iv[:, 1] >= 0).all() else iv[iv[:, 1] >= 0] for iv in intervals]  # a view when it can
+    del intervals
+    lat = [d[:, 1] - d[:, 0] for d in done]
     # postcopy-vcpu-latency and postcopy-latency: resolved faults' waits over their number, in ns
     rep.postcopy_vcpu_latency = [int(x.sum() // len(x)) if len(x) else 0 for x in lat]
+    all_lat = np.concatenate(lat) if lat else np.empty(0, np.int64)
+    del lat
     rep.postcopy_latency = int(all_lat.sum() // len(all_lat)) if len(all_lat) else 0
     rep.postcopy_non_vcpu_latency = 0  # every fault here is a vCPU's
-    rep.faults = fault_table(done, rec.t0)
+    rep.postcopy_latency_us = stats.latency_summary(all_lat)
+    rep.postcopy_latency_dist = stats.latency_dist(all_lat)
+    rep.faults = fault_table(done, all_lat, rec.t0)
 
 
-def fault_table(done: list[np.ndarray], t0: int) -> FaultTable:
+def fault_table(done: list[np.ndarray], lat_ns: np.ndarray, t0: int) -> FaultTable:
     """Every resolved fault as (t_ms, latency_us, vcpu), sorted by start: what a plot of faults
-    over time needs, 18 bytes a fault."""
-    if not done or not sum(len(d) for d in done):
+    over time needs, 18 bytes a fault. ``lat_ns``: their latencies, in the order of ``done``."""
+    if not len(lat_ns):
         return FaultTable()
-    f = np.concatenate(done)
-    vcpu = np.repeat(np.arange(len(done), dtype=np.int16), [len(d) for d in done])
-    order = np.argsort(f[:, 0], kind="stable")
-    t = f[order, 0]
-    lat = (f[order, 1] - t) / 1e3
-    return FaultTable((t - t0) / 1e6, lat, vcpu[order])
+    t = np.concatenate([d[:, 0] for d in done])
+    order = np.argsort(t, kind="stable")
+    t_ms = (t[order] - t0) / 1e6
+    del t
+    vcpu = np.repeat(np.arange(len(done), dtype=np.int16), [len(d) for d in done])[order]
+    return FaultTable(t_ms, lat_ns[order] / 1e3, vcpu)
 
 
 def accesses_at(rec: RunRecord, v: VcpuRecord, t: int) -> int:
@@ -198,12 +202,25 @@ def accesses_at(rec: RunRecord, v: VcpuRecord, t: int) -> int:
     progress points, and its faults (it makes none while it waits, so the count holds from a
     fault's start to its end), interpolated in between."""
     f, p = v.faults, v.progress
-    ts = np.concatenate([f[:, 1], f[f[:, 2] >= 0, 2], p[:, 0]])
-    acc = np.concatenate([f[:, 3], f[f[:, 2] >= 0, 3], p[:, 1]])
-    if not len(ts):
+    if not len(f) and not len(p):
         return int(v.stats.accesses_dst)
-    order = np.argsort(ts, kind="stable")
-    return int(round(np.interp(t, rec.emulated_stamps(ts[order]), acc[order], left=0)))
+    resolved = f if (f[:, 2] >= 0).all() else f[f[:, 2] >= 0]
+    # each series is in time order (a vCPU's faults come one after another): the points either
+    # side of t are found by bisection, without merging the series (a copy per fault)
+    real_t = rec.real_stamp(t)
+    before, after = (-1, 0), None
+    for ts, acc in ((f[:, 1], f[:, 3]), (resolved[:, 2], resolved[:, 3]), (p[:, 0], p[:, 1])):
+        i = int(np.searchsorted(ts, real_t, side="right"))
+        if i > 0 and int(ts[i - 1]) >= before[0]:
+            before = (int(ts[i - 1]), int(acc[i - 1]))
+        if i < len(ts) and (after is None or int(ts[i]) < after[0]):
+            after = (int(ts[i]), int(acc[i]))
+    if before[0] < 0:
+        return 0
+    if after is None or after[0] == before[0]:
+        return before[1]
+    x0, x1 = rec.emulated_stamps(np.array([before[0], after[0]], np.int64)).tolist()
+    return int(round(before[1] + (after[1] - before[1]) * (t - x0) / (x1 - x0)))
 
 
 def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:

@@ -109,6 +109,10 @@ class RunRecord:
         """A real stamp as an emulated one: ``t0 + (t - t0) / N`` (N: the time dilation)."""
         return None if t is None else self.t0 + int(self.clock.emulated_ns(t - self.t0))
 
+    def real_stamp(self, t: int) -> int:
+        """The real monotonic stamp of emulated stamp ``t`` (emulated_stamps' inverse)."""
+        return int(self.t0 + (t - self.t0) * self.clock.dilation)
+
     def emulated_stamps(self, a: np.ndarray) -> np.ndarray:
         """An array of stamps, any shape; -1 (a fault never resolved) stays -1."""
         n = self.clock.dilation
