@@ -77,7 +77,6 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-POSTCOPY_MODES = ("vanilla", "preempt", "preempt-full")
 
 
 class MigrationStatus(enum.StrEnum):
@@ -203,7 +202,8 @@ def recovery(side: Side, version: QemuVersion) -> tuple[MigrationStatus, ...]:
     return (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
 
 
-def transitions(side: Side, mode: str, version: QemuVersion) -> Mapping[MigrationStatus, frozenset[MigrationStatus]]:
+def transitions(side: Side, mode: str,
+                version: QemuVersion) -> Mapping[MigrationStatus, frozenset[MigrationStatus]]:
     """Every status change QEMU makes on ``side``: the path, a recovery (which may fail back to
     ``postcopy-paused``, and start again), and ``failed`` from any status not yet terminal."""
     steps = path(side, mode, version)
@@ -263,7 +263,8 @@ class StatusHistory:
         source's first ``postcopy-active`` to its ``completed``, recoveries included."""
         return next((t for s, t in self.entries if s is status), None)
 
-    def to_json(self, t0_ns: int, ns_to_ms: Callable[[float], float] = lambda ns: ns / 1e6) -> list[dict[str, object]]:
+    def to_json(self, t0_ns: int,
+                ns_to_ms: Callable[[float], float] = lambda ns: ns / 1e6) -> list[dict[str, object]]:
         """``[{"status": "setup", "t_ms": 0.0}, ...]``, times from ``t0_ns`` (``ns_to_ms`` turns a
         real duration into emulated ms: ``Clock.emulated_ms``)."""
         return [{"status": str(s), "t_ms": round(ns_to_ms(t - t0_ns), 3)} for s, t in self.entries]

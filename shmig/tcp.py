@@ -34,23 +34,24 @@ DRS's formula changed twice (``RcvbufGrowth``). ``LINUX_DEFAULTS`` are today's (
 6.18), ``LINUX_5_DEFAULTS`` those of the hosts of QEMU's 2022 preemption letters.
 
 This module is a pure model: no processes, no clock of its own. Times are integer nanoseconds of
-emulated time passed in by the caller (integers, as the kernel's microseconds: a measure that is
-one round trip long is one round trip long), so tests drive it with a fake clock and the link (``shmig/link.py``) with its own.
+emulated time passed in by the caller (integers, as the kernel's microseconds: a measure one round
+trip long is one round trip long), so tests drive it with a fake clock and the link with its own.
 
-How the emulated link uses it (``Link.capacity``, ``Link.wake_at``, ``Link.rcvbuf``): one
-``Connection`` per data channel, kept by the channel's receiver, which is where shmig's link
-carries bytes. Once per round trip (``rtt_ns`` of the link: twice ``--latency`` plus the time one
-quantum takes, never less than ``LOOPBACK_RTT_NS``) it calls ``Connection.round_trip(now_ns,
-copied, rtt_ns, cwnd, in_flight)`` with the bytes its consumer took off the channel so far, and stores the
-returned ``SocketQueue`` in the link's shared state for that channel: ``capacity`` (what the
-sender may have queued, ``Link.capacity``), ``wake_at`` (where a blocked sender is woken,
-``Link.wake_at``) and ``window`` (what the kernel goes on receiving while the receiving thread is
-busy placing a huge page, ``Link.rcvbuf``). ``cwnd`` comes from ``cwnd_estimate()`` (the link has
-no congestion control of its own) and ``in_flight`` is ``min(cwnd * mss, bytes queued)``. The
-channel pipe and read-ahead are allocated for ``SocketQueue.most(sysctls)``, the largest the queue
-can grow to. ``--socket-buffer`` stays a fixed size that overrides all of this (``setsockopt()``
-with ``SO_SNDBUF``/``SO_RCVBUF`` locks a buffer against autotuning too: ``SOCK_SNDBUF_LOCK``,
-``SOCK_RCVBUF_LOCK``).
+How the emulated link (``shmig/link.py``) should use it: one ``Connection`` per data channel, kept
+by the channel's receiver, which is where shmig's link carries bytes. Once per round trip
+(``rtt_ns``: twice ``--latency`` plus what the sender's qdisc holds, never less than
+``LOOPBACK_RTT_NS``) it calls ``Connection.round_trip(now_ns, copied, rtt_ns, cwnd, in_flight)``
+with the bytes its consumer took off the channel so far, ``cwnd`` from ``cwnd_estimate()`` (the link
+has no congestion control of its own) and ``in_flight = min(cwnd * mss, bytes queued)``, and
+stores the returned ``SocketQueue`` in the link's shared state for that channel. ``send`` bounds
+the sender's side, ``sent - carried`` (``Link.capacity`` counts both ends there today: right while
+the destination reads slower than the link, one window too long while it keeps up), ``send_wake``
+is ``Link.wake_at`` counted the same way, and ``window`` is ``Link.rcvbuf``: what the kernel goes on
+receiving while the receiving thread is busy placing a huge page, and what a destination slower
+than the link leaves unread (its read-ahead). The pipe and read-ahead are allocated for
+``SocketQueue.most(sysctls)``, the largest the queue can grow to. ``--socket-buffer`` stays a fixed
+size that overrides all of this, as ``setsockopt()`` with ``SO_SNDBUF``/``SO_RCVBUF`` locks a
+buffer against autotuning (``SOCK_SNDBUF_LOCK``, ``SOCK_RCVBUF_LOCK``).
 """
 
 from __future__ import annotations
@@ -330,7 +331,8 @@ class SocketQueue:
     backlog is on the sending side (``send``: the send buffer, unsent plus unacknowledged, with
     what waits in the sender's qdisc) and the receive queue is empty; the receive side (up to
     ``window``) fills only while the destination reads slower than the link, or not at all (a
-    thread busy placing a huge page)."""
+    thread busy placing a huge page). The send buffer counts memory (truesize), which for the
+    GSO skbs of a bulk sender (up to 64 KiB each) is within a few percent of the payload."""
 
     send: int  # the most the sender may have queued (sk_sndbuf, or tcp_notsent_lowat's limit)
     send_wake: int  # a sender blocked for room is woken once its queue is down to this

@@ -38,7 +38,8 @@ def test_names_are_qapis_in_qapis_order():
     ("vanilla", "10.0", "setup active device postcopy-active completed",
      "setup active postcopy-active completed"),
     # 8.2 - 9.2: postcopy-active from the start of postcopy_start(), switchover included
-    ("preempt-full", "9.2", "setup active postcopy-active completed", "setup active postcopy-active completed"),
+    ("preempt-full", "9.2", "setup active postcopy-active completed",
+     "setup active postcopy-active completed"),
     # 7.1 - 8.1: the destination has no setup state (4111a732e8)
     ("preempt", "7.1", "setup active postcopy-active completed", "active postcopy-active completed"),
     ("preempt-full", "8.0", "setup active postcopy-active completed", "active postcopy-active completed"),
