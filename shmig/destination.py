@@ -68,7 +68,8 @@ class Receiver(Child):
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
         # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
         # thread of its own, as the kernel would.
-        readahead = 0 if cfg.socket_buffer <= pipe_cap else channel_room(cfg.socket_buffer) - pipe_cap
+        queue = cfg.socket_queue.capacity
+        readahead = 0 if queue <= pipe_cap else channel_room(queue) - pipe_cap
         name = self.channel.value
         self.reader = (SocketReader(fd, name, readahead=readahead, max_frame=MAX_FRAME) if readahead
                        else FrameReader(fd, name, max_frame=MAX_FRAME, direct=True))
