@@ -45,9 +45,9 @@ def build_report(rec: RunRecord) -> Report:
         # every vCPU acknowledged running again, or (it quit before it could) the resume itself
         resumed = rec.first(Mark.GUEST_RESUMED) or rec.first(Mark.GUEST_RESUME_REQUESTED)
         rep.switchover_pause_ms = _ms(em(rec.first(Mark.GUEST_STOPPED)), em(resumed))
-        # postcopy ends when the last page is placed (the EOS and the controller come after)
-        placed = [em(r.last_place_ns) for r in rec.receivers.values() if r.last_place_ns]
-        rep.postcopy_phase_ms = _ms(t_run, max(placed, default=None) or t_end)
+        # QEMU's postcopy phase ends at the source's ``completed``: after every receiver read its
+        # EOS, the destination sent SHUT and the source joined its return thread
+        rep.postcopy_phase_ms = _ms(t_run, postcopy_end(rec))
     else:
         eos = em(rec.first(Ev.EOS, Kind.LISTEN))
         rep.downtime_ms = _ms(t_stop, eos)
@@ -210,10 +210,14 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
     cfg = rec.config
     vcpus = rec.vcpus
     phase_ms = rep.postcopy_phase_ms
+    after_placed = None
     if t_run is None or phase_ms is None:
         per_vcpu = [int(v.stats.accesses_dst) for v in vcpus]
     else:
         per_vcpu = [accesses_at(rec, v, t_run + int(phase_ms * 1e6)) for v in vcpus]
+        placed = last_placed(rec)
+        if placed is not None:  # the tail: every page was there, the migration not yet completed
+            after_placed = sum(per_vcpu) - sum(accesses_at(rec, v, placed) for v in vcpus)
     acc_src = sum(v.stats.accesses_src for v in vcpus)
     acc_dst = sum(per_vcpu)
     run_src = rec.clock.emulated_ns(sum(v.stats.run_src_ns for v in vcpus)) / 1e9
@@ -244,6 +248,7 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
         "postcopy_accesses": acc_dst,
         "postcopy_bytes_accessed": acc_dst * TARGET_PAGE,
         "per_vcpu_postcopy_accesses": per_vcpu,
+        "accesses_after_last_placed": after_placed,
         "precopy_rate_per_vcpu": None if rate_src is None else round(rate_src, 1),
         "postcopy_rate_per_vcpu": None if rate_dst is None else round(rate_dst, 1),
         "precopy_run_ms_per_vcpu": round(run_src_ms, 1),
@@ -253,14 +258,28 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
         rep.guest_speed_ratio = round(rate_dst / rate_src, 4)
 
 
+def last_placed(rec: RunRecord) -> int | None:
+    """When the destination placed its last page (emulated ns)."""
+    placed = [rec.emulated(r.last_place_ns) for r in rec.receivers.values() if r.last_place_ns]
+    return max(placed, default=None)  # type: ignore[type-var]
+
+
+def postcopy_end(rec: RunRecord) -> int | None:
+    """The end of the postcopy phase (emulated ns): the source's ``completed``; a run that did not
+    get there ends where its record does (every EOS read, else the last page placed)."""
+    return (rec.emulated(rec.first(Ev.COMPLETED, Kind.SOURCE)) or rec.emulated(rec.first(Mark.COMPLETE))
+            or last_placed(rec))
+
+
 PHASES = (("setup", None, Ev.SETUP_DONE), ("precopy", Ev.SETUP_DONE, Ev.STOP_VM),
-          ("switchover", Ev.STOP_VM, Ev.RUNNING), ("postcopy", Ev.RUNNING, Mark.COMPLETE))
+          ("switchover", Ev.STOP_VM, Ev.RUNNING), ("postcopy", Ev.RUNNING, Ev.COMPLETED))
 
 
 def phase_list(rec: RunRecord) -> list[list[Any]]:
     """[name, start_ms, end_ms] of each phase that happened (precopy mode: its stop-and-copy ends
     at the destination's end of stream)."""
     at = {name: rec.emulated(rec.first(name)) for name in (Ev.SETUP_DONE, Ev.STOP_VM, Ev.RUNNING, Mark.COMPLETE)}
+    at[Ev.COMPLETED] = postcopy_end(rec)
     postcopy = at[Ev.RUNNING] is not None
     if not postcopy:  # precopy: the downtime is the stop-and-copy, until the end of stream
         at[Ev.RUNNING] = rec.emulated(rec.first(Ev.EOS, Kind.LISTEN)) or at[Mark.COMPLETE]
