@@ -341,7 +341,8 @@ class Migration:
                 self._mark(Mark.COMPLETE)
                 self.phase = "completion"
                 self.sup.proc(plan.listen).send(Ctl.SHUT)
-                self._set_guest_phase(memory.QUIT)
+        elif ev is Ev.COMPLETED:  # the source's completed: the guest runs until then, and is stopped
+            self._set_guest_phase(memory.QUIT)  # there only because the run ends (QEMU's runs on)
         elif ev is Ev.POSTCOPY_PAUSED:  # once every one of them has paused, recovery is due
             if self.phase != "postcopy-paused":
                 self.phase = "postcopy-paused"
