@@ -20,6 +20,8 @@ from .faults import Fault
 from .plan import Kind
 from .record import Mark, RunRecord, VcpuRecord
 from .report import FaultTable, Report
+from .status import (TERMINAL, V9_1, V10_0, V10_2, MigrationStatus, Side, StatusHistory, StatusOrderError,
+                     default_version)
 
 MIN_BASELINE_S = 0.2  # a guest that ran less than this on the source has no measured speed
 
@@ -61,6 +63,10 @@ def build_report(rec: RunRecord) -> Report:
     _fault_figures(rep, rec, t_end)
     rep.phases = phase_list(rec) + [["postcopy-paused", a, b] for a, b in _pause_intervals(rec)]
     _guest_progress(rep, rec, t_run)
+    try:
+        rep.status_history = status_history(rec)
+    except StatusOrderError as e:  # a bug of shmig's: the run's other results still stand
+        rep.status_history = {"error": str(e)}
     if rec.integrity is not None:
         rep.integrity = rec.integrity.to_dict()
         rep.status = "completed"
@@ -256,6 +262,56 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
     }
     if why is None and rate_src and rate_dst is not None:
         rep.guest_speed_ratio = round(rate_dst / rate_src, 4)
+
+
+def status_history(rec: RunRecord) -> dict[str, Any]:
+    """The source's statuses (QEMU's ``query-migrate`` ``status``) with their emulated times, at the
+    points of shmig's run where QEMU enters them (shmig.status's docstring, migration.c), for the
+    newest QEMU the mode stands for. shmig has no package PING: 10.2's ``postcopy-active`` is
+    stamped where its PONG would reach the source, one link latency after the destination ran.
+    ``postcopy-recover`` is entered when the recovery's first new channel is used (the receivedmap
+    reload or the new preempt channel, whichever the source reported first)."""
+    cfg = rec.config
+    version = default_version(cfg.mode)
+    h = StatusHistory(Side.SOURCE, cfg.mode, version)
+    em = rec.emulated
+    src = [e for e in rec.events if e.role is not None and e.role.kind is Kind.SOURCE]
+
+    def enter(status: MigrationStatus, t: int | None) -> None:
+        if t is not None:
+            h.enter(status, max(em(t) or 0, h.entries[-1][1] if h.entries else 0))
+
+    enter(MigrationStatus.SETUP, rec.t0)
+    enter(MigrationStatus.ACTIVE, rec.first(Ev.SETUP_DONE, Kind.SOURCE))
+    stopped = rec.first(Mark.GUEST_STOPPED) or rec.first(Ev.STOP_VM, Kind.SOURCE)
+    if stopped is not None and rec.first(Ev.STOP_VM, Kind.SOURCE) is not None:
+        if cfg.postcopy and version < V10_0:  # 7.x-9.2 entered postcopy-active before stopping the VM
+            enter(MigrationStatus.POSTCOPY_ACTIVE, rec.first(Ev.STOP_VM, Kind.SOURCE))
+        if version >= V10_0:
+            enter(MigrationStatus.DEVICE, stopped)
+        if cfg.postcopy and version >= V10_2:
+            enter(MigrationStatus.POSTCOPY_DEVICE, rec.first(Ev.POSTCOPY_START, Kind.SOURCE))
+        if cfg.postcopy and version >= V10_0:
+            ran = rec.first(Ev.RUNNING)
+            pong = None if ran is None else ran + (rec.link_latency_ns if version >= V10_2 else 0)
+            enter(MigrationStatus.POSTCOPY_ACTIVE, pong if version >= V10_2 else rec.first(Ev.POSTCOPY_START,
+                                                                                         Kind.SOURCE))
+    for e in src:
+        if e.name is Ev.POSTCOPY_PAUSED and h.current is not MigrationStatus.POSTCOPY_PAUSED:
+            enter(MigrationStatus.POSTCOPY_PAUSED, e.t)
+        elif e.name in (Ev.RECV_BITMAP, Ev.PREEMPT_CHANNEL) and h.current is MigrationStatus.POSTCOPY_PAUSED:
+            if version >= V9_1:
+                recover = [m.t for m in rec.of(Mark.RECOVER) if m.t <= e.t]
+                enter(MigrationStatus.POSTCOPY_RECOVER_SETUP, recover[-1] if recover else e.t)
+            enter(MigrationStatus.POSTCOPY_RECOVER, e.t)
+        elif e.name is Ev.POSTCOPY_RESUMED and h.current is MigrationStatus.POSTCOPY_RECOVER:
+            enter(MigrationStatus.POSTCOPY_ACTIVE, e.t)
+    done = rec.first(Ev.COMPLETED, Kind.SOURCE)
+    if done is not None and rec.error is None:
+        enter(MigrationStatus.COMPLETED, done)
+    elif rec.error is not None and h.current not in TERMINAL:
+        enter(MigrationStatus.FAILED, max((e.t for e in rec.events), default=rec.t0))
+    return {"qemu": str(version), "source": h.to_json(rec.t0)}
 
 
 def last_placed(rec: RunRecord) -> int | None:

@@ -183,6 +183,7 @@ class Migration:
         assert self.sup is not None and self.link is not None
         self.recover_at = None
         self.paused_roles.clear()
+        self._mark(Mark.RECOVER)
         self.phase = "postcopy-recover"
         self._sample()
         self.link.reset()  # every receiver is paused: nothing is on the link
