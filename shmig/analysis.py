@@ -270,7 +270,9 @@ def status_history(rec: RunRecord) -> dict[str, Any]:
     newest QEMU the mode stands for. shmig has no package PING: 10.2's ``postcopy-active`` is
     stamped where its PONG would reach the source, one link latency after the destination ran.
     ``postcopy-recover`` is entered when the recovery's first new channel is used (the receivedmap
-    reload or the new preempt channel, whichever the source reported first)."""
+    reload or the new preempt channel, whichever the source reported first). A status is never
+    stamped before the one it follows: the destination may run the guest before the source has
+    stamped the package sent, on another core."""
     cfg = rec.config
     version = default_version(cfg.mode)
     h = StatusHistory(Side.SOURCE, cfg.mode, version)

@@ -70,8 +70,7 @@ def format_summary(self: Report) -> str:
                          + (f" ({tail} after the last page was placed)" if tail is not None else "") + f", {speed}"))
     hist = self.status_history
     if hist.get("source"):
-        rows.append((f"status (QEMU {hist['qemu']})",
-                     " -> ".join(f"{h['status']} {h['t_ms']:.1f}" for h in hist["source"]) + " ms"))
+        rows.append(("status", f"QEMU {hist['qemu']}: " + " -> ".join(f"{h['status']} {h['t_ms']:.1f}" for h in hist["source"]) + " ms"))
     integ = self.integrity
     rows.append(("integrity", f"ok, {integ['pages_checked']} pages checked" if integ.get("ok")
                  else f"FAILED: {integ.get('detail')}"))

@@ -33,7 +33,8 @@ def test_each_mode_goes_through_qemus_statuses_in_order(mode):
     if mode == "preempt":  # 7.2: postcopy-active before the VM stopped, no device status
         assert "device" not in h and h["postcopy-active"] <= r.phases[-1][1]
     if mode in ("vanilla", "preempt-full"):  # 10.2: the package loads in postcopy-device
-        assert h["device"] <= h["postcopy-device"] < h["postcopy-active"] < h["completed"]
+        # (with no latency the destination may run before the source stamped the package sent)
+        assert h["device"] <= h["postcopy-device"] <= h["postcopy-active"] < h["completed"]
 
 
 @pytest.mark.timeout(60)
