@@ -20,6 +20,8 @@ from .faults import Fault
 from .plan import Kind
 from .record import Mark, RunRecord, VcpuRecord
 from .report import FaultTable, Report
+from .status import (TERMINAL, V9_1, V10_0, V10_2, MigrationStatus, Side, StatusHistory, StatusOrderError,
+                     default_version)
 
 MIN_BASELINE_S = 0.2  # a guest that ran less than this on the source has no measured speed
 
@@ -45,9 +47,9 @@ def build_report(rec: RunRecord) -> Report:
         # every vCPU acknowledged running again, or (it quit before it could) the resume itself
         resumed = rec.first(Mark.GUEST_RESUMED) or rec.first(Mark.GUEST_RESUME_REQUESTED)
         rep.switchover_pause_ms = _ms(em(rec.first(Mark.GUEST_STOPPED)), em(resumed))
-        # postcopy ends when the last page is placed (the EOS and the controller come after)
-        placed = [em(r.last_place_ns) for r in rec.receivers.values() if r.last_place_ns]
-        rep.postcopy_phase_ms = _ms(t_run, max(placed, default=None) or t_end)
+        # QEMU's postcopy phase ends at the source's ``completed``: after every receiver read its
+        # EOS, the destination sent SHUT and the source joined its return thread
+        rep.postcopy_phase_ms = _ms(t_run, postcopy_end(rec))
     else:
         eos = em(rec.first(Ev.EOS, Kind.LISTEN))
         rep.downtime_ms = _ms(t_stop, eos)
@@ -61,6 +63,10 @@ def build_report(rec: RunRecord) -> Report:
     _fault_figures(rep, rec, t_end)
     rep.phases = phase_list(rec) + [["postcopy-paused", a, b] for a, b in _pause_intervals(rec)]
     _guest_progress(rep, rec, t_run)
+    try:
+        rep.status_history = status_history(rec)
+    except StatusOrderError as e:  # a bug of shmig's: the run's other results still stand
+        rep.status_history = {"error": str(e)}
     if rec.integrity is not None:
         rep.integrity = rec.integrity.to_dict()
         rep.status = "completed"
@@ -227,10 +233,14 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
     cfg = rec.config
     vcpus = rec.vcpus
     phase_ms = rep.postcopy_phase_ms
+    after_placed = None
     if t_run is None or phase_ms is None:
         per_vcpu = [int(v.stats.accesses_dst) for v in vcpus]
     else:
         per_vcpu = [accesses_at(rec, v, t_run + int(phase_ms * 1e6)) for v in vcpus]
+        placed = last_placed(rec)
+        if placed is not None:  # the tail: every page was there, the migration not yet completed
+            after_placed = sum(per_vcpu) - sum(accesses_at(rec, v, placed) for v in vcpus)
     acc_src = sum(v.stats.accesses_src for v in vcpus)
     acc_dst = sum(per_vcpu)
     run_src = rec.clock.emulated_ns(sum(v.stats.run_src_ns for v in vcpus)) / 1e9
@@ -261,6 +271,7 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
         "postcopy_accesses": acc_dst,
         "postcopy_bytes_accessed": acc_dst * TARGET_PAGE,
         "per_vcpu_postcopy_accesses": per_vcpu,
+        "accesses_after_last_placed": after_placed,
         "precopy_rate_per_vcpu": None if rate_src is None else round(rate_src, 1),
         "postcopy_rate_per_vcpu": None if rate_dst is None else round(rate_dst, 1),
         "precopy_run_ms_per_vcpu": round(run_src_ms, 1),
@@ -270,14 +281,80 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
         rep.guest_speed_ratio = round(rate_dst / rate_src, 4)
 
 
+def status_history(rec: RunRecord) -> dict[str, Any]:
+    """The source's statuses (QEMU's ``query-migrate`` ``status``) with their emulated times, at the
+    points of shmig's run where QEMU enters them (shmig.status's docstring, migration.c), for the
+    newest QEMU the mode stands for. shmig has no package PING: 10.2's ``postcopy-active`` is
+    stamped where its PONG would reach the source, one link latency after the destination ran.
+    ``postcopy-recover`` is entered when the recovery's first new channel is used (the receivedmap
+    reload or the new preempt channel, whichever the source reported first). A status is never
+    stamped before the one it follows: the destination may run the guest before the source has
+    stamped the package sent, on another core."""
+    cfg = rec.config
+    version = default_version(cfg.mode)
+    h = StatusHistory(Side.SOURCE, cfg.mode, version)
+    em = rec.emulated
+    src = [e for e in rec.events if e.role is not None and e.role.kind is Kind.SOURCE]
+
+    def enter(status: MigrationStatus, t: int | None) -> None:
+        if t is not None:
+            h.enter(status, max(em(t) or 0, h.entries[-1][1] if h.entries else 0))
+
+    enter(MigrationStatus.SETUP, rec.t0)
+    enter(MigrationStatus.ACTIVE, rec.first(Ev.SETUP_DONE, Kind.SOURCE))
+    stopped = rec.first(Mark.GUEST_STOPPED) or rec.first(Ev.STOP_VM, Kind.SOURCE)
+    if stopped is not None and rec.first(Ev.STOP_VM, Kind.SOURCE) is not None:
+        if cfg.postcopy and version < V10_0:  # 7.x-9.2 entered postcopy-active before stopping the VM
+            enter(MigrationStatus.POSTCOPY_ACTIVE, rec.first(Ev.STOP_VM, Kind.SOURCE))
+        if version >= V10_0:
+            enter(MigrationStatus.DEVICE, stopped)
+        if cfg.postcopy and version >= V10_2:
+            enter(MigrationStatus.POSTCOPY_DEVICE, rec.first(Ev.POSTCOPY_START, Kind.SOURCE))
+        if cfg.postcopy and version >= V10_0:
+            ran = rec.first(Ev.RUNNING)
+            pong = None if ran is None else ran + (rec.link_latency_ns if version >= V10_2 else 0)
+            enter(MigrationStatus.POSTCOPY_ACTIVE, pong if version >= V10_2 else rec.first(Ev.POSTCOPY_START,
+                                                                                         Kind.SOURCE))
+    for e in src:
+        if e.name is Ev.POSTCOPY_PAUSED and h.current is not MigrationStatus.POSTCOPY_PAUSED:
+            enter(MigrationStatus.POSTCOPY_PAUSED, e.t)
+        elif e.name in (Ev.RECV_BITMAP, Ev.PREEMPT_CHANNEL) and h.current is MigrationStatus.POSTCOPY_PAUSED:
+            if version >= V9_1:
+                recover = [m.t for m in rec.of(Mark.RECOVER) if m.t <= e.t]
+                enter(MigrationStatus.POSTCOPY_RECOVER_SETUP, recover[-1] if recover else e.t)
+            enter(MigrationStatus.POSTCOPY_RECOVER, e.t)
+        elif e.name is Ev.POSTCOPY_RESUMED and h.current is MigrationStatus.POSTCOPY_RECOVER:
+            enter(MigrationStatus.POSTCOPY_ACTIVE, e.t)
+    done = rec.first(Ev.COMPLETED, Kind.SOURCE)
+    if done is not None and rec.error is None:
+        enter(MigrationStatus.COMPLETED, done)
+    elif rec.error is not None and h.current not in TERMINAL:
+        enter(MigrationStatus.FAILED, max((e.t for e in rec.events), default=rec.t0))
+    return {"qemu": str(version), "source": h.to_json(rec.t0)}
+
+
+def last_placed(rec: RunRecord) -> int | None:
+    """When the destination placed its last page (emulated ns)."""
+    placed = [rec.emulated(r.last_place_ns) for r in rec.receivers.values() if r.last_place_ns]
+    return max(placed, default=None)  # type: ignore[type-var]
+
+
+def postcopy_end(rec: RunRecord) -> int | None:
+    """The end of the postcopy phase (emulated ns): the source's ``completed``; a run that did not
+    get there ends where its record does (every EOS read, else the last page placed)."""
+    return (rec.emulated(rec.first(Ev.COMPLETED, Kind.SOURCE)) or rec.emulated(rec.first(Mark.COMPLETE))
+            or last_placed(rec))
+
+
 PHASES = (("setup", None, Ev.SETUP_DONE), ("precopy", Ev.SETUP_DONE, Ev.STOP_VM),
-          ("switchover", Ev.STOP_VM, Ev.RUNNING), ("postcopy", Ev.RUNNING, Mark.COMPLETE))
+          ("switchover", Ev.STOP_VM, Ev.RUNNING), ("postcopy", Ev.RUNNING, Ev.COMPLETED))
 
 
 def phase_list(rec: RunRecord) -> list[list[Any]]:
     """[name, start_ms, end_ms] of each phase that happened (precopy mode: its stop-and-copy ends
     at the destination's end of stream)."""
     at = {name: rec.emulated(rec.first(name)) for name in (Ev.SETUP_DONE, Ev.STOP_VM, Ev.RUNNING, Mark.COMPLETE)}
+    at[Ev.COMPLETED] = postcopy_end(rec)
     postcopy = at[Ev.RUNNING] is not None
     if not postcopy:  # precopy: the downtime is the stop-and-copy, until the end of stream
         at[Ev.RUNNING] = rec.emulated(rec.first(Ev.EOS, Kind.LISTEN)) or at[Mark.COMPLETE]

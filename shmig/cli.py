@@ -59,10 +59,16 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited;"
                    " 0 is refused: leave the option out or say 'unlimited')")
     n.add_argument("--latency", help="one-way latency with a unit, e.g. 50us or 2ms, at most 1s (default 0)")
-    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks: send plus receive"
-                   " buffer (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
-    n.add_argument("--send-buffer", help="the sender's part of that queue: a blocked sender resumes once a"
-                   " third of it has drained (default 4MiB: tcp_wmem max; at most --socket-buffer)")
+    n.add_argument("--socket-buffer", help="per channel queue before the sender blocks, fixed: send plus receive"
+                   " buffer, as SO_SNDBUF/SO_RCVBUF lock them (default: as Linux autotunes them on this link"
+                   " from the --tcp-* sysctls)")
+    n.add_argument("--send-buffer", help="with --socket-buffer, the sender's part of it: a blocked sender resumes"
+                   " once a third of it has drained (default: tcp_wmem max)")
+    n.add_argument("--tcp-wmem", help="net.ipv4.tcp_wmem, min default max (default '4KiB 16KiB 4MiB', Linux's)")
+    n.add_argument("--tcp-rmem", help="net.ipv4.tcp_rmem, min default max (default '4KiB 128KiB 32MiB',"
+                   " Linux 6.16+; 5.x-6.15 had a 6MiB max)")
+    n.add_argument("--tcp-notsent-lowat", help="net.ipv4.tcp_notsent_lowat: unsent bytes a writer may queue"
+                   " (default unlimited)")
     w = p.add_argument_group("guest")
     w.add_argument("--workload", choices=WORKLOADS, help="access pattern (default random)")
     w.add_argument("--wss", help="working-set size (default: all RAM)")
@@ -87,7 +93,7 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
-               "socket_buffer", "send_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
+               "socket_buffer", "send_buffer", "tcp_wmem", "tcp_rmem", "tcp_notsent_lowat", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
                "time_dilation", "inject_faults", "recover_after")
 
 

@@ -15,6 +15,7 @@ from . import policies
 from .clock import Clock
 from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
+from .tcp import LINUX_DEFAULTS, LOOPBACK_RTT_NS, SocketQueue, SysctlError, TcpSysctls, steady_state
 from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
@@ -34,14 +35,14 @@ _INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a str
 FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "mode": (_STR, False), "workload": (_STR, False),
     "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
-    "socket_buffer": (_INT, False), "send_buffer": (_INT, False), "max_rounds": (_INT, False), "wss": (_INT, True),
+    "socket_buffer": (_INT, True), "send_buffer": (_INT, True), "max_rounds": (_INT, False), "wss": (_INT, True),
     "precopy_rounds": (_INT, True),
     "zero_fraction": (_REAL, False), "latency": (_REAL, False), "downtime_limit": (_REAL, False),
     "deadline": (_REAL, False),
     "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
     "max_postcopy_bandwidth": (_REAL, True),
     "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
-    "recover_after": (_REAL, True),
+    "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False),
 }
 
 
@@ -91,9 +92,12 @@ FROM_STRING: dict[str, Callable[[Any], Any]] = {
     "deadline": functools.partial(parse_time, hint="s"),
     "recover_after": functools.partial(parse_time, hint="ms"),
     **{k: _parse_int for k, (kind, _) in FIELD_KINDS.items() if kind == _INT and k not in
-       ("ram", "host_page", "wss", "socket_buffer", "send_buffer")},
+       ("ram", "host_page", "wss", "socket_buffer", "send_buffer", "tcp_notsent_lowat")},
     **{k: _parse_bool for k, (kind, _) in FIELD_KINDS.items() if kind == _BOOL},
     "zero_fraction": float, "time_dilation": parse_dilation,
+    "tcp_wmem": lambda v: TcpSysctls.from_strings(wmem=v).wmem,
+    "tcp_rmem": lambda v: TcpSysctls.from_strings(rmem=v).rmem,
+    "tcp_notsent_lowat": lambda v: TcpSysctls.from_strings(notsent_lowat=v).notsent_lowat,
 }
 RATE_FIELDS = ("dirty_rate", "bandwidth", "max_bandwidth", "max_postcopy_bandwidth")
 
@@ -113,12 +117,17 @@ class Config:
     vcpus: int = 1
     bandwidth: float | None = None  # emulated link, shared by both data channels
     latency: float = 0.0  # one-way, on every channel
-    # per channel: what may be queued before the sender blocks. Linux autotunes a TCP connection's
-    # buffers up to tcp_wmem max (4MiB) + tcp_rmem max (6MiB), on loopback as on a NIC
-    socket_buffer: int = 10 * 1024**2
-    # ... of which the sender's own buffer (sk_sndbuf, tcp_wmem max): a blocked sender resumes once
-    # a third of it has drained (Linux's write-space rule is on the send buffer alone)
-    send_buffer: int = 4 * 1024**2
+    # per channel: what may be queued before the sender blocks, fixed (send plus receive buffer, as
+    # setsockopt(SO_SNDBUF/SO_RCVBUF) locks them); None = as Linux autotunes it on this link from
+    # the tcp_* sysctls below (shmig.tcp; ``socket_queue``)
+    socket_buffer: int | None = None
+    # ... of which the sender's own buffer (sk_sndbuf; None = tcp_wmem max): a blocked sender resumes
+    # once a third of it has drained (Linux's write-space rule is on the send buffer alone)
+    send_buffer: int | None = None
+    # net.ipv4 sysctls that size an autotuned queue; Linux's defaults (6.18)
+    tcp_wmem: tuple[int, int, int] = LINUX_DEFAULTS.wmem
+    tcp_rmem: tuple[int, int, int] = LINUX_DEFAULTS.rmem
+    tcp_notsent_lowat: int = LINUX_DEFAULTS.notsent_lowat
     max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
     max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
     downtime_limit: float = 0.3  # QEMU downtime-limit
@@ -153,6 +162,8 @@ class Config:
             conv = FROM_STRING.get(k)
             try:  # strings are parsed; numbers pass as they are, except that 0 means the same for rates
                 args[k] = conv(v) if conv and (isinstance(v, str) or k in RATE_FIELDS) else v
+            except SysctlError as e:
+                raise ConfigError(str(e)) from None
             except (UnitError, ValueError) as e:
                 raise ConfigError(f"--{k.replace('_', '-')}: {e}") from None
         return cls(**args)
@@ -201,6 +212,33 @@ class Config:
             raise ConfigError("time_dilation 'auto' is resolved when the migration starts")
         return Clock(float(self.time_dilation))
 
+    @property
+    def tcp_sysctls(self) -> TcpSysctls:
+        try:
+            return TcpSysctls(wmem=tuple(self.tcp_wmem), rmem=tuple(self.tcp_rmem),  # type: ignore[arg-type]
+                              notsent_lowat=self.tcp_notsent_lowat)
+        except SysctlError as e:
+            raise ConfigError(str(e)) from None
+
+    @property
+    def socket_queue(self) -> SocketQueue:
+        """What one data channel's connection holds in front of a byte written now.
+
+        ``--socket-buffer`` fixes it (the buffers locked against autotuning). Otherwise it is what
+        Linux's autotuning settles at for a bulk sender on this link (``tcp.steady_state``: the
+        send buffer from the congestion window, ``tcp_sndbuf_expand()``; the receive window from the
+        bytes read per round trip, ``tcp_rcv_space_adjust()``), the round trip being twice
+        ``--latency`` (at least loopback's). An unlimited link has no rate for the kernel to
+        measure: the queue is what the sysctls let it grow to (the destination, not the link,
+        drains it, and the sender keeps it full)."""
+        if self.socket_buffer is not None:
+            send = min(self.tcp_wmem[2] if self.send_buffer is None else self.send_buffer, self.socket_buffer)
+            return SocketQueue(send=send, send_wake=(2 * send) // 3, window=self.socket_buffer - send)
+        sysctls = self.tcp_sysctls
+        if self.bandwidth is None:
+            return SocketQueue.most(sysctls)
+        return steady_state(self.bandwidth, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), sysctls)
+
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
         return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
@@ -245,12 +283,18 @@ class Config:
         if self.latency > MAX_LATENCY:
             bad(f"--latency {fmt_time(self.latency)} is more than {fmt_time(MAX_LATENCY)}, which no link has:"
                 f" did you mean {self.latency:g}ms or {self.latency:g}us?")
-        if self.socket_buffer < 64 * 1024:
+        if self.socket_buffer is not None and self.socket_buffer < 64 * 1024:
             bad("--socket-buffer must be at least 64KiB")
-        if self.socket_buffer > MAX_SOCKET_BUFFER:
+        if self.socket_buffer is not None and self.socket_buffer > MAX_SOCKET_BUFFER:
             bad(f"--socket-buffer must be at most {fmt_size(MAX_SOCKET_BUFFER)} (real TCP queues are a few MiB)")
-        if self.send_buffer < 64 * 1024:
+        if self.send_buffer is not None and self.socket_buffer is None:
+            bad("--send-buffer is the send part of a fixed --socket-buffer: give both, or size the autotuned"
+                " send buffer with --tcp-wmem")
+        if self.send_buffer is not None and self.send_buffer < 64 * 1024:
             bad("--send-buffer must be at least 64KiB")
+        if self.socket_queue.capacity > MAX_SOCKET_BUFFER:
+            bad(f"--tcp-wmem and --tcp-rmem maxima let a queue grow past {fmt_size(MAX_SOCKET_BUFFER)}:"
+                f" lower them")
         if not self.downtime_limit > 0:
             bad("--downtime-limit must be positive")
         if self.max_rounds < 1:

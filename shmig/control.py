@@ -43,7 +43,7 @@ class Ev(str, enum.Enum):
     POSTCOPY_START = "postcopy_start"  # mig/src sent the package
     RUNNING = "running"  # mig/dst/listen loaded the package: the guest runs on the destination
     EOS = "eos"  # a receiver read the end of its channel
-    COMPLETED = "completed"  # mig/src sent its last byte
+    COMPLETED = "completed"  # mig/src got SHUT on the return path and joined its thread: QEMU's `completed`
     POSTCOPY_PAUSED = "postcopy_paused"  # info: the reason
     RECV_BITMAP = "recv_bitmap"  # mig/src reloaded its bitmap from the destination's receivedmap
     PREEMPT_CHANNEL = "preempt_channel"  # mig/src opened the new preempt channel of a recovery

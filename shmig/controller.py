@@ -113,7 +113,7 @@ class Migration:
         cfg = self.cfg
         memory.sweep_stale()
         try:
-            self.plan = plan = Plan.of(cfg.vcpus, cfg.uses_preempt_channel, channel_room(cfg.socket_buffer))
+            self.plan = plan = Plan.of(cfg.vcpus, cfg.uses_preempt_channel, channel_room(cfg.socket_queue.capacity))
             self.sup = sup = Supervisor(plan)
             self.mem = mem = GuestMemory(cfg, plan.slots)
             self.ledger = Ledger(plan, cfg.nhost, cfg.clock.real(cfg.deadline))
@@ -121,8 +121,9 @@ class Migration:
                 self.arena = Arena.for_run(cfg, plan.slots)
             fill_initial(mem.src, cfg.seed, cfg.zero_fraction)  # the guest as it booted
             self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
-            self.link = Link(mem.link, cfg.bandwidth, cfg.latency, cfg.socket_buffer,
-                             multiprocessing.get_context(START_METHOD).Lock(), cfg.clock, send_buffer=cfg.send_buffer)
+            q = cfg.socket_queue
+            self.link = Link(mem.link, cfg.bandwidth, cfg.latency, q.capacity, multiprocessing.get_context(START_METHOD).Lock(),
+                             cfg.clock, send_buffer=q.send, send_wake=q.send_wake)
             sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena)
             mem.unlink()  # from here on, nothing of this run is visible in /dev/shm
         except BaseException:
@@ -199,6 +200,7 @@ class Migration:
         assert self.sup is not None and self.link is not None
         self.recover_at = None
         self.paused_roles.clear()
+        self._mark(Mark.RECOVER)
         self.phase = "postcopy-recover"
         self._sample()
         self.link.reset()  # every receiver is paused: nothing is on the link
@@ -357,7 +359,8 @@ class Migration:
                 self._mark(Mark.COMPLETE)
                 self.phase = "completion"
                 self.sup.proc(plan.listen).send(Ctl.SHUT)
-                self._set_guest_phase(memory.QUIT)
+        elif ev is Ev.COMPLETED:  # the source's completed: the guest runs until then, and is stopped
+            self._set_guest_phase(memory.QUIT)  # there only because the run ends (QEMU's runs on)
         elif ev is Ev.POSTCOPY_PAUSED:  # once every one of them has paused, recovery is due
             if self.phase != "postcopy-paused":
                 self.phase = "postcopy-paused"

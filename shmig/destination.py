@@ -22,7 +22,7 @@ from . import memory
 from .config import TARGET_PAGE
 from .control import Ctl, Ev
 from .events import K
-from .fds import pipe_size
+from .fds import close_fds, new_eventfd, pipe_size
 from .ledger import ReceiverStats
 from .memory import populate
 from .plan import Channel
@@ -68,7 +68,8 @@ class Receiver(Child):
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
         # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
         # thread of its own, as the kernel would.
-        readahead = 0 if cfg.socket_buffer <= pipe_cap else channel_room(cfg.socket_buffer) - pipe_cap
+        queue = cfg.socket_queue.capacity
+        readahead = 0 if queue <= pipe_cap else channel_room(queue) - pipe_cap
         name = self.channel.value
         self.reader = (SocketReader(fd, name, readahead=readahead, max_frame=MAX_FRAME) if readahead
                        else FrameReader(fd, name, max_frame=MAX_FRAME, direct=True))
@@ -292,6 +293,9 @@ class Listen(Receiver):
         self.rp = FrameWriter(self.ends.channels[Channel.RETURN], "return path")
         self.requested = np.zeros(self.cfg.nhost, dtype=bool)  # mis->page_requested
         self.stopping = threading.Event()
+        # postcopy_ram_incoming_cleanup() wakes the fault thread to quit (postcopy_fault_thread_notify
+        # on its eventfd) rather than waiting for its poll to time out: the source's completed waits on it
+        self.fault_quit = new_eventfd()
         self.fault_error: BaseException | None = None
         self.rp_lock = threading.Lock()  # rp_mutex: the fault thread and the listen thread share the return path
         self.rp_paused = False  # the return path is down: requests wait for the RESUME
@@ -311,7 +315,10 @@ class Listen(Receiver):
         self.status("EOS: waiting for the controller's 'shut' (every page placed)")
         self.expect_ctrl(Ctl.SHUT)
         self.stopping.set()
+        os.eventfd_write(self.fault_quit, 1)
         fault.join(timeout=5)
+        if not fault.is_alive():
+            close_fds([self.fault_quit])
         self.rp.send(Msg.SHUT, ())
 
     def load(self) -> bool:
@@ -402,9 +409,11 @@ class Listen(Receiver):
         try:
             reader = FrameReader(self.ends.channels[Channel.FAULT], "fault", max_frame=1 << 16)
             k = self.k
+            wake = [self.ends.channels[Channel.FAULT], self.fault_quit]
             while not self.stopping.is_set():
-                f = reader.next_frame(timeout=0.05)
-                if f is None:
+                f = reader.next_frame(timeout=0)
+                if f is None:  # poll() on the userfaultfd and the quit eventfd, as QEMU's thread does
+                    select.select(wake, [], [], 1.0)
                     continue
                 vcpu, hp = expect(f, Msg.FAULT, 2, "fault")[:2]
                 if not isinstance(hp, int) or isinstance(hp, bool) or not 0 <= hp < self.cfg.nhost:

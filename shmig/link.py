@@ -62,7 +62,8 @@ STATE_WORDS = _CH0 + 3 * len(CHANNELS)
 
 class Link:
     def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float, socket_buffer: int,
-                 lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None):
+                 lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None,
+                 send_wake: int | None = None):
         state[:] = 0
         state[BUSY_SINCE] = -1
         # int64[STATE_WORDS] in shared memory; times in monotonic ns. Read and written through a
@@ -76,7 +77,8 @@ class Link:
         # the send buffer is at most the whole queue; the receive buffer's part stays full while
         # the sender waits: only the send buffer drains
         sndbuf = socket_buffer if send_buffer is None else min(send_buffer, socket_buffer)
-        self.wake_at = socket_buffer - sndbuf + int(sndbuf * WAKE_FRACTION)
+        # (send_wake: tcp_notsent_lowat may wake it earlier, tcp.SocketQueue.of)
+        self.wake_at = socket_buffer - sndbuf + (int(sndbuf * WAKE_FRACTION) if send_wake is None else send_wake)
         self.rcvbuf = socket_buffer - sndbuf
         # this receiver's last stall, per channel: (began, ended, bytes the kernel may still have taken)
         self.stalls: list[tuple[int, int, int] | None] = [None] * len(CHANNELS)

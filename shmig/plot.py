@@ -86,7 +86,8 @@ def _describe(cfg: dict[str, Any], skip: str | None = None) -> str:
     words = {
         "ram": f"{fmt_size(cfg['ram'])} RAM", "workload": f"{cfg['workload']} guest",
         "vcpus": f"{cfg['vcpus']} vCPU", "bandwidth": f"link {fmt_rate(cfg.get('bandwidth'))}",
-        "socket_buffer": f"socket buffer {fmt_size(cfg['socket_buffer'])}",
+        "socket_buffer": ("socket buffer autotuned" if cfg.get("socket_buffer") is None
+                          else f"socket buffer {fmt_size(cfg['socket_buffer'])}"),
         "precopy_rounds": f"precopy rounds {cfg.get('precopy_rounds')}",
     }
     return ", ".join(v for k, v in words.items() if k != skip)

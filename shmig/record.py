@@ -34,6 +34,7 @@ class Mark(str, enum.Enum):
     GUEST_RESUME_REQUESTED = "guest_resume_requested"  # the controller told the vCPUs to run on the destination
     GUEST_RESUMED = "guest_resumed"  # every vCPU acknowledged running again
     COMPLETE = "complete"  # every receiver read EOS, every page was in receivedmap
+    RECOVER = "recover"  # the controller started a postcopy recovery (QEMU: migrate with resume=true)
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ class PageSender:
         self.tr = tr
         self.stage = Stage.PRECOPY
         # a frame is at most a quarter of the socket buffer, so a queue always holds several
-        self.precopy_frame_pages = max(1, min(FRAME_PAGES_PRECOPY, cfg.socket_buffer // TARGET_PAGE // 4))
+        self.precopy_frame_pages = max(1, min(FRAME_PAGES_PRECOPY, cfg.socket_queue.capacity // TARGET_PAGE // 4))
         self.frame_pages = self.precopy_frame_pages
         self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)  # the migration thread's
         self.rp_buf = np.empty_like(self.buf)  # the return thread's own gather buffer

@@ -232,10 +232,12 @@ class Source(Child):
         else:
             self.stop_and_copy()
             self.complete()
-        self.event(Ev.COMPLETED)
-        self.status("completed: waiting for the destination's SHUT on the return path")
+        # QEMU's ``completed`` (migration_completion_end) comes only after the return thread has
+        # read the destination's SHUT and been joined (close_return_path_on_source)
+        self.status("completion: waiting for the destination's SHUT on the return path")
         self.return_path.join()
         self.poll_return_path()
+        self.event(Ev.COMPLETED)
 
     def precopy(self) -> str:
         """Rounds until the switch condition. Returns 'postcopy' or 'complete'."""

@@ -65,7 +65,12 @@ def format_summary(self: Report) -> str:
             ratio, why = self.guest_speed_ratio, gp.get("speed_ratio_unavailable")
             speed = (f"{ratio:.3g}x its precopy rate (1 = full speed)" if ratio is not None
                      else "speed ratio unavailable" + (f": {why}" if why else ""))
-            rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy, {speed}"))
+            tail = gp.get("accesses_after_last_placed")
+            rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
+                         + (f" ({tail} after the last page was placed)" if tail is not None else "") + f", {speed}"))
+    hist = self.status_history
+    if hist.get("source"):
+        rows.append(("status", f"QEMU {hist['qemu']}: " + " -> ".join(f"{h['status']} {h['t_ms']:.1f}" for h in hist["source"]) + " ms"))
     integ = self.integrity
     rows.append(("integrity", f"ok, {integ['pages_checked']} pages checked" if integ.get("ok")
                  else f"FAILED: {integ.get('detail')}"))
