@@ -3,13 +3,20 @@ ram.c (ram_save_target_page_legacy, save_zero_page), multifd-zero-page.c and mul
 
 from __future__ import annotations
 
+import multiprocessing
+import types
+
+import numpy as np
 import pytest
 
+from shmig import link as link_mod
 from shmig.errors import ConfigError
+from shmig.link import CHANNELS, STATE_WORDS, Link, channel_names, state_words
 from shmig.multifd import (MAX_CHANNELS, Multifd, Route, ZeroCheck, ZeroPageDetection, sync_wait,
                            writes_zero_page)
 
 Z = ZeroPageDetection
+MiB = 1 << 20
 
 
 def test_off_by_default_with_qemus_default_detection():
@@ -69,9 +76,43 @@ def test_zero_pages_are_always_written_with_postcopy_on():
 
 
 def test_sync_wait_is_the_whole_backlog_on_the_shared_link():
-    mib = 1 << 20
-    assert sync_wait([10 * mib] * 4, 100 * mib) == pytest.approx(0.4)  # four queues, one link
-    assert sync_wait([0, 0], 100 * mib) == 0.0
-    assert sync_wait([10 * mib], None) == 0.0
+    assert sync_wait([10 * MiB] * 4, 100 * MiB) == pytest.approx(0.4)  # four queues, one link
+    assert sync_wait([0, 0], 100 * MiB) == 0.0
+    assert sync_wait([10 * MiB], None) == 0.0
     with pytest.raises(ValueError):
         sync_wait([-1], 1.0)
+
+
+# -- the link grows a socket queue per multifd channel ---------------------------------------------
+
+def test_channel_names_follow_qemus_threads():
+    assert channel_names(2) == ("precopy", "postcopy", "multifd0", "multifd1")
+    assert channel_names() == CHANNELS and state_words() == STATE_WORDS
+
+
+def test_link_sized_for_multifd_shares_one_clock_across_every_queue(monkeypatch):
+    """Four multifd channels of 1 MiB each on a 100 MiB/s link: each has its own queue, and the
+    link carries all four in 40 ms (one link), not 10 ms (four links)."""
+    now = [10**12]
+
+    def sleep(s: float) -> None:
+        now[0] += int(s * 1e9) + 1
+
+    monkeypatch.setattr(link_mod, "time", types.SimpleNamespace(monotonic_ns=lambda: now[0]))
+    m = Multifd.of(4)
+    link = Link(np.zeros(state_words(2 + m.channels), np.int64), 100 * MiB, 0.0, 16 * MiB,
+                multiprocessing.get_context("fork").Lock())
+    try:
+        assert link.channels == 6
+        t0 = now[0]
+        for ch in m.link_indices():
+            link.sent(ch, MiB)
+        assert [link.queued(ch) for ch in range(6)] == [0, 0, MiB, MiB, MiB, MiB]
+        done = max(link.carry(ch, MiB, t0, sleep) for ch in m.link_indices())
+        assert (done - t0) / 1e9 == pytest.approx(sync_wait([MiB] * 4, 100 * MiB), rel=0.01)
+        assert all(link.queued(ch) == 0 for ch in range(6))
+        link.sent(5, MiB)
+        link.drop_queues()  # a broken connection loses every queue, multifd's too
+        assert link.queued(5) == 0
+    finally:
+        link.close()
