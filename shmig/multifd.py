@@ -6,7 +6,7 @@ Since 10.1 (e274188612 "migration: enable multifd and postcopy together") the ``
 functions so that the source, the destination and the report read them from one place:
 
 - A page goes over multifd only while the migration is not in postcopy; in postcopy it goes on the
-  page search status's channel, main or preempt (``ram_save_target_page_legacy`` in ram.c:
+  page search status's channel, main or preempt (``ram_save_target_page`` in ram.c:
   ``if (migrate_multifd() && !migration_in_postcopy()) return ram_save_multifd_page(...)``).
 - Zero pages: with ``zero-page-detection=legacy``, or with multifd off, the migration thread tests
   the page (``save_zero_page``) and sends a zero-page flag; with ``multifd`` the multifd send
@@ -95,7 +95,7 @@ class Multifd:
         return range(FIRST_LINK_INDEX, FIRST_LINK_INDEX + self.channels)
 
     def route(self, in_postcopy: bool) -> Route:
-        """The channel a page takes (ram_save_target_page_legacy)."""
+        """The channel a page takes (ram_save_target_page)."""
         return Route.MULTIFD if self.enabled and not in_postcopy else Route.PSS
 
     def zero_check(self, in_postcopy: bool) -> ZeroCheck:

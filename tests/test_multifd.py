@@ -1,5 +1,5 @@
 """shmig.multifd: QEMU 10.1's rules for multifd with postcopy, as a table the tests read against
-ram.c (ram_save_target_page_legacy, save_zero_page), multifd-zero-page.c and multifd.c."""
+ram.c (ram_save_target_page, save_zero_page), multifd-zero-page.c and multifd.c."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_pages_go_over_multifd_only_in_precopy(channels, postcopy):
     assert Multifd.of(channels).route(postcopy) is want
 
 
-# ram_save_target_page_legacy: (channels, detection, in postcopy) -> who finds a zero page
+# ram_save_target_page: (channels, detection, in postcopy) -> who finds a zero page
 ZERO_TABLE = [
     (0, "multifd", False, ZeroCheck.MIGRATION_THREAD),  # multifd off: save_zero_page, whatever the setting
     (0, "multifd", True, ZeroCheck.MIGRATION_THREAD),
