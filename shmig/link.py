@@ -79,7 +79,7 @@ class Link:
         state[:] = 0
         self.channels = (len(state) - _CH0) // 3  # as many socket queues as the state was sized for
         state[BUSY_SINCE] = -1
-        # int64[STATE_WORDS] in shared memory; times in monotonic ns. Read and written through a
+        # int64[state_words(channels)] in shared memory; times in monotonic ns. Read and written through a
         # memoryview: a Python int per access costs a third of a numpy scalar's, on every frame
         self.state = memoryview(state).cast("B").cast("q")
         real_bw = clock.rate(bandwidth)
