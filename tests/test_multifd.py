@@ -116,3 +116,32 @@ def test_link_sized_for_multifd_shares_one_clock_across_every_queue(monkeypatch)
         assert link.queued(5) == 0
     finally:
         link.close()
+
+
+# -- zero-page-detection on today's channels (multifd off) ------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("detection", ["legacy", "none"])
+def test_zero_page_detection_none_sends_zero_pages_whole(detection):
+    """save_zero_page returns at once with zero-page-detection=none: a zero page is a normal page
+    (its 4 KiB on the wire), and the destination still ends with the guest's RAM."""
+    import shmig
+    from helpers import assert_ok
+
+    c = shmig.Config(mode="preempt-full", ram=16 * MiB, precopy_rounds=0, zero_fraction=0.5, workload="idle",
+                     zero_page_detection=detection, deadline=60)
+    r = shmig.run(c)
+    assert_ok(r)
+    assert r.config["zero_page_detection"] == detection
+    if detection == "none":
+        assert r.ram["zero_pages"] == 0, r.ram
+        assert r.ram["normal_pages"] >= c.npages, r.ram
+    else:
+        assert r.ram["zero_pages"] > c.npages // 4, r.ram  # about half the pages are zero
+
+
+def test_unknown_zero_page_detection_is_a_config_error():
+    import shmig
+
+    with pytest.raises(ConfigError, match="--zero-page-detection must be one of none, legacy, multifd"):
+        shmig.Config(ram=16 * MiB, zero_page_detection="zlib").validate()
