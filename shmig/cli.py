@@ -91,8 +91,8 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
-               "socket_buffer", "send_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "zero_page_detection", "deadline",
-               "time_dilation", "inject_faults", "recover_after")
+               "socket_buffer", "send_buffer", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
+               "zero_page_detection", "time_dilation", "inject_faults", "recover_after")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
