@@ -55,6 +55,10 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
                    " no limit, as in QEMU (default)")
     g.add_argument("--max-postcopy-bandwidth", help="QEMU max-postcopy-bandwidth, e.g. 100MiB/s; 0 or"
                    " 'unlimited' = no limit, as in QEMU (default)")
+    g.add_argument("--zero-page-detection", choices=("multifd", "legacy", "none"),
+                   help="QEMU zero-page-detection: who finds all-zero pages so that they go as a flag;"
+                   " without multifd channels multifd and legacy both mean the migration thread,"
+                   " none sends them whole (default multifd)")
     n = p.add_argument_group("emulated link")
     n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited;"
                    " 0 is refused: leave the option out or say 'unlimited')")
@@ -93,8 +97,9 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
 
 CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "downtime_limit", "break_huge",
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
-               "socket_buffer", "send_buffer", "tcp_wmem", "tcp_rmem", "tcp_notsent_lowat", "workload", "wss", "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline",
-               "time_dilation", "inject_faults", "recover_after")
+               "socket_buffer", "send_buffer", "tcp_wmem", "tcp_rmem", "tcp_notsent_lowat", "workload", "wss",
+               "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline", "zero_page_detection", "time_dilation",
+               "inject_faults", "recover_after")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from . import policies
 from .clock import Clock
 from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
+from .multifd import Multifd
 from .tcp import LINUX_DEFAULTS, LOOPBACK_RTT_NS, SocketQueue, SysctlError, TcpSysctls, steady_state
 from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
@@ -33,7 +34,7 @@ MAX_SEED = 2**64 - 1  # the page-content hash and the access streams take 64-bit
 # Config(ram="64MiB") is one clear line, not a TypeError deep inside validate())
 _INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a string"
 FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
-    "mode": (_STR, False), "workload": (_STR, False),
+    "mode": (_STR, False), "workload": (_STR, False), "zero_page_detection": (_STR, False),
     "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
     "socket_buffer": (_INT, True), "send_buffer": (_INT, True), "max_rounds": (_INT, False), "wss": (_INT, True),
     "precopy_rounds": (_INT, True),
@@ -111,6 +112,7 @@ class Config:
     host_page: int = TARGET_PAGE
     seed: int = 1
     zero_fraction: float = 0.1
+    zero_page_detection: str = "multifd"  # QEMU 9.0+ zero-page-detection: multifd, legacy or none
     workload: str = "random"
     wss: int | None = None  # working-set size; None = all RAM
     dirty_rate: float | None = None  # bytes/s written by the whole guest; None = as fast as it can
@@ -201,6 +203,11 @@ class Config:
         return self.mode != "precopy"
 
     @property
+    def multifd(self) -> Multifd:
+        """The multifd settings (no multifd channels yet: the capability is off)."""
+        return Multifd.of(0, self.zero_page_detection)
+
+    @property
     def uses_preempt_channel(self) -> bool:
         cls = policies.POLICIES.get(self.mode)
         return cls is not None and bool(cls.preempt_channel)
@@ -274,6 +281,7 @@ class Config:
             bad(f"--seed must be between 0 and 2^64-1, got {self.seed}")
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
+        Multifd.of(0, self.zero_page_detection)  # an unknown --zero-page-detection is one line
         for name in ("bandwidth", "max_bandwidth", "max_postcopy_bandwidth", "dirty_rate"):
             v = getattr(self, name)
             if v is not None and not v > 0:  # also catches NaN

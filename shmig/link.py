@@ -1,4 +1,5 @@
-"""The emulated network link both data channels share, and the socket queue in front of it.
+"""The emulated network link the data channels share (main, preempt, and multifd's), and the
+socket queue in front of each.
 
 Pacing is done by the receivers, on purpose: a frame stays queued in its channel (pipe plus
 read-ahead buffer, together ``socket_buffer`` bytes) until the link has carried it, so a requested
@@ -51,13 +52,25 @@ QUANTUM = 64 * 1024
 BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
 WAKE_FRACTION = 2 / 3  # a blocked sender resumes once its send buffer is at most this full
 RECHECK = 0.05  # a wake-up is never lost, but a blocked sender re-checks this often anyway
-CHANNELS = ("precopy", "postcopy")
+CHANNELS = ("precopy", "postcopy")  # channels 0 and 1; multifd's follow (shmig.multifd.FIRST_LINK_INDEX)
 
 # layout of the shared int64 state
 FREE_AT, BUSY_SINCE, BUSY_NS, CARRIED_ALL, QUEUED_ALL, FIRST_AT = range(6)
 _CH0 = 8  # then per channel: sent, carried, a sender waiting for space
 SENT, CARRIED, WAITING = range(3)
-STATE_WORDS = _CH0 + 3 * len(CHANNELS)
+
+
+def state_words(channels: int = len(CHANNELS)) -> int:
+    """The int64 words of the shared state of a link with ``channels`` socket queues."""
+    return _CH0 + 3 * channels
+
+
+def channel_names(multifd_channels: int = 0) -> tuple[str, ...]:
+    """The link's channels by number: main, preempt, then ``multifdN`` (QEMU's thread names)."""
+    return CHANNELS + tuple(f"multifd{i}" for i in range(multifd_channels))
+
+
+STATE_WORDS = state_words()
 
 
 class Link:
@@ -65,8 +78,9 @@ class Link:
                  lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None,
                  send_wake: int | None = None):
         state[:] = 0
+        self.channels = (len(state) - _CH0) // 3  # as many socket queues as the state was sized for
         state[BUSY_SINCE] = -1
-        # int64[STATE_WORDS] in shared memory; times in monotonic ns. Read and written through a
+        # int64[state_words(channels)] in shared memory; times in monotonic ns. Read and written through a
         # memoryview: a Python int per access costs a third of a numpy scalar's, on every frame
         self.state = memoryview(state).cast("B").cast("q")
         real_bw = clock.rate(bandwidth)
@@ -81,16 +95,16 @@ class Link:
         self.wake_at = socket_buffer - sndbuf + (int(sndbuf * WAKE_FRACTION) if send_wake is None else send_wake)
         self.rcvbuf = socket_buffer - sndbuf
         # this receiver's last stall, per channel: (began, ended, bytes the kernel may still have taken)
-        self.stalls: list[tuple[int, int, int] | None] = [None] * len(CHANNELS)
-        self.window_closed = [False] * len(CHANNELS)  # the stall outlasted the receive buffer
+        self.stalls: list[tuple[int, int, int] | None] = [None] * self.channels
+        self.window_closed = [False] * self.channels  # the stall outlasted the receive buffer
         self.lock = lock
         self.clock = clock
         quantum_ns = 0 if self.ns_per_byte is None else 2 * QUANTUM * self.ns_per_byte
         self.slack_ns = self.latency_ns + int(max(BURST_S * 1e9, quantum_ns))
         # per channel: the receiver's "write space" wake-up of a blocked sender, and the wake-up
         # incoming data (the return path's messages, on the main channel) gives it
-        self.space_fds = [new_eventfd() for _ in CHANNELS]
-        self.data_fds = [new_eventfd() for _ in CHANNELS]
+        self.space_fds = [new_eventfd() for _ in range(self.channels)]
+        self.data_fds = [new_eventfd() for _ in range(self.channels)]
 
     def close(self) -> None:
         close_fds(self.space_fds + self.data_fds)
@@ -234,7 +248,7 @@ class Link:
         """The channels broke: what they had queued is lost. A sender blocked waiting for room (which
         the paused receivers would never make) wakes, and finds its channel gone."""
         with self.lock:
-            for ch in range(len(CHANNELS)):
+            for ch in range(self.channels):
                 self._queue_change(-self.queued(ch))
                 self.state[self._w(ch, SENT)] = self.state[self._w(ch, CARRIED)]
                 os.eventfd_write(self.space_fds[ch], 1)
@@ -244,7 +258,7 @@ class Link:
         self.drop_queues()
         with self.lock:
             self._queue_change(-int(self.state[QUEUED_ALL]))  # bytes the old receivers carried late
-            for ch in range(len(CHANNELS)):
+            for ch in range(self.channels):
                 self.state[self._w(ch, WAITING)] = 0
             self.state[FREE_AT] = 0
 

@@ -28,6 +28,7 @@ from .config import TARGET_PAGE, Config
 from .events import K, Recorder
 from .ledger import SourceStats
 from .link import Link
+from .multifd import ZeroCheck
 from .plan import Channel
 from .policies import Policy
 from .ramstate import PageSearchStatus, RamState
@@ -74,6 +75,9 @@ class PageSender:
         self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)  # the migration thread's
         self.rp_buf = np.empty_like(self.buf)  # the return thread's own gather buffer
         self.rp_lock = threading.Lock()  # a thread that sends urgently sends one frame at a time
+        # save_zero_page runs in the migration thread unless zero-page-detection is none (multifd
+        # is off: it does not matter whether the migration is in postcopy)
+        self.find_zero = cfg.multifd.zero_check(in_postcopy=False) is not ZeroCheck.NOBODY
 
     def enter_postcopy(self) -> None:
         """Smaller frames once faults wait: the granularity at which 7.1 checks for requests."""
@@ -95,7 +99,11 @@ class PageSender:
             pages = (self.buf if buf is None else buf)[:n]
             np.take(self.src_pages, tps, axis=0, out=pages)
         words = pages.view(np.uint64)
-        if n == 1:  # an urgent 4 KiB page: scalars only (buffer_is_zero fails on word 0 mostly)
+        if not self.find_zero:  # zero-page-detection=none: every page goes whole
+            nzero = 0
+            fields = (ONE_PAGE.pack(first) if n == 1 else tps.astype(np.uint32).tobytes(), None, urgent)
+            payload = [pages]
+        elif n == 1:  # an urgent 4 KiB page: scalars only (buffer_is_zero fails on word 0 mostly)
             nzero = int(words[0, 0] == 0 and not words[0].any())
             fields = (ONE_PAGE.pack(first), b"\x01" if nzero else None, urgent)
             payload = [] if nzero else [pages]
