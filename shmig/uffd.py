@@ -48,6 +48,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from . import memfd
 from .config import ConfigError
 
 # -- include/uapi/linux/userfaultfd.h -----------------------------------------------------------
@@ -201,7 +202,9 @@ class Support:
         return self.features & (UFFD_FEATURE_THREAD_ID | UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MISSING_HUGETLBFS)
 
 
-_support: Support | None = None  # per process: UFFDIO_API may be called once per fd, so probe on a spare one
+# per effective uid (a forked child may drop privileges): UFFDIO_API may be called once per fd, so
+# the features are asked on a spare one, as QEMU's receive_ufd_features does
+_support: dict[int, Support] = {}
 
 
 def _cap_sys_ptrace() -> bool:
@@ -240,9 +243,9 @@ def probe(user_mode_only: bool | None = None) -> Support:
     """Can this process use userfaultfd, and with which features? ``UffdUnavailable`` (one line)
     if not. Cached per process after the first success. ``user_mode_only``: None tries a full
     uffd first and falls back to UFFD_USER_MODE_ONLY; True/False forces one (tests)."""
-    global _support
-    if _support is not None and user_mode_only in (None, _support.user_mode_only):
-        return _support
+    known = _support.get(os.geteuid())
+    if known is not None and user_mode_only in (None, known.user_mode_only):
+        return known
     tries = [False, True] if user_mode_only is None else [user_mode_only]
     fd, err, umo = -1, errno.ENOSYS, False
     for umo in tries:
@@ -272,8 +275,21 @@ def probe(user_mode_only: bool | None = None) -> Support:
     if not api.features & UFFD_FEATURE_MISSING_SHMEM:
         raise UffdUnavailable(f"--fault-backend uffd: this kernel ({kernel}) cannot serve faults on shared memory "
                               "(no UFFD_FEATURE_MISSING_SHMEM: Linux 4.11+ needed)")
-    _support = Support(int(api.features), umo, kernel)
-    return _support
+    sup = _support[os.geteuid()] = Support(int(api.features), umo, kernel)
+    return sup
+
+
+def check_backend(ram: int, host_page: int, hugetlb: bool) -> Support:
+    """Everything ``--fault-backend uffd`` (and ``--hugetlb``) needs, checked before anything is
+    allocated: one line (UffdUnavailable / ConfigError) saying what to change, else the support.
+    The destination's RAM is what hugetlb backs: ``ram // host_page`` huge pages."""
+    sup = probe()
+    if hugetlb:
+        if not sup.features & UFFD_FEATURE_MISSING_HUGETLBFS:
+            raise UffdUnavailable(f"--hugetlb: this kernel ({sup.kernel}) cannot serve userfaults on hugetlb memory"
+                                  " (no UFFD_FEATURE_MISSING_HUGETLBFS); leave --hugetlb out")
+        memfd.check_hugetlb(host_page, ram // host_page)
+    return sup
 
 
 def buffer_address(buf: object) -> int:
