@@ -147,7 +147,7 @@ class MemfdRam:
         """``length`` bytes of the file at ``offset`` by pread: holes read as zeros and stay holes
         (no page is allocated, no vCPU's fault is pre-empted). For the integrity check."""
         buf = np.empty(length, np.uint8) if out is None else out.reshape(-1).view(np.uint8)[:length]
-        mv = memoryview(buf)
+        mv = buf.data
         done = 0
         while done < length:
             n = os.preadv(self.fd, [mv[done:]], offset + done)

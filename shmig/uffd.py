@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import platform
 import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -310,7 +311,7 @@ class Uffd:
         self.base = base  # the registered range, in the registering process's mm
         self.length = length
         self.page_size = page_size  # of the mapping: what EEXIST skips, what an event is aligned to
-        self._zeropage = True  # UFFDIO_ZEROPAGE until the range refuses it (hugetlb)
+        self._zeropage = page_size == mmap.PAGESIZE  # hugetlb ranges have no UFFDIO_ZEROPAGE
         self._zeros: np.ndarray | None = None
 
     # -- opening ----------------------------------------------------------------------------------
@@ -387,27 +388,13 @@ class Uffd:
         never wakes, so with ``wake`` the range is woken here once the rest is placed. EAGAIN
         (a partial copy, or the mm changing under it: mmap_changing) is retried from where it
         stopped. ESRCH: the registering process has exited."""
-        done = placed = 0
-        existed = False
-        while done < length:
-            c = _Copy(dst=dst + done, src=src + done, len=length - done,
-                      mode=0 if wake else UFFDIO_COPY_MODE_DONTWAKE)
-            e = _ioctl(self.fd, UFFDIO_COPY, c)
-            n = int(c.copy)
-            if n > 0:  # the kernel woke [dst + done, + n) already unless DONTWAKE
-                done += n
-                placed += n
-            if not e:
-                continue
-            if e == errno.EEXIST:
-                existed = True
-                done += self.page_size
-            elif e != errno.EAGAIN:
-                raise UffdError(e, f"UFFDIO_COPY of {length - done} bytes to {dst + done:#x} failed: {_errno_name(e)}"
-                                + (" (the vCPU process that registered it has exited)" if e == errno.ESRCH else ""))
-        if existed and wake:
-            self.wake(dst, length)
-        return placed
+        mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
+
+        def one(done: int) -> tuple[int, int]:
+            c = _Copy(dst=dst + done, src=src + done, len=length - done, mode=mode)
+            return _ioctl(self.fd, UFFDIO_COPY, c), int(c.copy)
+
+        return self._fill("UFFDIO_COPY", one, dst, length, wake)
 
     def zeropage(self, dst: int, length: int, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE (QEMU's postcopy_place_page_zero): the bytes this call placed. Where the
@@ -417,13 +404,22 @@ class Uffd:
             if self._zeros is None or self._zeros.nbytes < length:
                 self._zeros = np.zeros(length, np.uint8)
             return self.copy(dst, buffer_address(self._zeros), length, wake)
+        mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
+
+        def one(done: int) -> tuple[int, int]:
+            z = _Zeropage(range=_Range(dst + done, length - done), mode=mode)
+            return _ioctl(self.fd, UFFDIO_ZEROPAGE, z), int(z.zeropage)
+
+        return self._fill("UFFDIO_ZEROPAGE", one, dst, length, wake)
+
+    def _fill(self, what: str, one: Callable[[int], tuple[int, int]], dst: int, length: int, wake: bool) -> int:
+        """Run ``one(done)`` (an ioctl for [dst + done, dst + length): (errno, bytes or -errno))
+        until the range is whole: EAGAIN resumes after what was placed, EEXIST skips a page."""
         done = placed = 0
         existed = False
         while done < length:
-            z = _Zeropage(range=_Range(dst + done, length - done), mode=0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-            e = _ioctl(self.fd, UFFDIO_ZEROPAGE, z)
-            n = int(z.zeropage)
-            if n > 0:
+            e, n = one(done)
+            if n > 0:  # the kernel woke [dst + done, + n) already unless DONTWAKE
                 done += n
                 placed += n
             if not e:
@@ -431,11 +427,9 @@ class Uffd:
             if e == errno.EEXIST:
                 existed = True
                 done += self.page_size
-            elif e == errno.EINVAL and done == 0 and placed == 0:
-                self._zeropage = False  # e.g. hugetlb registered by another process
-                return self.zeropage(dst, length, wake)
             elif e != errno.EAGAIN:
-                raise UffdError(e, f"UFFDIO_ZEROPAGE of {length - done} bytes at {dst + done:#x} failed: {_errno_name(e)}")
+                raise UffdError(e, f"{what} of {length - done} bytes to {dst + done:#x} failed: {_errno_name(e)}"
+                                + (" (the vCPU process that registered it has exited)" if e == errno.ESRCH else ""))
         if existed and wake:
             self.wake(dst, length)
         return placed

@@ -77,6 +77,8 @@ def _vcpu(ram: MemfdRam, sock: socket.socket, conn: Connection, keep: bool, uid:
 class Vcpu:
     """The test's handle on one vCPU child: its uffd (as the destination holds it) and its pipe."""
 
+    uffd: Uffd  # unless hold=False: then ``sock`` is where the uffd comes, for someone else to take
+
     def __init__(self, ram: MemfdRam, keep: bool = True, uid: int | None = None, hold: bool = True):
         a, b = socket.socketpair()
         self.conn, child_conn = ctx.Pipe()
@@ -89,7 +91,7 @@ class Vcpu:
         self.sock = a
         if hold:
             a.settimeout(DEADLINE)
-            self.uffd: Uffd | None = uffd.recv_uffd(a)
+            self.uffd = uffd.recv_uffd(a)
             a.close()
 
     def send(self, *cmd: Any) -> None:
@@ -112,7 +114,7 @@ class Vcpu:
 
     def end(self) -> None:
         if self.proc.is_alive():
-            os.kill(self.proc.pid, signal.SIGKILL)  # it may be blocked in a fault: nothing else ends it
+            self.proc.kill()  # it may be blocked in a fault: nothing else ends it
         self.proc.join(DEADLINE)
         if getattr(self, "uffd", None):
             self.uffd.close()
@@ -219,6 +221,22 @@ def test_the_destination_must_read_by_pread_not_through_its_own_mapping(ram: Mem
     v.send("read", 9 * PAGE, 8)
     assert v.expect("a page the destination touched") == ("read", bytes(8))
     assert not v.uffd.read()  # no fault was ever raised for it
+
+
+@pytest.mark.timeout(30)
+def test_a_copy_over_a_page_already_there_places_the_rest(ram: MemfdRam) -> None:
+    """The kernel stops a multi-page UFFDIO_COPY at a present page (a partial copy, EAGAIN, then
+    EEXIST): copy() goes on past it and leaves the present page alone."""
+    with Uffd.open() as u:
+        u.register(ram.base, ram.size)
+        first = pattern(PAGE // 8, 1)
+        assert u.copy(u.base + 2 * PAGE, uffd.buffer_address(first), PAGE) == PAGE
+        rest = pattern(16 * PAGE // 8, 2)
+        assert u.copy(u.base, uffd.buffer_address(rest), 16 * PAGE) == 15 * PAGE
+        got = ram.read_pages(0, 16 * PAGE).view(np.uint64).reshape(16, -1)
+        assert (got[2] == 1).all() and (np.delete(got, 2, axis=0) == 2).all()
+        assert u.zeropage(u.base, 17 * PAGE) == PAGE  # only page 16 was missing
+        assert ram.resident_pages() == 17
 
 
 # -- two vCPUs ----------------------------------------------------------------------------------------
@@ -396,7 +414,7 @@ def test_a_placer_killed_with_sigkill(keep: bool, ram: MemfdRam, vcpus: list[Vcp
         while v.wchan() != "handle_userfault":
             assert time.monotonic() < t_end, f"vCPU pid {v.proc.pid} never blocked in a userfault"
             time.sleep(0.01)
-        os.kill(p.pid, signal.SIGKILL)
+        p.kill()
         p.join(DEADLINE)
         assert p.exitcode == -signal.SIGKILL
         if keep:
@@ -408,7 +426,7 @@ def test_a_placer_killed_with_sigkill(keep: bool, ram: MemfdRam, vcpus: list[Vcp
         for fd in (done_r, done_w, go_r, go_w):
             os.close(fd)
         if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
+            p.kill()
         p.join(DEADLINE)
     v.end()
     assert v.proc.exitcode is not None

@@ -62,7 +62,7 @@ def fault_rtt_us(n: int, cpus: tuple[int, int], warmup: int = 100) -> dict[str, 
         u.register(ram.base, ram.size)
         uffd.send_uffd(b, u)  # and keeps its own reference
         b.recv(1)
-        mv = memoryview(ram.array)
+        mv = ram.array.data
         t = np.empty(total, np.int64)
         clock = time.perf_counter_ns
         for i in range(total):
@@ -233,7 +233,7 @@ def guest_rates(ram_bytes: int, seconds: float, workload: str) -> dict[str, floa
         os.close(r)
         os.close(w)
         os.close(efd)
-        del v
+        v.__dict__.clear()  # its views of shared memory go before the segments close
         mem.close()
     return out
 
