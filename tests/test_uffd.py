@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from shmig import memfd, uffd
+from shmig import pattern as pattern_mod
 from shmig.config import ConfigError
 from shmig.memfd import MemfdRam
 from shmig.uffd import PageFault, Uffd, UffdGroup, UffdUnavailable
@@ -239,6 +240,25 @@ def test_a_copy_over_a_page_already_there_places_the_rest(ram: MemfdRam) -> None
         assert ram.resident_pages() == 17
 
 
+@pytest.mark.timeout(30)
+def test_the_integrity_check_reads_a_memfd_by_pread(ram: MemfdRam) -> None:
+    """pattern.check on a MemfdRam: a page never placed is reported (all zero), and stays a hole."""
+    zero_fraction = 0.25
+    n = ram.size // PAGE
+    stamps = np.zeros((1, n), np.uint64)
+    expected = pattern_mod.initial_pages(3, zero_fraction, np.arange(n))
+    with Uffd.open() as u:
+        u.register(ram.base, ram.size)
+        for p in range(n):
+            if p != 5:
+                u.copy(u.base + p * PAGE, uffd.buffer_address(expected[p]), PAGE)
+        res = pattern_mod.check(ram, 3, zero_fraction, stamps, False, chunk_pages=16)
+        assert (res.ok, res.bad_pages, res.first_bad_page) == (False, 1, 5) and "never placed" in str(res.detail)
+        assert ram.resident_pages() == n - 1
+        u.copy(u.base + 5 * PAGE, uffd.buffer_address(expected[5]), PAGE)
+    assert pattern_mod.check(ram, 3, zero_fraction, stamps, False, chunk_pages=16).ok
+
+
 # -- two vCPUs ----------------------------------------------------------------------------------------
 @pytest.mark.timeout(30)
 def test_two_vcpus_on_one_page_copy_through_one_wake_the_other(ram: MemfdRam, vcpus: list[Vcpu]) -> None:
@@ -430,6 +450,27 @@ def test_a_placer_killed_with_sigkill(keep: bool, ram: MemfdRam, vcpus: list[Vcp
         p.join(DEADLINE)
     v.end()
     assert v.proc.exitcode is not None
+
+
+@pytest.mark.timeout(30)
+def test_a_vcpu_killed_mid_fault(ram: MemfdRam, vcpus: list[Vcpu]) -> None:
+    """SIGKILL of a vCPU blocked in a fault: placing through its uffd is one clear error (ESRCH),
+    and the other vCPUs' uffds still place the page for them."""
+    a, b = Vcpu(ram), Vcpu(ram)
+    vcpus += [a, b]
+    a.send("read", 8 * PAGE, 8)
+    b.send("read", 8 * PAGE, 8)
+    seen: list[tuple[int, PageFault]] = []
+    while len(seen) < 2:
+        seen += next_fault(a.uffd, b.uffd)
+    a.proc.kill()
+    a.proc.join(DEADLINE)
+    src = pattern(PAGE // 8, 88)
+    with pytest.raises(uffd.UffdError, match="has exited") as e:
+        a.uffd.copy(a.uffd.base + 8 * PAGE, uffd.buffer_address(src), PAGE)
+    assert "\n" not in str(e.value)
+    assert UffdGroup([a.uffd, b.uffd]).place(8 * PAGE, uffd.buffer_address(src), PAGE, waiters=[1]) == PAGE
+    assert b.expect("the page, with vCPU 0 dead") == ("read", src[:1].tobytes())
 
 
 # -- who may -------------------------------------------------------------------------------------------
