@@ -229,8 +229,8 @@ def _sysctl(name: str) -> str:
 
 def not_permitted_message(uid: int, cap_ptrace: bool, unprivileged: str, seccomp: bool) -> str:
     """The one line for EPERM/EACCES, naming what is missing of the three that would permit it."""
-    if uid == 0 or cap_ptrace:
-        who = "root" if uid == 0 else "CAP_SYS_PTRACE"
+    if uid == 0 or cap_ptrace or unprivileged == "1":
+        who = "root" if uid == 0 else "CAP_SYS_PTRACE" if cap_ptrace else "vm.unprivileged_userfaultfd=1"
         return (f"--fault-backend uffd: userfaultfd is refused even with {who}"
                 + (" (a seccomp filter is active: a container's profile blocks the userfaultfd syscall;"
                    " allow it, or give this user read-write access to /dev/userfaultfd)" if seccomp else
@@ -242,20 +242,23 @@ def not_permitted_message(uid: int, cap_ptrace: bool, unprivileged: str, seccomp
 
 def probe(user_mode_only: bool | None = None) -> Support:
     """Can this process use userfaultfd, and with which features? ``UffdUnavailable`` (one line)
-    if not. Cached per process after the first success. ``user_mode_only``: None tries a full
+    if not. Cached per process (and effective uid) after the first success. ``user_mode_only``: None tries a full
     uffd first and falls back to UFFD_USER_MODE_ONLY; True/False forces one (tests)."""
     known = _support.get(os.geteuid())
     if known is not None and user_mode_only in (None, known.user_mode_only):
         return known
     tries = [False, True] if user_mode_only is None else [user_mode_only]
-    fd, err, umo = -1, errno.ENOSYS, False
+    fd, umo, errs = -1, False, []
     for umo in tries:
         fd, err = _open_raw(umo)
         if fd >= 0:
             break
+        errs.append(err)  # a kernel before 5.11 answers EINVAL to UFFD_USER_MODE_ONLY: EPERM said it first
     kernel = platform.release()
     if fd < 0:
-        if err in (errno.EPERM, errno.EACCES):
+        refused = [e for e in errs if e in (errno.EPERM, errno.EACCES)]
+        err = refused[0] if refused else errs[0]
+        if refused:
             seccomp = False
             try:
                 with open("/proc/self/status") as f:

@@ -499,7 +499,8 @@ def test_not_permitted_says_what_is_missing() -> None:
     for needed in ("not root", "no CAP_SYS_PTRACE", "vm.unprivileged_userfaultfd is 0", "sysctl vm.unprivileged_userfaultfd=1"):
         assert needed in m
     assert "seccomp" in uffd.not_permitted_message(0, True, "0", True)
-    assert "CAP_SYS_PTRACE" in uffd.not_permitted_message(1000, True, "0", False)
+    assert "even with CAP_SYS_PTRACE" in uffd.not_permitted_message(1000, True, "0", False)
+    assert "even with vm.unprivileged_userfaultfd=1" in uffd.not_permitted_message(1000, False, "1", False)
 
 
 def test_hugetlb_checks_say_what_to_change(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
