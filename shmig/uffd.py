@@ -41,6 +41,7 @@ import errno
 import mmap
 import os
 import platform
+import select
 import socket
 import struct
 import time
@@ -493,6 +494,24 @@ class UffdGroup:
         if not uffds:
             raise ValueError("a UffdGroup needs at least one uffd")
         self.uffds = list(uffds)
+        self._poll = select.poll()
+        self._index = {u.fd: v for v, u in enumerate(self.uffds)}
+        for u in self.uffds:
+            self._poll.register(u.fd, select.POLLIN)
+
+    def faults(self, timeout: float | None) -> list[tuple[int, PageFault]]:
+        """The fault thread's wait: (vCPU, fault) for every fault pending on any vCPU's uffd once
+        one is readable, or [] after ``timeout`` seconds (None: no limit), so that the thread can
+        look at its quit flag, as QEMU's also polls its userfault_event_fd."""
+        ready = self._poll.poll(None if timeout is None else timeout * 1000)
+        out = []
+        for fd, revents in ready:
+            v = self._index[fd]
+            if revents & (select.POLLERR | select.POLLNVAL):
+                raise UffdError(errno.EBADF, f"vCPU {v}'s userfaultfd reports {revents:#x} to poll"
+                                " (opened without O_NONBLOCK, or closed)")
+            out += [(v, f) for f in self.uffds[v].read()]
+        return out
 
     def place(self, offset: int, src: int, length: int, waiters: Iterable[int] = ()) -> int:
         """Place ``length`` bytes at guest RAM ``offset`` from address ``src``: UFFDIO_COPY through

@@ -138,13 +138,9 @@ def ram() -> Iterator[MemfdRam]:
 
 def next_fault(*us: Uffd, timeout: float = DEADLINE) -> list[tuple[int, PageFault]]:
     """The first faults to arrive on any of ``us`` (the fault thread's poll), as (index, fault)."""
-    p = select.poll()
-    for u in us:
-        p.register(u.fd, select.POLLIN)
-    ready = p.poll(timeout * 1000)
-    assert ready, f"the test waited {timeout} s for a userfault on uffds {[u.fd for u in us]}"
-    fds = {fd for fd, _ in ready}
-    return [(i, f) for i, u in enumerate(us) if u.fd in fds for f in u.read()]
+    got = UffdGroup(us).faults(timeout)
+    assert got, f"the test waited {timeout} s for a userfault on uffds {[u.fd for u in us]}"
+    return got
 
 
 def pattern(words: int, value: int) -> np.ndarray:
@@ -526,3 +522,11 @@ def test_check_backend_before_anything_is_allocated(support: uffd.Support) -> No
     if pool is not None and pool.available < 1 << 20:
         with pytest.raises(ConfigError, match="raise it with"):
             uffd.check_backend(2 << 40, HUGE, hugetlb=True)
+
+
+def test_a_blocking_uffd_is_one_clear_error_in_the_fault_threads_poll() -> None:
+    with Uffd.open() as u:
+        assert not UffdGroup([u]).faults(0)  # O_NONBLOCK, as opened: nothing pending
+        os.set_blocking(u.fd, True)  # the kernel answers poll() with POLLERR (userfaultfd_poll)
+        with pytest.raises(uffd.UffdError, match="without O_NONBLOCK"):
+            UffdGroup([u]).faults(DEADLINE)
