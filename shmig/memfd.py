@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ConfigError
+from .errors import ConfigError
 from .units import fmt_size
 
 HUGETLB_FLAGS = {2 << 20: os.MFD_HUGE_2MB, 1 << 30: os.MFD_HUGE_1GB}

@@ -51,7 +51,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from . import memfd
-from .config import ConfigError
+from .errors import ConfigError
 
 # -- include/uapi/linux/userfaultfd.h -----------------------------------------------------------
 UFFD_API = 0xAA
