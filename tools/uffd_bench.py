@@ -178,18 +178,16 @@ class hugetlb_pages:
 def guest_rates(ram_bytes: int, seconds: float, workload: str) -> dict[str, float]:
     """Accesses per second of vCPU (thread) time on pages already there, both backends."""
     from shmig import guest, memory
+    from tests.rig import Rig  # the in-process child rig: a real Vcpu over real shared memory
 
-    cfg = Config(ram=ram_bytes, workload=workload, mode="preempt")
-    cfg.validate()
-    mem = memory.GuestMemory(cfg)
-    r, w = os.pipe()
-    efd = os.eventfd(0)
-    v = guest.Vcpu(cfg, mem, None, {"fault": w}, set(), [efd], 0)  # type: ignore[arg-type]
+    rig = Rig(Config(ram=ram_bytes, workload=workload, mode="preempt"))
+    mem = rig.mem
+    _, w = rig.pipe()
+    v = rig.child(guest.Vcpu, {"fault": w})
     placed = MemfdRam(ram_bytes, "shmig-bench-guest")
     u = Uffd.open()
     out: dict[str, float] = {}
     try:
-        v.setup()
         v.stream.on_destination()
         mem.received[:] = 1
         u.register(placed.base, placed.size)
@@ -230,11 +228,8 @@ def guest_rates(ram_bytes: int, seconds: float, workload: str) -> dict[str, floa
     finally:
         u.close()
         placed.close()
-        os.close(r)
-        os.close(w)
-        os.close(efd)
         v.__dict__.clear()  # its views of shared memory go before the segments close
-        mem.close()
+        rig.close()
     return out
 
 
