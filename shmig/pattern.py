@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .config import MAX_VCPUS, TARGET_PAGE as PAGE
+from .memfd import MemfdRam
 
 WORDS = PAGE // 8
 CHUNK_PAGES = 4096  # 16 MiB per chunk: bounded memory, big enough to amortise numpy overhead
@@ -171,11 +172,22 @@ def _describe(p: int, found: np.ndarray, exp: np.ndarray, seed: int, zero_fracti
             f"expected {int(e64[i]):#018x} found {int(f64[i]):#018x}")
 
 
-def check(ram: np.ndarray, seed: int, zero_fraction: float, stamps: np.ndarray, ab: bool,
+def check(ram: np.ndarray | MemfdRam, seed: int, zero_fraction: float, stamps: np.ndarray, ab: bool,
           chunk_pages: int = CHUNK_PAGES) -> IntegrityResult:
-    """Regenerate expected RAM chunk by chunk and compare it with `ram` (flat uint8)."""
-    ram2d = ram.reshape(-1, PAGE)
-    npages = len(ram2d)
+    """Regenerate expected RAM chunk by chunk and compare it with `ram` (flat uint8, or a memfd
+    read by pread: a page never placed reads as zeros and stays missing, see shmig.memfd)."""
+    if isinstance(ram, MemfdRam):
+        npages, memfd = ram.size // PAGE, ram
+        got_buf = np.empty((min(chunk_pages, npages), PAGE), dtype=np.uint8)
+
+        def pages(a: int, b: int) -> np.ndarray:
+            return memfd.read_pages(a * PAGE, (b - a) * PAGE, out=got_buf[: b - a])
+    else:
+        ram2d = ram.reshape(-1, PAGE)
+        npages = len(ram2d)
+
+        def pages(a: int, b: int) -> np.ndarray:
+            return ram2d[a:b]
     stamps = np.asarray(stamps, dtype=np.uint64).reshape(-1, npages)
     buf = np.empty((min(chunk_pages, npages), PAGE), dtype=np.uint8)
     neq = np.empty((len(buf), WORDS), dtype=bool)
@@ -184,7 +196,7 @@ def check(ram: np.ndarray, seed: int, zero_fraction: float, stamps: np.ndarray, 
         b = min(a + chunk_pages, npages)
         exp = initial_pages(seed, zero_fraction, np.arange(a, b), out=buf[: b - a])
         _apply_stamps(exp, stamps[:, a:b], ab)
-        got = ram2d[a:b]
+        got = pages(a, b).reshape(-1, PAGE)
         rows = np.flatnonzero(np.not_equal(got.view(np.uint64), exp.view(np.uint64),
                                            out=neq[: b - a]).any(axis=1))
         if rows.size and first is None:
