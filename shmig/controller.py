@@ -23,10 +23,8 @@ import multiprocessing
 import os
 import select
 import signal
-import socket
 import threading
 import time
-import warnings
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -42,14 +40,13 @@ from .events import Arena
 from .ledger import Ledger
 from .link import Link
 from .memory import GuestMemory
-from .pattern import check, fill_initial
+from .pattern import fill_initial
 from .plan import Plan, Role
-from .record import Event, Mark, ProcRecord, RunRecord, VcpuRecord
+from .record import Event, Mark, RunRecord
 from .report import Report
-from .stats import dist_quantile
 from .supervisor import START_METHOD, Proc, Supervisor
+from .trace import write_trace_or_say
 from .timeline import SAMPLE_EVERY, Sample, Timeline
-from .trace import write_trace
 from .wire import ProtocolError
 
 
@@ -159,24 +156,21 @@ class Migration:
         query-migrate, e.g. for dirty-sync-count >= 2 before migrate-start-postcopy). The migration
         advances only while ``wait_for``, ``wait_for_pause`` or ``wait`` runs. False on timeout,
         or if the migration ended first (``wait()`` then returns its report)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        seen = lambda: self.last_sample is not None and until(self.last_sample)  # noqa: E731
-        try:
-            self._loop(until=lambda: seen() or (end is not None and time.monotonic() >= end))
-        except RunFailed:
-            return False
-        return seen()
+        return self._run_until(lambda: self.last_sample is not None and until(self.last_sample), timeout)
 
     def wait_for_pause(self, timeout: float | None = None) -> bool:
         """Run the migration until the source and every destination receiver are postcopy-paused
         (QEMU's tests wait for postcopy-paused on both sides). False on timeout, or if the migration
         ended first (``wait()`` then returns its report)."""
+        return self._run_until(self._all_paused, timeout)
+
+    def _run_until(self, done: Callable[[], bool], timeout: float | None) -> bool:
         end = None if timeout is None else time.monotonic() + timeout
         try:
-            self._loop(until=lambda: self._all_paused() or (end is not None and time.monotonic() >= end))
+            self._loop(until=lambda: done() or (end is not None and time.monotonic() >= end))
         except RunFailed:
             return False
-        return self._all_paused()
+        return done()
 
     def recover(self) -> None:
         """QMP migrate-recover on the destination and migrate resume=true on the source: new channels
@@ -226,18 +220,9 @@ class Migration:
                 self.close()
             report = build_report(self.record)
             if self.trace:  # a failed or interrupted run is the one whose trace matters most
-                self._write_trace(self.trace, self.record, report)
+                self.trace_error = write_trace_or_say(self.trace, self.record, report)
         self.interrupted_late = late[0]
         return report
-
-    def _write_trace(self, path: str, record: RunRecord, report: Report) -> None:
-        """The trace, whatever became of the run; a path that cannot be written costs the trace,
-        never the report (``trace_error`` says why, and a RuntimeWarning is raised for API users)."""
-        try:
-            write_trace(path, record, report)
-        except OSError as e:
-            self.trace_error = f"--trace {path}: cannot write it ({e.strerror or e})"
-            warnings.warn(self.trace_error, RuntimeWarning, stacklevel=3)
 
     def _fail(self, msg: str) -> None:
         """The first failure wins, except that a child killed by a signal is the cause of whatever
@@ -376,24 +361,7 @@ class Migration:
         mem, led = self.mem, self.ledger
         if mem is None or led is None or self.closed:
             return
-        src = led.source()
-        vcpus = list(led.vcpus())
-        dist = np.sum([v.lat_dist for v in vcpus], axis=0)  # the faults resolved so far, in QEMU's buckets
-        p50 = dist_quantile(dist, 0.5)
-        s = Sample(
-            t_ms=round(self.cfg.clock.emulated_ms(time.monotonic_ns() - self.t0), 1),
-            phase=self.phase,
-            precopy_bytes=src.precopy_channel_bytes,
-            postcopy_bytes=src.postcopy_channel_bytes,
-            remaining_pages=src.remaining,
-            received_pages=int(np.count_nonzero(mem.received)),
-            faults_outstanding=int(np.count_nonzero(mem.wait[:, 0] >= 0)),
-            guest_accesses=sum(v.stats.accesses_src + v.stats.accesses_dst for v in vcpus),
-            rounds=src.precopy_rounds,
-            requests=src.postcopy_requests,
-            faults_done=int(dist.sum()),
-            fault_p50_us=None if p50 is None else round(self.cfg.clock.emulated_ns(p50), 1),
-        )
+        s = Sample.take(self.cfg.clock, led, mem, self.phase, self.t0)
         self.timeline.append(s)
         self.last_sample = s
         if self.on_sample is not None:
@@ -403,28 +371,10 @@ class Migration:
     def _record(self) -> RunRecord:
         """Everything the run produced, copied out of shared memory (every child has gone)."""
         cfg = self.cfg
-        rec = RunRecord(config=cfg, plan=self.plan or Plan.of(cfg.vcpus, cfg.uses_preempt_channel, 0),
-                        t0=self.t0, error=self.error, events=list(self.events), timeline=self.timeline.to_dicts(),
-                        calibration=self.calibration, host={"hostname": socket.gethostname(),
-                                                            "cpus": os.cpu_count(), "worker": None})
-        if self.link is not None:
-            rec.link = self.link.usage()
-            rec.link_latency_ns = self.link.latency_ns
-        if self.sup is not None:
-            rec.procs = [ProcRecord(p.role, p.process.pid, p.process.exitcode) for p in self.sup.procs]
-        led = self.ledger
-        if led is not None and self.plan is not None:
-            rec.source = led.source().copy()
-            rec.receivers = {r: led.receiver(r).copy() for r in self.plan.receivers}
-            for r in self.plan.vcpus:
-                v = led.vcpu(r)
-                rec.vcpus.append(VcpuRecord(r, v.stats.copy(), v.faults.rows().copy(), v.progress.rows().copy(),
-                                            v.lat_dist.copy()))
-        if self.error is None and self.mem is not None:
-            rec.integrity = check(self.mem.dst, cfg.seed, cfg.zero_fraction, self.mem.stamps, cfg.workload == "ab")
-        if self.arena is not None:  # every child is gone: what they recorded is all there is
-            rec.trace = self.arena.collect()
-        return rec
+        return RunRecord.collect(cfg, self.plan or Plan.of(cfg.vcpus, cfg.uses_preempt_channel, 0), self.t0,
+                                 self.error, self.events, self.timeline, self.calibration, link=self.link,
+                                 procs=self.sup.procs if self.sup else [], ledger=self.ledger,
+                                 mem=self.mem, arena=self.arena)
 
     def close(self) -> None:
         """Stop every child, reap it, close every pipe, release shared memory. Idempotent; after it

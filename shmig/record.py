@@ -14,17 +14,26 @@ converts them (time dilation undone) the one way every reader must.
 from __future__ import annotations
 
 import enum
+import os
+import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .clock import Clock
 from .config import Config
 from .control import Ev
-from .ledger import ReceiverStats, SourceStats, VcpuStats
-from .pattern import IntegrityResult
+from .ledger import Ledger, ReceiverStats, SourceStats, VcpuStats
+from .pattern import IntegrityResult, check
 from .plan import Kind, Plan, Role
+
+if TYPE_CHECKING:
+    from .events import Arena
+    from .link import Link
+    from .memory import GuestMemory
+    from .supervisor import Proc
+    from .timeline import Timeline
 
 
 class Mark(str, enum.Enum):
@@ -109,6 +118,36 @@ class RunRecord:
     def emulated(self, t: int | None) -> int | None:
         """A real stamp as an emulated one: ``t0 + (t - t0) / N`` (N: the time dilation)."""
         return None if t is None else self.t0 + int(self.clock.emulated_ns(t - self.t0))
+
+    @classmethod
+    def collect(cls, cfg: Config, plan: Plan, t0: int, error: str | None, events: list[Event], timeline: Timeline,
+                calibration: list[dict[str, Any]], *, link: Link | None, procs: list[Proc], ledger: Ledger | None,
+                mem: GuestMemory | None, arena: Arena | None) -> "RunRecord":
+        """The record of a run whose children have all gone: the controller's own figures, the
+        ledger, the link's usage, the integrity check of a run that did not fail, the trace."""
+        rec = cls(config=cfg, plan=plan, t0=t0, error=error, events=list(events), timeline=timeline.to_dicts(),
+                  calibration=calibration, host={"hostname": socket.gethostname(), "cpus": os.cpu_count(),
+                                                 "worker": None})
+        if link is not None:
+            rec.link = link.usage()
+            rec.link_latency_ns = link.latency_ns
+        rec.procs = [ProcRecord(p.role, p.process.pid, p.process.exitcode) for p in procs]
+        if ledger is not None:
+            rec.copy_ledger(ledger)
+        if error is None and mem is not None:
+            rec.integrity = check(mem.dst, cfg.seed, cfg.zero_fraction, mem.stamps, cfg.workload == "ab")
+        if arena is not None:  # every child is gone: what they recorded is all there is
+            rec.trace = arena.collect()
+        return rec
+
+    def copy_ledger(self, led: Ledger) -> None:
+        """Everything every process counted, copied out of the ledger before it is unmapped."""
+        self.source = led.source().copy()
+        self.receivers = {r: led.receiver(r).copy() for r in self.plan.receivers}
+        for r in self.plan.vcpus:
+            v = led.vcpu(r)
+            self.vcpus.append(VcpuRecord(r, v.stats.copy(), v.faults.rows().copy(), v.progress.rows().copy(),
+                                         v.lat_dist.copy()))
 
     def real_stamp(self, t: int) -> int:
         """The real monotonic stamp of emulated stamp ``t`` (emulated_stamps' inverse)."""

@@ -10,10 +10,18 @@ them in one numpy array grown by doubling: a few dozen bytes a sample, not a dic
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import astuple, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from .stats import dist_quantile
+
+if TYPE_CHECKING:
+    from .clock import Clock
+    from .ledger import Ledger
+    from .memory import GuestMemory
 
 SAMPLE_EVERY = 0.1  # emulated seconds between samples
 PHASES = ("setup", "precopy", "switchover", "postcopy", "postcopy-paused", "postcopy-recover", "completion")
@@ -36,6 +44,29 @@ class Sample:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def take(cls, clock: Clock, led: Ledger, mem: GuestMemory, phase: str, t0: int) -> "Sample":
+        """One sample now, from what every process has counted so far (the ledger) and the
+        destination's maps; ``t0``: when the migration started (real monotonic ns)."""
+        src = led.source()
+        vcpus = list(led.vcpus())
+        dist = np.sum([v.lat_dist for v in vcpus], axis=0)  # the faults resolved so far, in QEMU's buckets
+        p50 = dist_quantile(dist, 0.5)
+        return cls(
+            t_ms=round(clock.emulated_ms(time.monotonic_ns() - t0), 1),
+            phase=phase,
+            precopy_bytes=src.precopy_channel_bytes,
+            postcopy_bytes=src.postcopy_channel_bytes,
+            remaining_pages=src.remaining,
+            received_pages=int(np.count_nonzero(mem.received)),
+            faults_outstanding=int(np.count_nonzero(mem.wait[:, 0] >= 0)),
+            guest_accesses=sum(v.stats.accesses_src + v.stats.accesses_dst for v in vcpus),
+            rounds=src.precopy_rounds,
+            requests=src.postcopy_requests,
+            faults_done=int(dist.sum()),
+            fault_p50_us=None if p50 is None else round(clock.emulated_ns(p50), 1),
+        )
 
 
 _DTYPE = np.dtype([(f.name, "f8" if f.name in ("t_ms", "fault_p50_us") else "u1" if f.name == "phase" else "i8")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import json
 import os
+import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -308,6 +309,18 @@ class _Builder:
 def chrome_trace(m: RunRecord, rep: Report) -> dict[str, Any]:
     """The Trace Event document of one finished migration and its report."""
     return _Builder(m, rep).build()
+
+
+def write_trace_or_say(path: str, m: RunRecord, rep: Report) -> str | None:
+    """The trace, whatever became of the run; a path that cannot be written costs the trace, never
+    the report: the line that says why is returned (and raised as a RuntimeWarning for API users)."""
+    try:
+        write_trace(path, m, rep)
+    except OSError as e:
+        why = f"--trace {path}: cannot write it ({e.strerror or e})"
+        warnings.warn(why, RuntimeWarning, stacklevel=3)
+        return why
+    return None
 
 
 def write_trace(path: str, m: RunRecord, rep: Report) -> None:

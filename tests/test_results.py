@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shmig
-import shmig.controller
+import shmig.record
 import shmig.reader
 from shmig import cli
 from helpers import assert_all_reaped, assert_ok
@@ -80,7 +80,7 @@ def test_a_failed_run_still_returns_what_it_measured(small_cap):
 def interrupt_during_integrity_check(monkeypatch) -> list[int]:
     """Ctrl-C (SIGINT to this process) in the middle of the hand-back: every child has gone and
     the integrity check is running. Returns a list the check appends to when it ran."""
-    real = shmig.controller.check
+    real = shmig.record.check
     ran: list[int] = []
 
     def check(*args, **kwargs):
@@ -88,7 +88,7 @@ def interrupt_during_integrity_check(monkeypatch) -> list[int]:
         ran.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(shmig.controller, "check", check)
+    monkeypatch.setattr(shmig.record, "check", check)
     return ran
 
 
