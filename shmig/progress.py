@@ -66,7 +66,7 @@ class LiveStatus:
         self.announce = announce
         self.index = 0
         self.label = ""
-        self.t_run = time.monotonic()
+        self.t_run = self.t_start = time.monotonic()
         self.durations: list[float] = []
         self.samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
         self._live: Any = None
@@ -125,6 +125,18 @@ class LiveStatus:
             head = f"run {self.index}/{self.total}" if self.total > 1 else ""
             head = " · ".join(x for x in (head, self.label, self.eta()) if x)
             line = f"[{head}] {line}"
+        self._show(line)
+
+    def cells(self, done: int, failed: int, running: list[str]) -> None:
+        """A series on a cluster: several runs at once, elsewhere, sending no samples. The line
+        counts them; time left is the runs still to go at the rate runs have finished so far."""
+        elapsed = time.monotonic() - self.t_start
+        left = "time left: ?" if not done else f"~{_duration(elapsed / done * (self.total - done))} left"
+        parts = [f"{done}/{self.total} done"] + ([f"{failed} failed"] if failed else [])
+        parts += [f"{len(running)} running" + (": " + ", ".join(running) if running else ""), left]
+        self._show(" · ".join(parts))
+
+    def _show(self, line: str) -> None:
         if self._live is not None:
             from rich.text import Text
 

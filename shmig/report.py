@@ -61,6 +61,7 @@ class Report:
                                                                 "first_bad_page": None})
     link: dict[str, Any] = field(default_factory=dict)
     time_dilation: dict[str, Any] = field(default_factory=dict)
+    host: dict[str, Any] = field(default_factory=dict)  # where it ran: hostname, cpus, worker (dask address; None here)
     timeline: list[dict[str, Any]] = field(default_factory=list)
     # every resolved fault, by start time: [t_ms since the start, latency_us, vcpu]
     faults: list[list[float]] = field(default_factory=list)
