@@ -246,7 +246,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     check_output("--json", ns.json)
     factors = compare.ran_at(p, done)  # rows resumed run on the clock they began with
     todo = compare.with_factors(p.missing(done), factors)
-    ui = LiveStatus(enabled=_live(ns))
+    ui = LiveStatus(len(todo), enabled=_live(ns))
     log = _compare_log(ui, ns.quiet)
     for hp, d in factors.items():
         if any(r.host_page == hp for r in todo):

@@ -217,7 +217,7 @@ def dilation_notes(plan: Plan, results: dict[int, Report]) -> list[str]:
         where: dict[float, set[str]] = {}
         for r, rep in plan.ordered(results):
             if r.host_page == hp and r.calibrate and "factor" in rep.time_dilation:
-                where.setdefault(rep.time_dilation["factor"], set()).add(str(rep.host.get("hostname", "here")))
+                where.setdefault(rep.time_dilation["factor"], set()).add(str(rep.host.get("worker")))
         if len(where) == 1:
             lines.append(f"time dilation for {fmt_size(hp)} pages: {next(iter(where)):g}x (calibrated on each worker"
                          f" over every mode of the row)")

@@ -19,7 +19,9 @@ from typing import Any, Callable, Sequence
 from .config import Config, ConfigError
 from .controller import run
 from .report import Report, SavedRun, load_runs
+from .units import fmt_size
 
+SIZE_FIELDS = ("ram", "host_page", "wss", "socket_buffer", "send_buffer")
 LOST = "lost: "  # a run the cluster lost (not the migration's failure): --resume runs it again
 
 
@@ -116,48 +118,55 @@ class Plan:
         """The runs of a partial result (``--json`` of an interrupted compare or sweep) that this
         plan need not run again, by index: a file of another plan is refused in one line that
         says what differs. Runs the cluster lost are left out, so they run again."""
-        saved = load_runs(path)
+        try:
+            saved = load_runs(path)
+        except ConfigError as e:
+            raise ConfigError(f"--resume: {e}") from None
         with open(path) as f:  # load_runs read it already: the entries' stamps
             data = json.load(f)
         entries = data if isinstance(data, list) else [data]
+        stamps = [e.get("plan") for e in entries]
+        if not all(isinstance(st, dict) and isinstance(st.get("id"), str) and isinstance(st.get("index"), int)
+                   for st in stamps):
+            raise ConfigError(f"--resume {path}: its runs do not say which plan they belong to: give a file"
+                              f" written by shmig compare|sweep --json")
+        if any(st["id"] != self.id or not 0 <= st["index"] < len(self.runs) for st in stamps):
+            kind = "sweep" if entries[0].get("knob") else "compare"
+            raise ConfigError(f"--resume {path}: it was written by another plan"
+                              + (f" (a {kind}, not a {self.kind})" if kind != self.kind else "")
+                              + f": {self._difference(entries, saved)}; give the options of the command that"
+                              " wrote it")
         done: dict[int, Report] = {}
-        for e, s in zip(entries, saved):
-            st = e.get("plan")
-            if not (isinstance(st, dict) and isinstance(st.get("id"), str) and isinstance(st.get("index"), int)):
-                raise ConfigError(f"--resume {path}: its runs do not say which plan they belong to: give a file"
-                                  f" written by shmig compare|sweep --json")
+        for st, s in zip(stamps, saved):
             i = st["index"]
-            if st["id"] != self.id or not 0 <= i < len(self.runs):
-                raise ConfigError(f"--resume {path}: it was written by another {self._kind_of(e)}:"
-                                  f" {self._difference(e, s.report, st)}; give the options of the command"
-                                  f" that wrote it")
             if i in done:
                 raise ConfigError(f"--resume {path}: run {i} ({self.runs[i].name}) is in it twice")
             if not is_lost(s.report):
                 done[i] = s.report
         return done
 
-    def _kind_of(self, entry: dict[str, Any]) -> str:
-        kind = "sweep" if entry.get("knob") else "compare"
-        return f"plan ({kind}, not {self.kind})" if kind != self.kind else "plan"
-
-    def _difference(self, entry: dict[str, Any], rep: Report, stamp: dict[str, Any]) -> str:
-        """What the saved run's plan and this one disagree on, as far as one run shows it."""
-        n = stamp.get("runs")
-        if n != len(self.runs):
-            return f"it planned {n} runs, this command plans {len(self.runs)}"
-        planned = self.runs[stamp["index"]]
-        theirs = {k: entry.get(k, v) for k, v in planned.key().items()}
-        if theirs != planned.key():
-            what = ", ".join(f"{k} {theirs[k]} there, {v} here" for k, v in planned.key().items() if theirs[k] != v)
-            return f"its run {stamp['index']} differs: {what}"
-        ours = _plain(planned.config)
-        diff = [k for k, v in ours.items() if k in rep.config and rep.config[k] != v
-                and not (k == "time_dilation" and v == "auto")]
-        if diff:
-            return f"its run {stamp['index']} ({planned.name}) differs in " + ", ".join(
-                f"--{k.replace('_', '-')} ({rep.config[k]} there, {ours[k]} here)" for k in diff)
+    def _difference(self, entries: list[dict[str, Any]], saved: list[SavedRun]) -> str:
+        """The first thing a saved run and this plan's run at its place disagree on."""
+        for e, s in zip(entries, saved):
+            st = e["plan"]
+            if st.get("runs") != len(self.runs):
+                return f"it planned {st.get('runs')} runs, this command plans {len(self.runs)}"
+            planned = self.runs[st["index"]]
+            theirs = {k: e.get(k, v) for k, v in planned.key().items()}
+            if theirs != planned.key():
+                return f"its run {st['index']} is " + ", ".join(
+                    f"{k} {theirs[k]} (here {v})" for k, v in planned.key().items() if theirs[k] != v)
+            ours = _plain(planned.config)
+            diff = [k for k, v in ours.items() if k in s.report.config and s.report.config[k] != v
+                    and not (k == "time_dilation" and v == "auto")]
+            if diff:
+                return f"its run {st['index']} ({planned.name}) had " + ", ".join(
+                    f"--{k.replace('_', '-')} {_show(k, s.report.config[k])} (here {_show(k, ours[k])})" for k in diff)
         return "its runs were planned otherwise"
+
+
+def _show(field_name: str, v: Any) -> str:
+    return fmt_size(v) if field_name in SIZE_FIELDS and isinstance(v, int) else str(v)
 
 
 def run_local(runs: Sequence[PlannedRun], begin: Callable[[int, PlannedRun], None],
