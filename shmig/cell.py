@@ -1,14 +1,20 @@
 """One run of a compare or sweep in a fresh Python process: what a cluster worker does with a cell.
 
-Why a fresh process and not ``shmig.run`` inside the worker: a migration forks its children, and a
-Dask worker process runs threads (its event loop, the nanny's two watchers and the task's thread:
-four in a ``LocalCluster`` worker with one thread, measured). ``fork`` copies only the calling
-thread; a lock another thread held at that instant (a buffered stream's, an allocator's) stays held
-in the child for ever, which is why CPython 3.12 warns on such a fork. A process started with
-``subprocess`` (fork and exec, no Python between them) has one thread when it forks the
-migration's children, exactly as ``shmig run`` has, and its own ``/dev/shm`` segments, deadline
-and cleanup. It costs about 0.2 s of start-up per cell here (Python, numpy, shmig), against runs
-of seconds; measured in README "Sweeps on a cluster".
+Why a fresh process and not ``shmig.run`` inside the worker (measured on a ``LocalCluster`` worker
+with one thread, distributed 2026.8):
+- A nanny'd worker (dask's default) is a daemonic multiprocessing process, and a daemonic process
+  may not start children: ``shmig.run`` in the task fails at once ("daemonic processes are not
+  allowed to have children").
+- Without that (``distributed.worker.daemon: false``) it runs, but forks a process of four threads
+  (the event loop, the nanny's two watchers, the task's thread). ``fork`` copies only the calling
+  thread: a lock another thread held at that instant (a stream's, the logging module's) stays held
+  in the child for ever, which is why CPython 3.12 warns on such a fork. A process started with
+  ``subprocess`` (fork and exec, no Python between them) has only the main thread and numpy's
+  OpenBLAS thread (which resets itself at fork) when it forks the migration: ``shmig run`` exactly.
+- A thread cannot be stopped; a process can: Ctrl-C on the client, the cell's deadline or the
+  worker's death stop the run cleanly (SIGTERM), with its own /dev/shm released.
+It costs start-up: a small cell took 0.35 s this way and 0.12 s inside the worker, 0.23 s more
+per cell, against runs of seconds to minutes.
 
 The cell's process ignores SIGINT (a terminal's Ctrl-C reaches every process of a local cluster's
 group: the client alone decides what stops) and takes SIGTERM as Ctrl-C: the migration then

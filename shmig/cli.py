@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import compare, memory, series, sweep
 from .compare import PRESETS, MODE_VARIANTS, Cell, format_table, plan
@@ -21,6 +21,9 @@ from .report import Report, SavedRun, load_runs
 from .series import SeriesInterrupted
 from .stats import format_dist
 from .units import UnitError, fmt_size, parse_size
+
+if TYPE_CHECKING:  # imported when --cluster is given: it needs dask
+    from . import cluster
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -265,24 +268,23 @@ def cmd_compare(ns: argparse.Namespace) -> int:
         for line in compare.dilation_notes(p, results):
             log(line)
     ordered = p.ordered(results)
-    lost = []
+    unwritten = []
     if ns.json:
         entries = [{"mode": r.mode, "host_page": r.host_page, "run": r.run, "report": rep.to_dict()}
                    for r, rep in ordered]
-        lost = _write_or_print("--json", ns.json, json.dumps(p.stamp(entries, [r.index for r, _ in ordered]),
-                                                             indent=2))
+        unwritten = _write_or_print("--json", ns.json, json.dumps(p.stamp(entries, [r for r, _ in ordered]), indent=2))
     cells = compare.cells(p, results)
     print(format_table(cells, labels, pages, qemu))
     _plot([r.saved(rep) for r, rep in ordered], ns.plot, ns.quiet)
     for r, rep in ordered:
         if not rep.ok:
             error(f"{r.mode} with {fmt_size(r.host_page)} host pages: {rep.error or rep.status}{_where(rep)}")
-    for line in lost:
+    for line in unwritten:
         error(line)
     if interrupted:
         print(f"shmig: interrupted: {len(results)} of {len(p.runs)} runs finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0 if all(c.ok for c in cells.values()) and not lost else EXIT_FAILED
+    return 0 if all(c.ok for c in cells.values()) and not unwritten else EXIT_FAILED
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
@@ -301,20 +303,20 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     results = {**done, **new}
     ordered = p.ordered(results)
     saved = [r.saved(rep) for r, rep in ordered]
-    lost = (_write_or_print("--json", ns.json, json.dumps(p.stamp(sweep.to_json(saved), [r.index for r, _ in ordered]),
-                                                          indent=2)) if ns.json else [])
+    unwritten = (_write_or_print("--json", ns.json, json.dumps(p.stamp(sweep.to_json(saved), [r for r, _ in ordered]),
+                                                               indent=2)) if ns.json else [])
     if saved:
         print(sweep.format_sweep(saved))
     _plot(saved, ns.plot, ns.quiet)
-    for line in lost:
+    for line in unwritten:
         error(line)
     if interrupted:
         print(f"shmig: interrupted: {len(results)} of {len(p.runs)} runs finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0 if all(r.report.ok for r in saved) and not lost else EXIT_FAILED
+    return 0 if all(r.report.ok for r in saved) and not unwritten else EXIT_FAILED
 
 
-def _cluster_target(ns: argparse.Namespace) -> Any:
+def _cluster_target(ns: argparse.Namespace) -> cluster.Target | None:
     """``--cluster``, checked before anything else: dask is there and the address reads."""
     if not ns.cluster:
         return None
@@ -325,7 +327,7 @@ def _cluster_target(ns: argparse.Namespace) -> Any:
     return cluster.Target.parse(ns.cluster)
 
 
-def _run_series(ns: argparse.Namespace, target: Any, todo: list[series.PlannedRun], ui: LiveStatus,
+def _run_series(ns: argparse.Namespace, target: cluster.Target | None, todo: list[series.PlannedRun], ui: LiveStatus,
                 log: Callable[[str], None] | None,
                 here: Callable[[], dict[int, Report]]) -> tuple[dict[int, Report], bool]:
     """The runs still to do, here (``here()``) or on the cluster: (reports by plan index, whether

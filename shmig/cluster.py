@@ -184,16 +184,19 @@ class Session:
         return {a: w for a, w in info.items() if w.get("resources", {}).get(RESOURCE, 0) >= 1}
 
     def wait_for_workers(self) -> dict[str, dict[str, Any]]:
-        """At least one worker offering the resource, within NO_WORKER_TIMEOUT."""
+        """At least one worker offering the resource: a cluster with workers but none offering it is
+        refused at once (they would never run a cell); one with no worker yet gets NO_WORKER_TIMEOUT."""
         end = time.monotonic() + NO_WORKER_TIMEOUT
         while True:
             found = self.workers()
             if found:
                 return found
-            if time.monotonic() >= end:
+            others = self.client.scheduler_info(n_workers=-1)["workers"]
+            if others or time.monotonic() >= end:
                 raise ConfigError(
-                    f"--cluster {self.target}: no worker offers the {RESOURCE!r} resource after"
-                    f" {NO_WORKER_TIMEOUT:g} s: start workers with `dask worker {self.target} --nthreads 1"
+                    f"--cluster {self.target}: " + (f"none of its {len(others)} worker(s) offers" if others else
+                                                    f"no worker offered after {NO_WORKER_TIMEOUT:g} s")
+                    + f" the {RESOURCE!r} resource: start workers with `dask worker {self.target} --nthreads 1"
                     f" --resources {RESOURCE}=1`")
             time.sleep(POLL)
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 from .config import Config
 from .controller import calibrate_dilation
 from .report import Report
-from .series import Plan, PlannedRun, SeriesInterrupted, run_local, run_one  # noqa: F401 (run_one: its old home)
+from .series import Plan, PlannedRun, SeriesInterrupted, run_local
 from .units import fmt_size
 
 # the columns of the postcopy-preempt cover letter, plus 10.1's hint

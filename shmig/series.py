@@ -103,9 +103,9 @@ class Plan:
                           sort_keys=True)
         object.__setattr__(self, "id", hashlib.sha256(text.encode()).hexdigest()[:16])
 
-    def stamp(self, entries: list[dict[str, Any]], indices: Sequence[int]) -> list[dict[str, Any]]:
-        """``--json`` entries, each with the run's place in this plan (what --resume reads)."""
-        return [{**e, "plan": {"id": self.id, "index": i, "runs": len(self.runs)}} for e, i in zip(entries, indices)]
+    def stamp(self, entries: list[dict[str, Any]], runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
+        """``--json`` entries of ``runs``, each with the run's place in this plan (what --resume reads)."""
+        return [{**e, "plan": {"id": self.id, "index": r.index, "runs": len(self.runs)}} for e, r in zip(entries, runs)]
 
     def ordered(self, results: dict[int, Report]) -> list[tuple[PlannedRun, Report]]:
         """The runs that have a result, in plan order."""

@@ -37,7 +37,7 @@ def write_partial(path, plan, indices, error=None):
     done = {i: report(plan.runs[i].config, error) for i in indices}
     ordered = plan.ordered(done)
     entries = sweep.to_json([r.saved(rep) for r, rep in ordered])
-    path.write_text(json.dumps(plan.stamp(entries, [r.index for r, _ in ordered])))
+    path.write_text(json.dumps(plan.stamp(entries, [r for r, _ in ordered])))
     return path
 
 
