@@ -107,18 +107,23 @@ def run(req: Request, stop: Callable[[], bool] = lambda: False) -> Result | None
     data: bytes | None = pickle.dumps(req)
     give_up = time.monotonic() + req.timeout()
     why_stopped = None  # "stop" or "timeout", once SIGTERM has been sent
-    while True:
-        try:
-            out, err = p.communicate(data, timeout=POLL)
-            break
-        except subprocess.TimeoutExpired:
-            data = None  # written: communicate() carries on where it was
-        now = time.monotonic()
-        if why_stopped is None and (stop() or now >= give_up):
-            why_stopped = "stop" if stop() else "timeout"
-            give_up = now + STOP_GRACE
-        if why_stopped is not None:  # again every POLL: a calibration goes on to its next factor
-            p.send_signal(signal.SIGTERM if now < give_up else signal.SIGKILL)
+    try:
+        while True:
+            try:
+                out, err = p.communicate(data, timeout=POLL)
+                break
+            except subprocess.TimeoutExpired:
+                data = None  # written: communicate() carries on where it was
+            now = time.monotonic()
+            if why_stopped is None and (stop() or now >= give_up):
+                why_stopped = "stop" if stop() else "timeout"
+                give_up = now + STOP_GRACE
+            if why_stopped is not None:  # again every POLL: a calibration goes on to its next factor
+                p.send_signal(signal.SIGTERM if now < give_up else signal.SIGKILL)
+    finally:  # whatever went wrong here, the cell does not outlive it
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     if why_stopped == "stop":
         return None
     if why_stopped == "timeout":

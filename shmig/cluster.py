@@ -24,6 +24,7 @@ Slurm or Kubernetes allocation); shmig hands its cells to that engine instead of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -93,14 +94,21 @@ def run_cell(req: cell.Request, stop: str, topic: str) -> Report | None:
     Its start is an event on ``topic``: what the client shows as running."""
     worker = get_worker()
     host = {"hostname": socket.gethostname(), "cpus": os.cpu_count(), "worker": worker.address}
-    stopped = Event(stop)
-    if stopped.is_set():
+    event = Event(stop)
+
+    def stopped() -> bool:  # a scheduler that cannot be asked cannot take the result either
+        try:
+            return event.is_set()
+        except Exception:
+            return True
+
+    if stopped():
         return None
     worker.log_event(topic, {"key": worker.get_current_task()})
     if req.calibrate and req.row_key in worker_dilations:
-        req = cell.Request(req.config, req.name, req.calibrate, worker_dilations[req.row_key], req.policies)
+        req = dataclasses.replace(req, dilation=worker_dilations[req.row_key])
     try:
-        result = cell.run(req, stop=stopped.is_set)
+        result = cell.run(req, stop=stopped)
     except cell.Lost as e:
         raise cell.Lost(f"{e}, on {host['hostname']} ({worker.address})") from None
     if result is None:

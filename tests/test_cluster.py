@@ -15,7 +15,8 @@ import time
 import psutil
 import pytest
 
-from shmig import cluster, progress, series, sweep
+import shmig
+from shmig import cell, cluster, progress, series, sweep
 from shmig.progress import LiveStatus
 
 from test_cli import ENV, one_error_line, refused, run_main
@@ -35,7 +36,7 @@ def cell_processes() -> dict[psutil.Process, str]:
     """Runs of a cluster on this machine, by the name ``shmig.cell`` gives itself in ps."""
     found = {}
     for p in psutil.process_iter(["cmdline"]):
-        title = " ".join(p.info["cmdline"] or [])  # set by setproctitle: one string, maybe split at spaces
+        title = " ".join(p.info["cmdline"] or []).strip()  # setproctitle: one string, maybe split and padded
         if title.startswith("shmig cell: "):
             found[p] = title.removeprefix("shmig cell: ")
     return found
@@ -63,6 +64,49 @@ def test_the_live_line_counts_cells():
     line = progress.cells_text(10, 4, 1, ["vanilla 4KiB", "preempt 4KiB"], elapsed=20.0)
     assert line == "4/10 done · 1 failed · 2 running: vanilla 4KiB, preempt 4KiB · ~30s left"
     assert progress.cells_text(3, 0, 0, [], 1.0) == "0/3 done · 0 running · time left: ?"
+
+
+def slow_config():
+    """An idle guest behind a postcopy rate limit: a run of about 3 s."""
+    return shmig.Config.from_strings(mode="preempt", ram="16MiB", workload="idle", precopy_rounds="0",
+                                     max_postcopy_bandwidth="4MiB/s")
+
+
+@pytest.mark.timeout(60)
+def test_a_cell_past_its_time_is_stopped_and_fails(monkeypatch):
+    monkeypatch.setattr(cell.Request, "timeout", lambda self: 1.0)
+    t0 = time.monotonic()
+    result = cell.run(cell.Request(slow_config(), "slow"))
+    assert time.monotonic() - t0 < cell.STOP_GRACE
+    assert result.report.status == "failed"
+    assert result.report.error.startswith("the cell's process was still running after 1 s"), result.report.error
+    assert cell_processes() == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_cell_is_lost_not_failed():
+    """SIGKILL of the cell's own process (the OOM killer, say): no report, so the cell may run again."""
+    found: list[str] = []
+
+    def kill_it() -> None:
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            for p, name in cell_processes().items():
+                if any(c.name() == "mig/src" for c in p.children()):  # the migration has started
+                    time.sleep(0.3)
+                    found.append(name)
+                    p.kill()
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_it)
+    killer.start()
+    try:
+        with pytest.raises(cell.Lost, match="the cell's process was killed by SIGKILL"):
+            cell.run(cell.Request(slow_config(), "to be killed"))
+    finally:
+        killer.join()
+    assert found == ["to be killed"]
 
 
 @pytest.mark.timeout(120)
