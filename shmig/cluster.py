@@ -51,6 +51,7 @@ RESOURCE = "shmig"  # one unit per run: a worker's ``--resources shmig=1`` is on
 POLL = 0.5  # s between looks at the cluster while cells run
 CONNECT_TIMEOUT = 20.0  # s to reach a scheduler
 NO_WORKER_TIMEOUT = 120.0  # s without any worker offering the resource before the cells left fail
+WORKER_LOOK = 5.0  # s between looks at the workers while cells run
 CLOSE_TIMEOUT = 20.0  # s the runs of a local cluster have to stop when it closes
 LOCAL = re.compile(r"local:(\d+)$")
 ADDRESS = re.compile(r"([a-z][a-z0-9+.-]*://)?[^\s/:]+(:\d+)?$")
@@ -231,17 +232,16 @@ class Session:
 
     def _local_runs(self) -> list[psutil.Process]:
         """What a local cluster's workers run: their child processes (the cells and theirs)."""
-        if self.cluster is None or self.client is None:
-            return []
-        try:
-            pids = self.client.run(os.getpid).values()
-        except Exception:  # the workers are gone already: so are their runs (PR_SET_PDEATHSIG)
+        if self.cluster is None:
             return []
         runs = []
-        for pid in pids:
+        for nanny in list(self.cluster.workers.values()):
+            pid = getattr(nanny, "pid", None)  # the worker process the nanny started, if it is up
+            if not pid:
+                continue
             try:
                 runs += psutil.Process(pid).children(recursive=True)
-            except psutil.Error:
+            except psutil.Error:  # gone already: so are its runs (PR_SET_PDEATHSIG)
                 pass
         return runs
 
@@ -270,7 +270,7 @@ class Session:
         pending = set(futures)
         out: dict[int, Report] = {}
         failed = 0
-        last_worker = time.monotonic()
+        last_worker = next_look = time.monotonic()
         try:
             while pending:
                 wake.wait(POLL)
@@ -287,9 +287,13 @@ class Session:
                 if not pending:
                     break
                 ui.cells(len(out), failed, [by_key[f.key].name for f in pending if f.key in started])
+                now = time.monotonic()
+                if now < next_look:
+                    continue
+                next_look = now + WORKER_LOOK
                 if self.workers():
-                    last_worker = time.monotonic()
-                elif time.monotonic() - last_worker > NO_WORKER_TIMEOUT:
+                    last_worker = now
+                elif now - last_worker > NO_WORKER_TIMEOUT:
                     for f in pending:
                         r = by_key[f.key]
                         out[r.index] = lost(r.config, f"no worker offered the {RESOURCE!r} resource for"
