@@ -265,7 +265,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     results = {**done, **new}
     compare.note_calibration(results, p.runs, factors)
     if target is not None:
-        for line in compare.dilation_notes(p, results):
+        for line in compare.dilation_notes(p, results, factors):
             log(line)
     ordered = p.ordered(results)
     unwritten = []

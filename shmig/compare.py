@@ -189,9 +189,10 @@ def ran_at(plan: Plan, done: dict[int, Report]) -> dict[int, Dilation]:
     the runs still to come share it."""
     out: dict[int, Dilation] = {}
     for hp in dict.fromkeys(r.host_page for r in plan.runs if r.calibrate):
-        reps = [rep for r, rep in plan.ordered(done) if r.host_page == hp and r.calibrate]
-        factors = {rep.time_dilation.get("factor") for rep in reps}
-        if len(factors) == 1 and None not in factors:
+        reps = [rep for r, rep in plan.ordered(done) if r.host_page == hp and r.calibrate
+                and rep.time_dilation.get("factor") is not None]  # a run that failed early has none
+        factors = {rep.time_dilation["factor"] for rep in reps}
+        if len(factors) == 1:
             out[hp] = Dilation(float(factors.pop()), list(reps[0].time_dilation.get("calibration", [])))
     return out
 
@@ -209,11 +210,12 @@ def note_calibration(results: dict[int, Report], runs: Sequence[PlannedRun], fac
             results[r.index].time_dilation["calibration"] = factors[r.host_page].calibration
 
 
-def dilation_notes(plan: Plan, results: dict[int, Report]) -> list[str]:
-    """On a cluster each worker calibrates an ``auto`` row itself: the factors the row ran at, and
-    a warning where workers disagreed (its modes then did not all run on one clock)."""
+def dilation_notes(plan: Plan, results: dict[int, Report], known: dict[int, Dilation]) -> list[str]:
+    """On a cluster each worker calibrates an ``auto`` row itself (unless its factor is ``known``):
+    the factor the row ran at, or a warning where workers disagreed (its modes then did not all run
+    on one clock)."""
     lines = []
-    for hp in dict.fromkeys(r.host_page for r in plan.runs if r.calibrate):
+    for hp in dict.fromkeys(r.host_page for r in plan.runs if r.calibrate and r.host_page not in known):
         where: dict[float, set[str]] = {}
         for r, rep in plan.ordered(results):
             if r.host_page == hp and r.calibrate and "factor" in rep.time_dilation:

@@ -21,7 +21,6 @@ from .controller import run
 from .report import Report, SavedRun, load_runs
 from .units import fmt_size
 
-SIZE_FIELDS = ("ram", "host_page", "wss", "socket_buffer", "send_buffer")
 LOST = "lost: "  # a run the cluster lost (not the migration's failure): --resume runs it again
 
 
@@ -48,7 +47,8 @@ def run_one(cfg: Config, on_sample: Callable[[dict[str, Any]], None] | None = No
 
 
 def lost(cfg: Config, reason: str, host: dict[str, Any] | None = None) -> Report:
-    """The report of a run the cluster lost (its worker died, twice): failed, with the reason."""
+    """The report of a run the cluster lost (its workers died, its process was killed, no worker
+    was left to run it): failed, with the reason, and run again by --resume."""
     return Report(status="failed", error=LOST + reason, config=cfg.to_dict(), host=dict(host or {}))
 
 
@@ -61,7 +61,7 @@ class PlannedRun:
     """One run of a plan: a compare's (mode, host page, seed) or a sweep's (value, mode)."""
 
     index: int  # its place in the plan
-    name: str  # how progress lines and errors name it: "vanilla 4KiB", "preempt socket-buffer=1MiB"
+    name: str  # how progress lines and errors name it: "vanilla with 4KiB host pages", "preempt socket-buffer=1MiB"
     config: Config
     mode: str  # compare: the label of what runs (preempt-nobreak); sweep: the --modes name
     host_page: int
@@ -163,6 +163,9 @@ class Plan:
                 return f"its run {st['index']} ({planned.name}) had " + ", ".join(
                     f"--{k.replace('_', '-')} {_show(k, s.report.config[k])} (here {_show(k, ours[k])})" for k in diff)
         return "its runs were planned otherwise"
+
+
+SIZE_FIELDS = ("ram", "host_page", "wss", "socket_buffer", "send_buffer")
 
 
 def _show(field_name: str, v: Any) -> str:

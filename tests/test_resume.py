@@ -22,7 +22,8 @@ SWEEP = ["sweep", "socket-buffer", "1MiB,4MiB", "--modes", "vanilla,preempt", "-
 
 def sweep_plan(values=("1MiB", "4MiB"), ram="8MiB"):
     """The plan SWEEP's command line makes."""
-    return sweep.planned("socket_buffer", sweep.plan({"ram": ram}, "socket_buffer", list(values), ["vanilla", "preempt"]))
+    runs = sweep.plan({"ram": ram}, "socket_buffer", list(values), ["vanilla", "preempt"])
+    return sweep.planned("socket_buffer", runs)
 
 
 def report(cfg, error=None, factor=None):
