@@ -115,8 +115,8 @@ def run(req: Request, stop: Callable[[], bool] = lambda: False) -> Result | None
             except subprocess.TimeoutExpired:
                 data = None  # written: communicate() carries on where it was
             now = time.monotonic()
-            if why_stopped is None and (stop() or now >= give_up):
-                why_stopped = "stop" if stop() else "timeout"
+            if why_stopped is None and (now >= give_up or stop()):
+                why_stopped = "timeout" if now >= give_up else "stop"
                 give_up = now + STOP_GRACE
             if why_stopped is not None:  # again every POLL: a calibration goes on to its next factor
                 p.send_signal(signal.SIGTERM if now < give_up else signal.SIGKILL)
