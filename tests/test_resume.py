@@ -8,9 +8,11 @@ import sys
 
 import pytest
 
-from shmig import compare, sweep
+import numpy as np
+
+from shmig import compare, report as report_module, sweep
 from shmig.compare import Dilation
-from shmig.report import Report
+from shmig.report import Companion, FaultTable, Report, load_runs, write_json
 from shmig.series import LOST
 
 from test_cli import refused, run_main
@@ -59,6 +61,29 @@ def test_resume_keeps_what_finished_and_runs_what_was_lost(tmp_path):
     assert [r.index for r in p.missing(p.resume(str(path)))] == [1, 3]
     write_partial(path, p, [0], error=LOST + "the workers running it died 2 times")  # the cluster lost it
     assert p.resume(str(path)) == {}
+
+
+def test_a_resume_reads_and_writes_fault_tables_in_the_companion(capsys, tmp_path, monkeypatch):
+    """Long fault tables go to the .npz beside the JSON: --resume reads them from there, and the
+    complete result (here: nothing left to run) writes them there again, unchanged."""
+    monkeypatch.setattr(report_module, "INLINE_FAULTS", 0)  # every table is long
+    p, path = sweep_plan(), tmp_path / "p.json"
+    done = {i: report(r.config) for i, r in enumerate(p.runs)}
+    for i, rep in done.items():
+        rep.faults = FaultTable(np.arange(3.0) + i, np.full(3, 100.0 + i), np.zeros(3, np.int16))
+    ordered = p.ordered(done)
+    comp = Companion(str(path))
+    write_json(str(path), p.stamp(sweep.to_json([r.saved(rep) for r, rep in ordered], comp),
+                                  [r for r, _ in ordered]), comp)
+    assert all(isinstance(e["report"]["faults"], dict) and e["report"]["faults"]["npz"] == "p.faults.npz"
+               for e in json.loads(path.read_text()))
+    assert {i: rep.faults for i, rep in p.resume(str(path)).items()} == {i: rep.faults for i, rep in done.items()}
+
+    code, out, err = run_main(capsys, *SWEEP, "--json", str(path), "--resume", str(path))
+    assert code == 0, err
+    assert f"nothing to run: every run is in {path}" in err
+    assert [s.report.faults for s in load_runs(str(path))] == [done[i].faults for i in range(len(p.runs))]
+    assert json.loads(path.read_text())[3]["report"]["faults"]["npz"] == "p.faults.npz"
 
 
 @pytest.mark.parametrize("change,text", [
