@@ -9,19 +9,21 @@ import os
 import re
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from . import memory
-from . import sweep
-from .compare import PRESETS, MODE_VARIANTS, SeriesInterrupted, compare, format_table, plan
-from .compare import Cell
+from . import compare, memory, series, sweep
+from .compare import PRESETS, MODE_VARIANTS, Cell, format_table, plan
 from .config import MODES, WORKLOADS, Config, ConfigError
 from .controller import Migration
 from .policies import load_entry_points, load_policy
 from .progress import LiveStatus
 from .report import Companion, Report, SavedRun, load_runs, write_json
+from .series import SeriesInterrupted
 from .stats import format_dist
 from .units import UnitError, fmt_size, parse_size
+
+if TYPE_CHECKING:  # imported when --cluster is given: it needs dask
+    from . import cluster
 
 EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -233,6 +235,7 @@ def _compare_log(ui: LiveStatus, quiet: bool) -> Callable[[str], None]:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
+    target = _cluster_target(ns)
     base = dict(PRESETS[ns.preset]) if ns.preset else {}
     base.update(_config_kwargs(ns))
     modes = _list_arg(ns.modes, "--modes") if ns.modes else base.pop("modes", list(MODE_VARIANTS))
@@ -252,57 +255,116 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
     by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
                     for hp, over in (by_host_page or {}).items()}
-    cells = list(plan(base, modes, pages, 1, by_host_page))  # what runs; a row may leave a mode out
-    widest = max(([lb for lb, h in cells if h == hp] for hp in pages), key=len, default=[])
-    labels = list(dict.fromkeys(widest + [lb for lb, _ in cells]))
+    plans = plan(base, modes, pages, ns.repeat or 1, by_host_page)  # what runs; a row may leave a mode out
+    widest = max(([lb for lb, h in plans if h == hp] for hp in pages), key=len, default=[])
+    labels = list(dict.fromkeys(widest + [lb for lb, _ in plans]))
+    p = compare.planned(plans)
+    done = p.resume(ns.resume) if ns.resume else {}
     _plot_check(ns.plot)
     check_output("--json", ns.json)
-    ui = LiveStatus(enabled=_live(ns))
-    try:
-        with ui:
-            results = compare(base, modes, pages, log=_compare_log(ui, ns.quiet), repeat=ns.repeat or 1,
-                              by_host_page=by_host_page, on_sample=ui.on_sample)
-        interrupted = None
-    except SeriesInterrupted as e:  # one Ctrl-C stops the whole compare; what finished is kept
-        results, interrupted = e.results or {}, e
-    lost = []
+    factors = compare.ran_at(p, done)  # rows resumed run on the clock they began with
+    todo = compare.with_factors(p.missing(done), factors)
+    ui = LiveStatus(len(todo), enabled=_live(ns))
+    log = _compare_log(ui, ns.quiet)
+    for hp, d in factors.items():
+        if any(r.host_page == hp for r in todo):
+            log(f"time dilation for {fmt_size(hp)} pages: {d.factor:g}x, as its runs in {ns.resume} had")
+
+    def here() -> dict[int, Report]:
+        factors.update(compare.calibrate(todo, log, known=factors))
+        runs = compare.with_factors(todo, factors)
+        return series.run_local(runs, compare.announce(log, len(runs)), ui.on_sample, log)
+
+    with ui:
+        new, interrupted = _run_series(ns, target, todo, ui, log, here)
+    results = {**done, **new}
+    compare.note_calibration(results, p.runs, factors)
+    if target is not None:
+        for line in compare.dilation_notes(p, results, factors):
+            log(line)
+    ordered = p.ordered(results)
+    unwritten = []
     if ns.json:
-        lost = _write_or_print("--json", ns.json, lambda comp: [
-            {"mode": m, "host_page": hp, "run": i, "report": r.to_dict(comp)}
-            for (m, hp), c in results.items() for i, r in enumerate(c.reports)])
-    print(format_table(results, labels, pages, qemu))
-    _plot([SavedRun(m, hp, r) for (m, hp), c in results.items() for r in c.reports], ns.plot, ns.quiet)
-    for (m, hp), c in results.items():
-        for r in c.reports:
-            if not r.ok:
-                error(f"{m} with {fmt_size(hp)} host pages: {r.error or r.status}")
-    for line in lost:
+        unwritten = _write_or_print("--json", ns.json, lambda comp: p.stamp(
+            [{"mode": r.mode, "host_page": r.host_page, "run": r.run, "report": rep.to_dict(comp)}
+             for r, rep in ordered], [r for r, _ in ordered]))
+    cells = compare.cells(p, results)
+    print(format_table(cells, labels, pages, qemu))
+    _plot([r.saved(rep) for r, rep in ordered], ns.plot, ns.quiet)
+    for r, rep in ordered:
+        if not rep.ok:
+            error(f"{r.mode} with {fmt_size(r.host_page)} host pages: {rep.error or rep.status}{_where(rep)}")
+    for line in unwritten:
         error(line)
-    if interrupted is not None:
-        done = sum(len(c.reports) for c in results.values())
-        print(f"shmig: interrupted: {done} of {interrupted.total} runs finished", file=sys.stderr)
+    if interrupted:
+        print(f"shmig: interrupted: {len(results)} of {len(p.runs)} runs finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0 if all(c.ok for c in results.values()) and not lost else EXIT_FAILED
+    return 0 if all(c.ok for c in cells.values()) and not unwritten else EXIT_FAILED
 
 
 def cmd_sweep(ns: argparse.Namespace) -> int:
+    target = _cluster_target(ns)
     knob = sweep.knob_name(ns.knob, CONFIG_KEYS)
     modes = _list_arg(ns.modes, "--modes") if ns.modes else [Config.mode]
-    runs = sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes)
+    p = sweep.planned(knob, sweep.plan(_config_kwargs(ns), knob, ns.values.split(","), modes))
+    done = p.resume(ns.resume) if ns.resume else {}
     _plot_check(ns.plot)
     check_output("--json", ns.json)
-    with LiveStatus(len(runs), enabled=_live(ns), announce=not ns.quiet) as ui:
-        done, interrupted = sweep.sweep(knob, runs, ui)
-    lost = _write_or_print("--json", ns.json, lambda comp: sweep.to_json(done, comp)) if ns.json else []
-    if done:
-        print(sweep.format_sweep(done))
-    _plot(done, ns.plot, ns.quiet)
-    for line in lost:
+    todo = p.missing(done)
+    with LiveStatus(len(todo), enabled=_live(ns), announce=not ns.quiet) as ui:
+        log = ui.log if ui.announce else None
+        new, interrupted = _run_series(ns, target, todo, ui, log, lambda: series.run_local(
+            todo, lambda _, r: ui.begin(r.name), ui.on_sample, log))
+    results = {**done, **new}
+    ordered = p.ordered(results)
+    saved = [r.saved(rep) for r, rep in ordered]
+    unwritten = (_write_or_print("--json", ns.json, lambda comp: p.stamp(sweep.to_json(saved, comp),
+                                                                        [r for r, _ in ordered])) if ns.json else [])
+    if saved:
+        print(sweep.format_sweep(saved))
+    _plot(saved, ns.plot, ns.quiet)
+    for line in unwritten:
         error(line)
     if interrupted:
-        print(f"shmig: interrupted: {len(done)} of {len(runs)} runs finished", file=sys.stderr)
+        print(f"shmig: interrupted: {len(results)} of {len(p.runs)} runs finished", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0 if all(r.report.ok for r in done) and not lost else EXIT_FAILED
+    return 0 if all(r.report.ok for r in saved) and not unwritten else EXIT_FAILED
+
+
+def _cluster_target(ns: argparse.Namespace) -> cluster.Target | None:
+    """``--cluster``, checked before anything else: dask is there and the address reads."""
+    if not ns.cluster:
+        return None
+    try:
+        from . import cluster
+    except ImportError as e:
+        raise ConfigError(f"--cluster needs dask.distributed ({e}): pip install -e '.[cluster]'") from None
+    return cluster.Target.parse(ns.cluster)
+
+
+def _run_series(ns: argparse.Namespace, target: cluster.Target | None, todo: list[series.PlannedRun], ui: LiveStatus,
+                log: Callable[[str], None] | None,
+                here: Callable[[], dict[int, Report]]) -> tuple[dict[int, Report], bool]:
+    """The runs still to do, here (``here()``) or on the cluster: (reports by plan index, whether
+    Ctrl-C stopped them)."""
+    if not todo:
+        if log:
+            log(f"nothing to run: every run is in {ns.resume}")
+        return {}, False
+    try:
+        if target is None:
+            return here(), False
+        from . import cluster
+
+        with cluster.Session(target, log) as session:
+            return session.run(todo, ui, log, ns.policy or ()), False
+    except SeriesInterrupted as e:  # one Ctrl-C stops the whole series; what finished is kept
+        return e.results or {}, True
+
+
+def _where(rep: Report) -> str:
+    """Where a run on a cluster ran, for its error line."""
+    return f" (on {rep.host.get('hostname') or rep.host['worker']})" if rep.host.get("worker") else ""
 
 
 def cmd_plot(ns: argparse.Namespace) -> int:
@@ -348,6 +410,18 @@ def cmd_clean(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _series_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster", metavar="ADDRESS",
+                   help="run every run on a dask.distributed cluster, one at a time per worker: a scheduler's"
+                        " address (tcp://host:8786; start workers with `dask worker ADDRESS --nthreads 1"
+                        " --resources shmig=1`, one per machine), or local:N to start N single-threaded workers"
+                        " on this machine, whose runs then share its cores and interfere with each other's"
+                        " timings (for trying it out). Needs pip install -e '.[cluster]'")
+    p.add_argument("--resume", metavar="PARTIAL.json",
+                   help="continue an interrupted run of this same command: PARTIAL.json is what its --json"
+                        " wrote; only the runs missing from it run, and the result holds them all")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shmig", description="QEMU postcopy live migration with postcopy"
                                 " preemption, emulated on one machine.", epilog=UNITS_HELP, allow_abbrev=False)
@@ -370,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
                         " (for cells with few faults, e.g. 1GiB pages)")
     c.add_argument("--json", metavar="PATH", help="write every report as JSON")
     c.add_argument("--plot", metavar="PNG", help="draw the fault-latency distributions (needs matplotlib)")
+    _series_args(c)
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_compare)
     s = sub.add_parser("sweep", help="run one option over several values (and modes) and print one table",
@@ -387,6 +462,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", metavar="PATH", help="write every report as JSON")
     s.add_argument("--plot", metavar="PNG", help="draw p50/p99 latency, guest progress and total time"
                    " against KNOB (needs matplotlib)")
+    _series_args(s)
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_sweep)
     pl = sub.add_parser("plot", help="draw saved reports (run, compare or sweep --json) into a picture",

@@ -11,6 +11,7 @@ from .config import Config
 from .controller import run
 from .timeline import Sample
 from .report import Report
+from .series import Plan, PlannedRun, SeriesInterrupted, run_local
 from .units import fmt_size
 
 # the columns of the postcopy-preempt cover letter, plus 10.1's hint
@@ -87,28 +88,6 @@ def label_of(cfg: Config) -> str:
     return cfg.mode + ("-nobreak" if not cfg.break_huge else "") + ("-hint" if cfg.page_hint else "")
 
 
-class SeriesInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a series of runs (compare, sweep): the whole series stops, not just the run
-    it landed in. ``results`` holds what had finished, for the caller to print and save."""
-
-    def __init__(self, results: Any = None, total: int = 0):
-        super().__init__("interrupted")
-        self.results = results
-        self.total = total
-
-
-def run_one(cfg: Config, on_sample: Callable[[Sample], None] | None = None) -> Report:
-    """One run of a series. A Ctrl-C, whether it lands in the run (which then reports itself
-    interrupted) or around it, raises SeriesInterrupted."""
-    try:
-        rep = run(cfg, on_sample)
-    except KeyboardInterrupt:
-        raise SeriesInterrupted() from None
-    if rep.interrupted:
-        raise SeriesInterrupted()
-    return rep
-
-
 @dataclass
 class Cell:
     """One (mode, host page) of a compare: one run, or several with different seeds, pooled."""
@@ -153,46 +132,139 @@ def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int], 
     return plans
 
 
+@dataclass(frozen=True)
+class Dilation:
+    """A row's ``--time-dilation auto``, resolved: the factor its modes share, and what each factor
+    tried on each mode carried (the report's ``time_dilation.calibration``)."""
+
+    factor: float
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+
+
+def planned(plans: dict[tuple[str, int], tuple[Config, int]]) -> Plan:
+    """``plan``'s cells as runs, in plan order: each cell's runs with seeds seed, seed + 1, ...
+    With ``time_dilation="auto"`` a run carries its row's configs (one per mode): the row is
+    calibrated together, on the machine that runs it, and the largest factor is kept."""
+    rows = {hp: tuple(cfg for (_, h), (cfg, _) in plans.items() if h == hp and cfg.time_dilation == "auto")
+            for _, hp in plans}
+    runs: list[PlannedRun] = []
+    for (m, hp), (cfg, n) in plans.items():
+        for i in range(n):
+            runs.append(PlannedRun(len(runs), f"{m} with {fmt_size(hp)} host pages"
+                                   + (f" (seed {cfg.seed + i})" if n > 1 else ""),
+                                   dataclasses.replace(cfg, seed=cfg.seed + i), m, hp, run=i,
+                                   calibrate=rows[hp] if cfg.time_dilation == "auto" else ()))
+    return Plan("compare", tuple(runs))
+
+
+def calibrate_row(row: Sequence[Config], start: float = 1.0) -> Dilation:
+    """The largest factor any mode of the row needs on this machine (none below ``start``), and
+    every factor tried, each with the mode it was tried on."""
+    factor, tried = start, []
+    for cfg in row:
+        factor, t = calibrate_dilation(cfg, run, start=factor)
+        tried += [{"mode": label_of(cfg), **x} for x in t]
+    return Dilation(factor, tried)
+
+
+def calibrate(runs: Sequence[PlannedRun], log: Callable[[str], None] | None = None,
+              known: dict[int, Dilation] | None = None) -> dict[int, Dilation]:
+    """``time_dilation="auto"`` here, per host page size (a row), on every mode of the row: the
+    largest factor is kept, so the modes of a row run on the same clock and none of them outruns
+    the machine. Rows in ``known`` keep their factor."""
+    out = dict(known or {})
+    factor = 1.0
+    rows = {r.host_page: r.calibrate for r in runs if r.calibrate}
+    for hp in sorted(rows, reverse=True):  # a smaller host page costs the machine at least as much per
+        # byte (more frames, more faults), so its search starts where the larger page's ended
+        if hp in out:
+            continue
+        out[hp] = row = calibrate_row(rows[hp], start=factor)
+        factor = row.factor
+        if log:
+            log(f"time dilation for {fmt_size(hp)} pages: {factor:g}x (calibrated on"
+                f" {', '.join(label_of(c) for c in rows[hp])})")
+    return out
+
+
+def ran_at(plan: Plan, done: dict[int, Report]) -> dict[int, Dilation]:
+    """``--resume``: the factor each ``auto`` row already ran at, where its runs agree on one, so
+    the runs still to come share it."""
+    out: dict[int, Dilation] = {}
+    for hp in dict.fromkeys(r.host_page for r in plan.runs if r.calibrate):
+        reps = [rep for r, rep in plan.ordered(done) if r.host_page == hp and r.calibrate
+                and rep.time_dilation.get("factor") is not None]  # a run that failed early has none
+        factors = {rep.time_dilation["factor"] for rep in reps}
+        if len(factors) == 1:
+            out[hp] = Dilation(float(factors.pop()), list(reps[0].time_dilation.get("calibration", [])))
+    return out
+
+
+def with_factors(runs: Sequence[PlannedRun], factors: dict[int, Dilation]) -> list[PlannedRun]:
+    """The runs of rows with a known factor set to it; the other ``auto`` rows are left as they are."""
+    return [r.with_factor(factors[r.host_page].factor) if r.calibrate and r.host_page in factors else r
+            for r in runs]
+
+
+def note_calibration(results: dict[int, Report], runs: Sequence[PlannedRun], factors: dict[int, Dilation]) -> None:
+    """Every report of a row calibrated before it ran says what the calibration measured."""
+    for r in runs:
+        if r.calibrate and r.host_page in factors and r.index in results:
+            results[r.index].time_dilation["calibration"] = factors[r.host_page].calibration
+
+
+def dilation_notes(plan: Plan, results: dict[int, Report], known: dict[int, Dilation]) -> list[str]:
+    """On a cluster each worker calibrates an ``auto`` row itself (unless its factor is ``known``):
+    the factor the row ran at, or a warning where workers disagreed (its modes then did not all run
+    on one clock)."""
+    lines = []
+    for hp in dict.fromkeys(r.host_page for r in plan.runs if r.calibrate and r.host_page not in known):
+        where: dict[float, set[str]] = {}
+        for r, rep in plan.ordered(results):
+            if r.host_page == hp and r.calibrate and "factor" in rep.time_dilation:
+                where.setdefault(rep.time_dilation["factor"], set()).add(str(rep.host.get("worker")))
+        if len(where) == 1:
+            lines.append(f"time dilation for {fmt_size(hp)} pages: {next(iter(where)):g}x (calibrated on each worker"
+                         f" over every mode of the row)")
+        elif where:
+            lines.append(f"warning: time dilation for {fmt_size(hp)} pages differs between workers ("
+                         + "; ".join(f"{f:g}x on {', '.join(sorted(h))}" for f, h in sorted(where.items()))
+                         + "): the modes of that row did not all run on one clock")
+    return lines
+
+
+def cells(plan: Plan, results: dict[int, Report]) -> dict[tuple[str, int], Cell]:
+    """The results by (label, host page), every cell's runs in seed order, cells in plan order."""
+    out: dict[tuple[str, int], Cell] = {}
+    for r, rep in plan.ordered(results):
+        out.setdefault((r.mode, r.host_page), Cell()).reports.append(rep)
+    return out
+
+
+def announce(log: Callable[[str], None], total: int) -> Callable[[int, PlannedRun], None]:
+    """What compare logs before each run (the CLI's live line reads it: cli.COMPARE_RUN)."""
+    def begin(k: int, r: PlannedRun) -> None:
+        log(f"[{k}/{total}] running {r.name} ...")
+    return begin
+
+
 def compare(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int],
             log: Callable[[str], None] | None = None, repeat: int = 1,
             by_host_page: dict[int, dict[str, Any]] | None = None,
             on_sample: Callable[[Sample], None] | None = None) -> dict[tuple[str, int], Cell]:
-    """Run every cell of ``plan`` ``repeat`` times (seeds ``seed``, ``seed + 1``, ...), keyed by
-    (label, host page). ``time_dilation="auto"`` is calibrated per host page size on every mode,
-    and the largest factor is kept, so the modes of a row run on the same clock and none of them
-    outruns the machine. Ctrl-C raises SeriesInterrupted with the cells finished so far."""
-    plans = plan(base, modes, host_pages, repeat, by_host_page)
-    factor = 1.0
-    for hp in sorted(host_pages, reverse=True):  # "auto": per row, the factor every mode sustains;
-        # a smaller host page costs the machine at least as much per byte (more frames, more
-        # faults), so its search starts where the larger page's ended
-        row = [(m, cfg) for (m, h), (cfg, _) in plans.items() if h == hp and cfg.time_dilation == "auto"]
-        for _, cfg in row:
-            factor, _ = calibrate_dilation(cfg, run, start=factor)
-        for _, cfg in row:
-            cfg.time_dilation = factor
-        if row and log:
-            log(f"time dilation for {fmt_size(hp)} pages: {factor:g}x (calibrated on {', '.join(m for m, _ in row)})")
-    total = sum(n for _, n in plans.values())
-    out: dict[tuple[str, int], Cell] = {}
-    done = 0
-    for (m, hp), (cfg, n) in plans.items():
-        cell = out[(m, hp)] = Cell()
-        for i in range(n):
-            done += 1
-            if log:
-                log(f"[{done}/{total}] running {m} with {fmt_size(hp)} host pages"
-                    + (f" (seed {cfg.seed + i})" if n > 1 else "") + " ...")
-            try:
-                rep = run_one(dataclasses.replace(cfg, seed=cfg.seed + i), on_sample)
-            except SeriesInterrupted:
-                if not cell.reports:
-                    del out[(m, hp)]
-                raise SeriesInterrupted(out, total) from None
-            cell.reports.append(rep)
-            if log and not rep.ok:
-                log(f"  {m} {fmt_size(hp)}: {rep.status}: {rep.error}")
-    return out
+    """Run every cell of ``plan`` ``repeat`` times (seeds ``seed``, ``seed + 1``, ...), here, keyed
+    by (label, host page); ``auto`` rows are calibrated first (``calibrate``). Ctrl-C raises
+    SeriesInterrupted with the cells finished so far."""
+    p = planned(plan(base, modes, host_pages, repeat, by_host_page))
+    factors = calibrate(p.runs, log)
+    runs = with_factors(p.runs, factors)
+    try:
+        results = run_local(runs, announce(log or (lambda _: None), len(runs)), on_sample, log)
+    except SeriesInterrupted as e:
+        note_calibration(e.results, p.runs, factors)
+        raise SeriesInterrupted(cells(p, e.results), len(runs)) from None
+    note_calibration(results, p.runs, factors)
+    return cells(p, results)
 
 
 def _ms(us: float | None) -> str:

@@ -53,6 +53,15 @@ def status_text(s: Sample, rate_bps: float | None) -> str:
     return "  ".join(parts)
 
 
+def cells_text(total: int, done: int, failed: int, running: list[str], elapsed: float) -> str:
+    """The line of a series on a cluster: runs done, failed and running (by name), and time left:
+    the runs still to go at the rate runs have finished so far (several finish per run time)."""
+    left = "time left: ?" if not done else f"~{_duration(elapsed / done * (total - done))} left"
+    parts = [f"{done}/{total} done"] + ([f"{failed} failed"] if failed else [])
+    parts += [f"{len(running)} running" + (": " + ", ".join(running) if running else ""), left]
+    return " · ".join(parts)
+
+
 class LiveStatus:
     """A live line on stderr for one run or a series of runs ("run 2 of 6", time left).
 
@@ -67,6 +76,7 @@ class LiveStatus:
         self.index = 0
         self.label = ""
         self.t_run = time.monotonic()
+        self.t_cells: float | None = None  # when the first cell went to a cluster
         self.durations: list[float] = []
         self.samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=RATE_WINDOW + 1)
         self._live: Any = None
@@ -125,6 +135,15 @@ class LiveStatus:
             head = f"run {self.index}/{self.total}" if self.total > 1 else ""
             head = " · ".join(x for x in (head, self.label, self.eta()) if x)
             line = f"[{head}] {line}"
+        self._show(line)
+
+    def cells(self, done: int, failed: int, running: list[str]) -> None:
+        """A series on a cluster: several runs at once, elsewhere, sending no samples."""
+        if self.t_cells is None:
+            self.t_cells = time.monotonic()
+        self._show(cells_text(self.total, done, failed, running, time.monotonic() - self.t_cells))
+
+    def _show(self, line: str) -> None:
         if self._live is not None:
             from rich.text import Text
 

@@ -2,17 +2,18 @@
 
 Every configuration is built and validated before the first run, so a bad value fails in one line
 with nothing allocated. Ctrl-C stops the sweep as a whole: the runs that finished are kept (the
-CLI prints and saves them) and the one that was interrupted is dropped.
+CLI prints and saves them, and ``--resume`` continues from them) and the one that was interrupted
+is dropped. The runs go through ``shmig.series`` (here) or ``shmig.cluster`` (``--cluster``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .compare import MODE_VARIANTS, SeriesInterrupted, markdown_table, run_one
+from .compare import MODE_VARIANTS, markdown_table
 from .config import Config, ConfigError
-from .progress import LiveStatus
 from .report import Companion, SavedRun
+from .series import Plan, PlannedRun
 from .units import fmt_size
 
 
@@ -58,19 +59,10 @@ def plan(base: dict[str, Any], knob: str, values: Sequence[str], modes: Sequence
     return out
 
 
-def sweep(knob: str, runs: Sequence[tuple[str, str, Config]], ui: LiveStatus) -> tuple[list[SavedRun], bool]:
-    """Run the plan in order. Returns the finished runs and whether Ctrl-C stopped the sweep."""
-    done: list[SavedRun] = []
-    try:
-        for value, mode, cfg in runs:
-            ui.begin(f"{mode} {knob.replace('_', '-')}={value}")
-            rep = run_one(cfg, on_sample=ui.on_sample)
-            done.append(SavedRun(mode, cfg.host_page, rep, knob, value))
-            if not rep.ok and ui.announce:
-                ui.log(f"  {mode} {knob}={value}: {rep.status}: {rep.error}")
-    except SeriesInterrupted:
-        return done, True
-    return done, False
+def planned(knob: str, runs: Sequence[tuple[str, str, Config]]) -> Plan:
+    """``plan``'s runs with their places, named as the live line and the logs name them."""
+    return Plan("sweep", tuple(PlannedRun(i, f"{mode} {knob.replace('_', '-')}={value}", cfg, mode, cfg.host_page,
+                                          knob=knob, value=value) for i, (value, mode, cfg) in enumerate(runs)))
 
 
 def _ms(us: float | None) -> str:

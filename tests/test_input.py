@@ -1,6 +1,6 @@
 """Issue 9, "tried as a new user would": input that is never misread, output that is never lost, a
 report that never lies. Each test here failed before the change it pins. (Ctrl-C during a sweep is
-tests/test_sweep.py's; it goes through the same compare.run_one.)"""
+tests/test_sweep.py's; it goes through the same series.run_one.)"""
 
 from __future__ import annotations
 
