@@ -102,6 +102,7 @@ class Migration:
         self.t0 = time.monotonic_ns()
         self.paused_roles: set[Role] = set()  # postcopy recovery: who has paused in this episode
         self.recover_at: float | None = None  # when recover_after has passed
+        self.on_end: Callable[[GuestMemory], None] | None = None  # called in wait() before RAM is released
         self._lock = threading.RLock()  # recover() may come from another thread than wait()
 
     # -- start ----------------------------------------------------------------
@@ -148,6 +149,16 @@ class Migration:
         with self._lock:
             sup = self._running()
             sup.proc(sup.plan.source).send(Ctl.START_POSTCOPY)
+
+    def pause(self) -> None:
+        """QMP migrate-pause: mig/src shuts its channels down before its next frame, as a dropped
+        connection would (migration.c qmp_migrate_pause); the run then pauses as on a fault."""
+        with self._lock:
+            self._running()
+            if self.phase != "postcopy":
+                raise RuntimeError(f"migrate-pause is only allowed during postcopy, not in {self.phase}")
+            assert self.mem is not None
+            self.mem.ctl[memory.PAUSE_REQUESTED] = 1
 
     def wait_for_pause(self, timeout: float | None = None) -> bool:
         """Run the migration until the source and every destination receiver are postcopy-paused
@@ -203,6 +214,8 @@ class Migration:
                 if self.sup is not None:
                     self.sup.close()  # every child gone: what they counted is all there is
                 self.record = self._record()
+                if self.on_end is not None and self.mem is not None:
+                    self.on_end(self.mem)  # the last look at guest RAM before it is released
             finally:
                 self.close()
             report = build_report(self.record)
