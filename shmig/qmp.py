@@ -12,8 +12,8 @@ found", "Parameter 'x' is missing/unexpected", "Invalid parameter type for 'x', 
 
 The server runs an asyncio loop on its own thread; every command runs on a worker thread (a
 command that blocks, pmemsave of a large guest, never stalls another client). ``emit()`` is
-thread-safe. A line longer than ``MAX_LINE`` drops that client alone, as QEMU's json-streamer
-drops a runaway token; nothing a client sends reaches a traceback.
+thread-safe. A value longer than ``MAX_LINE`` is an error reply, as QEMU's json-streamer
+answers a runaway token; nothing a client sends reaches a traceback.
 """
 
 from __future__ import annotations
@@ -28,8 +28,63 @@ from typing import Any, Callable
 
 from .errors import ConfigError
 
-MAX_LINE = 1 << 20  # a request never needs more; QEMU's streamer gives up at MAX_TOKEN_SIZE (64 MiB)
+MAX_LINE = 1 << 20  # a request never needs more (QEMU's streamer: MAX_TOKEN_SIZE, 64 MiB)
+MAX_NESTING = 1024  # json-streamer.c MAX_NESTING
 _TYPES = {bool: "boolean", int: "integer", str: "string", dict: "object", list: "array", float: "number"}
+
+
+class JsonStreamer:
+    """qobject/json-streamer.c: QMP is a stream of JSON values, not of lines (qemu.qmp sends no
+    newline). A value ends when its braces and brackets balance; a bare token ends at whitespace.
+    Too long or too deep a value is an error and the stream starts again, as QEMU does."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.depth = 0
+        self.in_string = self.escape = False
+
+    def feed(self, data: bytes) -> list[bytes | QmpError]:
+        out: list[bytes | QmpError] = []
+        for c in data:
+            if self.in_string:
+                self.buf.append(c)
+                if self.escape:
+                    self.escape = False
+                elif c == 0x5C:  # backslash
+                    self.escape = True
+                elif c == 0x22:
+                    self.in_string = False
+            elif c in b" \t\r\n":
+                if self.depth == 0 and self.buf:
+                    out.append(self._take())
+                elif self.buf:
+                    self.buf.append(c)
+            else:
+                if c in b"{[" and self.depth == 0 and self.buf:
+                    out.append(self._take())
+                self.buf.append(c)
+                if c == 0x22:
+                    self.in_string = True
+                elif c in b"{[":
+                    self.depth += 1
+                elif c in b"}]":
+                    self.depth -= 1
+                    if self.depth <= 0:
+                        out.append(self._take())
+            if len(self.buf) > MAX_LINE:
+                self._take()
+                out.append(QmpError("JSON token size limit exceeded"))
+            elif self.depth > MAX_NESTING:
+                self._take()
+                out.append(QmpError("JSON nesting depth limit exceeded"))
+        return out
+
+    def _take(self) -> bytes:
+        b = bytes(self.buf)
+        self.buf.clear()
+        self.depth = 0
+        self.in_string = self.escape = False
+        return b
 
 
 class QmpError(Exception):
@@ -128,22 +183,22 @@ class Monitor:
         negotiated = False
         try:
             self._send(writer, {"QMP": {"version": self.version, "capabilities": []}})
+            stream = JsonStreamer()
             while True:
-                try:
-                    line = await reader.readline()
-                except (asyncio.LimitOverrunError, ValueError):
-                    return  # a runaway line: this client alone is dropped
-                if not line:
+                data = await reader.read(65536)
+                if not data:
                     return
-                if not line.strip():
-                    continue
-                reply, negotiated = await self._dispatch(line, negotiated)
-                if negotiated:
-                    self.clients.add(writer)
-                self._send(writer, reply)
+                for item in stream.feed(data):
+                    if isinstance(item, QmpError):
+                        reply = _error(item)
+                    else:
+                        reply, negotiated = await self._dispatch(item, negotiated)
+                    if negotiated:
+                        self.clients.add(writer)
+                    self._send(writer, reply)
                 await writer.drain()
-        except (ConnectionError, OSError):
-            pass
+        except (ConnectionError, OSError, asyncio.CancelledError):
+            pass  # the client went, or the monitor closes
         finally:
             self.clients.discard(writer)
             writer.close()
@@ -205,8 +260,10 @@ class Monitor:
             async def stop() -> None:
                 if getattr(self, "server", None) is not None:
                     self.server.close()
-                for w in list(self.clients):
-                    w.close()
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
                 self.loop.stop()
             asyncio.run_coroutine_threadsafe(stop(), self.loop)
             self.thread.join(5)

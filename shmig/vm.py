@@ -34,12 +34,12 @@ CAPABILITIES = ("events", "postcopy-ram", "postcopy-preempt", "postcopy-blocktim
 PARAMETERS: dict[str, tuple[str, Callable[[int], Any]]] = {
     "max-bandwidth": ("max_bandwidth", lambda v: float(v)),  # bytes/s both
     "max-postcopy-bandwidth": ("max_postcopy_bandwidth", lambda v: float(v)),
-    "downtime-limit": ("downtime_limit", lambda v: v / 1000.0),  # ms -> s
+    "downtime-limit": ("downtime_limit", lambda v: v / 1000.0),  # ms -> s (0: switch only when done)
     "multifd-channels": ("", int),
 }
 DEFAULT_PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
                       "multifd-channels": 2}
-SRC_ORDER = ("setup", "active", "postcopy-active")
+LINEAR = ("none", "setup", "active", "device", "postcopy-active", "completed")  # without pause and recovery
 PHASE_STATUS = {"setup": "setup", "precopy": "active", "switchover": "active", "postcopy": "postcopy-active",
                 "postcopy-paused": "postcopy-paused", "postcopy-recover": "postcopy-recover"}
 
@@ -66,10 +66,10 @@ def settings_to_config(caps: dict[str, bool], params: dict[str, int], version: s
         kw["page_hint"] = (major, minor) >= (10, 1)
     else:
         kw["mode"] = "preempt"
-    for name, value in params.items():
+    for name, value in params.items():  # only those a client set: shmig's defaults otherwise
         field, conv = PARAMETERS[name]
         if field:
-            kw[field] = conv(value) if value else None if field != "downtime_limit" else 0.0
+            kw[field] = conv(value) if value or field == "downtime_limit" else None  # 0 = no limit
     return kw
 
 
@@ -100,7 +100,8 @@ class Pair:
         caps = self.src.caps
         if caps["postcopy-ram"] and not self.dst.caps["postcopy-ram"]:
             raise QmpError("the destination does not have postcopy-ram: set it there too, as QEMU needs")
-        kw = {**self.base, **settings_to_config(caps, self.src.params, self.version)}
+        explicit = {k: v for k, v in self.src.params.items() if k in self.src.params_set}
+        kw = {**self.base, **settings_to_config(caps, explicit, self.version)}
         kw["precopy_rounds"] = None  # switchover is migrate-start-postcopy's
         kw["recover_after"] = None  # a paused migration waits for migrate-recover
         self.mig = Migration(Config(**kw), on_sample=self._on_sample)
@@ -122,6 +123,9 @@ class Pair:
             from .report import write_json
             write_json(self.json_path, report.to_dict())
         for vm in (self.src, self.dst):
+            if report.ok:
+                vm.set_status("active")
+                vm.set_status("device" if report.postcopy_phase_ms is None else "postcopy-active")
             vm.set_status("completed" if report.ok else "failed")
         self.dst.run_state("running", "RESUME")
         self.src.run_state("postmigrate")
@@ -162,6 +166,7 @@ class VM:
         self.monitor: Monitor | None = None
         self.caps = {c: False for c in CAPABILITIES}
         self.params = dict(DEFAULT_PARAMETERS)
+        self.params_set: set[str] = set()  # the parameters a client set (the others keep shmig's defaults)
         self.status = "none"
         self.state = "running" if side == "source" else "inmigrate"
         self.incoming = False
@@ -174,15 +179,21 @@ class VM:
             self.monitor.emit(name, data)
 
     def set_status(self, status: str) -> None:
-        """A MIGRATION event for every status passed on the way, in QEMU's order."""
+        """A MIGRATION event for every status passed on the way, in QEMU's order (a fast run may
+        go by a status between two samples; QEMU would still have announced it)."""
         with self.pair.lock:
             if status == self.status or self.status in ("completed", "failed", "cancelled"):
                 return
             steps = [status]
-            if status in SRC_ORDER and self.status in SRC_ORDER + ("none",):
-                lo = SRC_ORDER.index(self.status) + 1 if self.status in SRC_ORDER else 0
-                steps = list(SRC_ORDER[lo:SRC_ORDER.index(status) + 1])
-            if status == "postcopy-recover" and self.status == "postcopy-paused":
+            if status in LINEAR and self.status in LINEAR:
+                lo, hi = LINEAR.index(self.status), LINEAR.index(status)
+                if hi < lo:
+                    return  # a late sample of a phase already announced
+                steps = [st for st in LINEAR[lo + 1:hi + 1] if st not in ("device", "postcopy-active")] \
+                    if lo < LINEAR.index("active") else [status]
+                if steps[-1] != status:
+                    steps.append(status)
+            elif status == "postcopy-recover" and self.status == "postcopy-paused":
                 steps = ["postcopy-recover-setup", status]
             for st in steps:
                 self.status = st
@@ -265,6 +276,7 @@ class VM:
             if v < 0:
                 raise QmpError(f"Parameter '{k.replace('_', '-')}' expects a non-negative value")
         self.params.update({k.replace("_", "-"): v for k, v in kw.items()})
+        self.params_set.update(k.replace("_", "-") for k in kw)
 
     def migrate_incoming(self, uri: str | None = None, channels: list | None = None,
                          exit_on_error: bool = True) -> None:
@@ -369,7 +381,7 @@ class VM:
                 out["error-desc"] = rep.error
         elif self.side == "source" and getattr(pair, "last", None) is not None and pair.mig is not None:
             s: Sample = pair.last
-            page = pair.mig.cfg.page_size if hasattr(pair.mig.cfg, "page_size") else 4096
+            page = 4096  # target page
             out["total-time"] = int(s.t_ms)
             out["ram"] = {"transferred": s.precopy_bytes + s.postcopy_bytes, "remaining": s.remaining_pages * page,
                           "total": int(pair.mig.cfg.ram), "dirty-sync-count": s.rounds + 1,
