@@ -24,6 +24,7 @@ import numpy as np
 
 from .config import Config
 from .controller import Migration
+from .errors import ConfigError
 from .memory import GuestMemory
 from .qmp import Arg, Command, Monitor, QmpError
 from .report import Report
@@ -78,7 +79,11 @@ class Pair:
 
     def __init__(self, base: dict[str, Any], qmp_src: str, qmp_dst: str, qemu_version: str = "10.2.50",
                  json_path: str | None = None):
-        Config(**base).validate()  # bad run options fail before anything listens
+        Config.from_strings(**base).validate()  # bad run options fail before anything listens
+        try:
+            version_dict(qemu_version)
+        except ValueError:
+            raise ConfigError(f"--qemu-version {qemu_version!r}: use MAJOR.MINOR[.MICRO], e.g. 7.2 or 10.2.50") from None
         self.base, self.version, self.json_path = dict(base), qemu_version, json_path
         self.mig: Migration | None = None
         self.report: Report | None = None
@@ -104,7 +109,7 @@ class Pair:
         kw = {**self.base, **settings_to_config(caps, explicit, self.version)}
         kw["precopy_rounds"] = None  # switchover is migrate-start-postcopy's
         kw["recover_after"] = None  # a paused migration waits for migrate-recover
-        self.mig = Migration(Config(**kw), on_sample=self._on_sample)
+        self.mig = Migration(Config.from_strings(**kw), on_sample=self._on_sample)
         self.mig.on_end = self._keep_ram
         for vm in (self.src, self.dst):
             vm.set_status("setup")

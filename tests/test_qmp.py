@@ -145,7 +145,7 @@ def test_protocol_errors_and_hostile_clients(pair):
         == "Parameter 'val' is missing"
     assert ask(b'[1]')["error"]["desc"] == "QMP input must be a JSON object"
     assert ask(b'{"arguments": {}}')["error"]["desc"] == "QMP input lacks member 'execute'"
-    assert ask(b'{"execute": "migrate_cancel"}') == {}  # nothing to cancel
+    assert ask(b'{"execute": "migrate_cancel"}') == {"return": {}}  # nothing to cancel
     assert ask(b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities":'
                b' [{"capability": "postcopy-preempt", "state": true}]}}')["error"]["desc"] \
         == "Postcopy preempt requires postcopy-ram"
@@ -197,3 +197,38 @@ def test_mode_follows_capabilities():
     assert settings_to_config({"postcopy-ram": True}, {}, "10.2")["mode"] == "vanilla"
     assert settings_to_config({}, {"max-bandwidth": 1 << 20, "downtime-limit": 100}, "10.2") == {
         "mode": "precopy", "max_bandwidth": float(1 << 20), "downtime_limit": 0.1}
+
+
+@pytest.mark.timeout(60)
+def test_serve_cli_with_qmp_shell(tmp_path):
+    """``shmig serve`` as a user starts it; qmp-shell (shipped with qemu.qmp) talks to both monitors;
+    quit on both ends it, the sockets removed."""
+    import shutil
+    import subprocess
+    import sys
+    shell = shutil.which("qmp-shell") or os.path.join(os.path.dirname(sys.executable), "qmp-shell")
+    if not os.path.exists(shell):
+        pytest.skip("qmp-shell is not installed (it comes with qemu.qmp)")
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    serve = subprocess.Popen([sys.executable, "-m", "shmig", "serve", "--qmp-src", f"unix:{src}",
+                              "--qmp-dst", f"unix:{dst}", "--ram", "8MiB", "--qemu-version", "7.2"],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (src.exists() and dst.exists()):
+            assert serve.poll() is None, serve.stderr.read()
+            assert time.monotonic() < deadline, "shmig serve did not listen within 20 s"
+            time.sleep(0.05)
+        out = subprocess.run([shell, str(src)], input="query-version\nquery-status\n"
+                             "migrate-set-capabilities capabilities=[{\"capability\":\"postcopy-preempt\",\"state\":true}]\n"
+                             "quit\n", capture_output=True, text=True, timeout=20).stdout
+        assert '"major": 7' in out and '"minor": 2' in out, out
+        assert '"status": "running"' in out, out
+        assert "Postcopy preempt requires postcopy-ram" in out, out
+        subprocess.run([shell, str(dst)], input="quit\n", capture_output=True, text=True, timeout=20)
+        assert serve.wait(20) == 0, serve.stderr.read()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert not src.exists() and not dst.exists()
