@@ -17,6 +17,7 @@ shmig's pipes), and ``multifd`` is recorded but not run.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any, Callable
 
@@ -91,6 +92,7 @@ class Pair:
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         self.done = threading.Event()  # quit on both
+        self.started = self.postcopy_requested = False  # the run's children are up; postcopy asked before
         self.src = VM(self, "source")
         self.dst = VM(self, "destination")
         self.src.monitor = Monitor(qmp_src, self.src.commands(), version_dict(qemu_version))
@@ -107,9 +109,11 @@ class Pair:
             raise QmpError("the destination does not have postcopy-ram: set it there too, as QEMU needs")
         explicit = {k: v for k, v in self.src.params.items() if k in self.src.params_set}
         kw = {**self.base, **settings_to_config(caps, explicit, self.version)}
-        kw["precopy_rounds"] = None  # switchover is migrate-start-postcopy's
-        kw["recover_after"] = None  # a paused migration waits for migrate-recover
-        self.mig = Migration(Config.from_strings(**kw), on_sample=self._on_sample)
+        try:  # switchover is migrate-start-postcopy's; a paused migration waits for migrate-recover
+            cfg = dataclasses.replace(Config.from_strings(**kw), precopy_rounds=None, recover_after=None).validate()
+        except ConfigError as e:
+            raise QmpError(str(e)) from None
+        self.mig = Migration(cfg, on_sample=self._on_sample)
         self.mig.on_end = self._keep_ram
         for vm in (self.src, self.dst):
             vm.set_status("setup")
@@ -120,6 +124,10 @@ class Pair:
         assert self.mig is not None
         try:
             self.mig.start()
+            with self.lock:
+                self.started = True
+                if self.postcopy_requested:  # migrate-start-postcopy came during setup, as QEMU allows
+                    self.mig.start_postcopy()
             report = self.mig.wait()
         except Exception as e:  # noqa: BLE001 - reported as QEMU does: status failed
             report = Report(status="failed", error=str(e))
@@ -316,10 +324,15 @@ class VM:
     def start_postcopy(self) -> None:
         if not self.caps["postcopy-ram"]:
             raise QmpError("Enable postcopy with migrate_set_capability before the start of migration")
-        if self.pair.mig is None:
+        pair = self.pair
+        if pair.mig is None:
             raise QmpError("Postcopy must be started after migration has been started")
+        with pair.lock:
+            if not pair.started:
+                pair.postcopy_requested = True
+                return
         try:
-            self.pair.mig.start_postcopy()
+            pair.mig.start_postcopy()
         except RuntimeError as e:
             raise QmpError(str(e)) from None
 

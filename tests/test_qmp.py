@@ -41,6 +41,21 @@ def wait_event(c, status: str, timeout: float = 30.0) -> list[str]:
     return seen
 
 
+def hostile(path: str, n: int) -> None:
+    """n lines of garbage, commands in the wrong state, and a truncated one; then gone."""
+    rng = random.Random(n)
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    lines = [b'{"execute": "qmp_capabilities"}', b'{"execute": "migrate-recover", "arguments": {"uri": "tcp:1:1"}}',
+             b'{"execute": "migrate-incoming", "arguments": {"uri": "tcp:1:1"}}', b'{"execute": "cont"}',
+             b'{"execute": "migrate-set-capabilities", "arguments": {"capabilities": 1}}']
+    for _ in range(n):
+        s.sendall(rng.choice(lines + [bytes(rng.randrange(33, 127) for _ in range(20)).translate(None, b'{}[]"')])
+                  + b"\n")
+    s.sendall(b'{"execute": "query-mig')
+    s.close()
+
+
 @pytest.fixture
 def pair(tmp_path):
     p = Pair(BASE, f"unix:{tmp_path}/src.sock", f"unix:{tmp_path}/dst.sock")
@@ -86,6 +101,7 @@ def test_postcopy_preempt_migration(pair):
     p, tmp = pair
     src, dst = client(f"{tmp}/src.sock"), client(f"{tmp}/dst.sock")
     setup_both(src, dst)
+    hostile(f"{tmp}/dst.sock", 200)  # while the migration runs: it goes on and completes intact
     assert wait_event(src, "completed") == ["setup", "active", "postcopy-active", "completed"]
     assert wait_event(dst, "completed")[-2:] == ["postcopy-active", "completed"]
     info = dst.cmd("query-migrate")
