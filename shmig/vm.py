@@ -158,7 +158,8 @@ class Pair:
             self.dst.run_state("running", "RESUME")
         if s.rounds + 1 > self.src.passes:
             self.src.passes = s.rounds + 1
-            self.src.event("MIGRATION_PASS", {"pass": self.src.passes})
+            if self.src.caps["events"]:  # migration.c: qapi_event_send_migration_pass if migrate_events()
+                self.src.event("MIGRATION_PASS", {"pass": self.src.passes})
         self.last = s
 
     def close(self) -> None:

@@ -248,3 +248,38 @@ def test_serve_cli_with_qmp_shell(tmp_path):
             serve.kill()
             serve.wait()
     assert not src.exists() and not dst.exists()
+
+
+@pytest.mark.timeout(60)
+def test_serve_ctrl_c_mid_migration(tmp_path):
+    """Ctrl-C while a migration runs: every child reaped, sockets removed, nothing in /dev/shm
+    (conftest checks that), exit 130 with a one-line message."""
+    import signal
+    import subprocess
+    import sys
+    src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
+    serve = subprocess.Popen([sys.executable, "-m", "shmig", "serve", "--qmp-src", f"unix:{src}",
+                              "--qmp-dst", f"unix:{dst}", "--ram", "16MiB"],
+                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 20
+        while not (src.exists() and dst.exists()):
+            assert serve.poll() is None and time.monotonic() < deadline, "shmig serve did not listen"
+            time.sleep(0.05)
+        s, d = client(str(src)), client(str(dst))
+        caps = [{"capability": "postcopy-ram", "state": True}]
+        s.cmd("migrate-set-capabilities", capabilities=caps)
+        d.cmd("migrate-set-capabilities", capabilities=caps)
+        d.cmd("migrate-incoming", uri="unix:/x")
+        s.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})  # precopy lasts seconds
+        s.cmd("migrate", uri="unix:/x")
+        while s.cmd("query-migrate")["status"] == "setup":
+            time.sleep(0.05)
+        serve.send_signal(signal.SIGINT)
+        assert serve.wait(30) == 130
+        assert serve.stderr.read().strip().splitlines()[-1] == "shmig: interrupted"
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait()
+    assert not src.exists() and not dst.exists()
