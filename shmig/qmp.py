@@ -229,7 +229,7 @@ class Monitor:
             return _reply({} if ret is None else ret, rid), negotiated
         except QmpError as e:
             return _error(e, rid), negotiated
-        except Exception as e:  # a bug of ours is one error reply, never a dropped monitor
+        except Exception as e:  # noqa: BLE001 - a bug of ours is one error reply, never a dropped monitor
             return _error(QmpError(f"internal error: {type(e).__name__}: {e}"), rid), negotiated
 
     def _send(self, writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

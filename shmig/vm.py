@@ -88,6 +88,7 @@ class Pair:
         self.base, self.version, self.json_path = dict(base), qemu_version, json_path
         self.mig: Migration | None = None
         self.report: Report | None = None
+        self.last: Sample | None = None  # the run's latest sample: query-migrate while it runs
         self.ram: dict[str, np.ndarray] = {}
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
@@ -398,8 +399,8 @@ class VM:
                 out["postcopy-non-vcpu-latency"] = rep.postcopy_non_vcpu_latency
             if rep.error and self.status == "failed":
                 out["error-desc"] = rep.error
-        elif self.side == "source" and getattr(pair, "last", None) is not None and pair.mig is not None:
-            s: Sample = pair.last
+        elif self.side == "source" and pair.last is not None and pair.mig is not None:
+            s = pair.last
             page = 4096  # target page
             out["total-time"] = int(s.t_ms)
             out["ram"] = {"transferred": s.precopy_bytes + s.postcopy_bytes, "remaining": s.remaining_pages * page,

@@ -13,7 +13,7 @@ import pytest
 
 qmp_legacy = pytest.importorskip("qemu.qmp.legacy", reason="qemu.qmp is in the dev extra")
 
-from shmig.vm import Pair, settings_to_config  # noqa: E402
+from shmig.vm import Pair, settings_to_config
 
 BASE = {"ram": 8 * 1024**2, "vcpus": 1, "workload": "random", "deadline": 60.0}
 
@@ -137,7 +137,7 @@ def test_pause_and_recover(pair):
 
 @pytest.mark.timeout(30)
 def test_protocol_errors_and_hostile_clients(pair):
-    p, tmp = pair
+    _, tmp = pair
     path = f"{tmp}/src.sock"
     raw = socket.socket(socket.AF_UNIX)
     raw.connect(path)
@@ -237,11 +237,11 @@ def test_serve_cli_with_qmp_shell(tmp_path):
             time.sleep(0.05)
         out = subprocess.run([shell, str(src)], input="query-version\nquery-status\n"
                              "migrate-set-capabilities capabilities=[{\"capability\":\"postcopy-preempt\",\"state\":true}]\n"
-                             "quit\n", capture_output=True, text=True, timeout=20).stdout
+                             "quit\n", capture_output=True, text=True, timeout=20, check=False).stdout
         assert '"major": 7' in out and '"minor": 2' in out, out
         assert '"status": "running"' in out, out
         assert "Postcopy preempt requires postcopy-ram" in out, out
-        subprocess.run([shell, str(dst)], input="quit\n", capture_output=True, text=True, timeout=20)
+        subprocess.run([shell, str(dst)], input="quit\n", capture_output=True, text=True, timeout=20, check=False)
         assert serve.wait(20) == 0, serve.stderr.read()
     finally:
         if serve.poll() is None:
@@ -260,7 +260,8 @@ def test_serve_ctrl_c_mid_migration(tmp_path):
     src, dst = tmp_path / "src.sock", tmp_path / "dst.sock"
     serve = subprocess.Popen([sys.executable, "-m", "shmig", "serve", "--qmp-src", f"unix:{src}",
                               "--qmp-dst", f"unix:{dst}", "--ram", "16MiB"],
-                             stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             stderr=subprocess.PIPE, text=True,  # a shell's background job ignores SIGINT: not this one
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     try:
         deadline = time.monotonic() + 20
         while not (src.exists() and dst.exists()):
