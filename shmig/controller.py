@@ -103,6 +103,7 @@ class Migration:
         self.paused_roles: set[Role] = set()  # postcopy recovery: who has paused in this episode
         self.recover_at: float | None = None  # when recover_after has passed
         self.on_end: Callable[[GuestMemory], None] | None = None  # called in wait() before RAM is released
+        self.stop_reason: str | None = None  # stop() was called
         self._lock = threading.RLock()  # recover() may come from another thread than wait()
 
     # -- start ----------------------------------------------------------------
@@ -159,6 +160,11 @@ class Migration:
                 raise RuntimeError(f"migrate-pause is only allowed during postcopy, not in {self.phase}")
             assert self.mem is not None
             self.mem.ctl[memory.PAUSE_REQUESTED] = 1
+
+    def stop(self, reason: str) -> None:
+        """From another thread (``shmig serve`` on Ctrl-C): the thread in ``wait()`` ends the run as
+        a failure with this reason, reaps every child and releases shared memory itself."""
+        self.stop_reason = reason
 
     def wait_for_pause(self, timeout: float | None = None) -> bool:
         """Run the migration until the source and every destination receiver are postcopy-paused
@@ -254,6 +260,8 @@ class Migration:
             if until is not None and until():
                 return
             now = time.monotonic()
+            if self.stop_reason is not None:
+                self._fail(self.stop_reason)
             if now >= self.deadline:
                 waits = "; ".join(f"{p.title}: {self.mem.get_status(p.role.index)}" for p in sup.live())
                 why = (" (recover_after=None and recover() was not called)"

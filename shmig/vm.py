@@ -164,10 +164,12 @@ class Pair:
         self.last = s
 
     def close(self) -> None:
+        """The run ends in its own thread (record, reap, release; never from under it), then the monitors."""
         if self.mig is not None:
+            if self.thread is not None and self.thread.is_alive():
+                self.mig.stop(f"interrupted during {self.mig.phase}")
+                self.thread.join(60)
             self.mig.close()
-            if self.thread is not None:
-                self.thread.join(30)
         for vm in (self.src, self.dst):
             if vm.monitor is not None:
                 vm.monitor.close()
@@ -364,8 +366,15 @@ class VM:
         pair = self.pair
         ram = pair.ram.get(self.side)
         mig = pair.mig
-        if ram is None and mig is not None and mig.mem is not None and not mig.closed:
-            ram = mig.mem.src if self.side == "source" else mig.mem.dst
+        if ram is None and mig is not None:
+            with mig._lock:  # close() takes it too: the shared memory stays mapped while it is read
+                if mig.mem is not None and not mig.closed:
+                    live = mig.mem.src if self.side == "source" else mig.mem.dst
+                    if 0 <= val and 0 <= size and val + size <= live.size:
+                        ram = live.reshape(-1).view(np.uint8)[val:val + size].copy()
+                        val = 0
+                    else:
+                        ram = live
         if ram is None:
             raise QmpError("shmig: guest RAM exists once 'migrate' has started the run")
         flat = ram.reshape(-1).view(np.uint8)
