@@ -102,8 +102,6 @@ class Migration:
         self.t0 = time.monotonic_ns()
         self.paused_roles: set[Role] = set()  # postcopy recovery: who has paused in this episode
         self.recover_at: float | None = None  # when recover_after has passed
-        self.on_end: Callable[[GuestMemory], None] | None = None  # called in wait() before RAM is released
-        self.stop_reason: str | None = None  # stop() was called
         self._lock = threading.RLock()  # recover() may come from another thread than wait()
 
     # -- start ----------------------------------------------------------------
@@ -150,21 +148,6 @@ class Migration:
         with self._lock:
             sup = self._running()
             sup.proc(sup.plan.source).send(Ctl.START_POSTCOPY)
-
-    def pause(self) -> None:
-        """QMP migrate-pause: mig/src shuts its channels down before its next frame, as a dropped
-        connection would (migration.c qmp_migrate_pause); the run then pauses as on a fault."""
-        with self._lock:
-            self._running()
-            if self.phase != "postcopy":
-                raise RuntimeError(f"migrate-pause is only allowed during postcopy, not in {self.phase}")
-            assert self.mem is not None
-            self.mem.ctl[memory.PAUSE_REQUESTED] = 1
-
-    def stop(self, reason: str) -> None:
-        """From another thread (``shmig serve`` on Ctrl-C): the thread in ``wait()`` ends the run as
-        a failure with this reason, reaps every child and releases shared memory itself."""
-        self.stop_reason = reason
 
     def wait_for_pause(self, timeout: float | None = None) -> bool:
         """Run the migration until the source and every destination receiver are postcopy-paused
@@ -220,8 +203,6 @@ class Migration:
                 if self.sup is not None:
                     self.sup.close()  # every child gone: what they counted is all there is
                 self.record = self._record()
-                if self.on_end is not None and self.mem is not None:
-                    self.on_end(self.mem)  # the last look at guest RAM before it is released
             finally:
                 self.close()
             report = build_report(self.record)
@@ -260,8 +241,6 @@ class Migration:
             if until is not None and until():
                 return
             now = time.monotonic()
-            if self.stop_reason is not None:
-                self._fail(self.stop_reason)
             if now >= self.deadline:
                 waits = "; ".join(f"{p.title}: {self.mem.get_status(p.role.index)}" for p in sup.live())
                 why = (" (recover_after=None and recover() was not called)"

@@ -7,7 +7,7 @@ QEMU's does (``settings_to_config``). MIGRATION events follow the run's phases (
 samples, ``on_sample``), in QEMU's order on each side (migration.c migrate_set_state callers):
 setup, active, postcopy-active (or device for precopy), postcopy-paused, postcopy-recover,
 completed or failed. ``pmemsave`` reads guest RAM from the controller's shared memory while the
-run lives, and from the copy taken at its end (``Migration.on_end``) afterwards.
+run lives, and from the copy ``ServedMigration`` takes before releasing it afterwards.
 
 Emulated: status, events, capabilities and parameters, the run's figures in query-migrate.
 Not emulated: ``stop``/``cont`` change the run state and events only (the emulated guest is
@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import memory
 from .config import Config
 from .controller import Migration
 from .errors import ConfigError
-from .memory import GuestMemory
 from .qmp import Arg, Command, Monitor, QmpError
 from .report import Report
 from .timeline import Sample
@@ -75,6 +75,37 @@ def settings_to_config(caps: dict[str, bool], params: dict[str, int], version: s
     return kw
 
 
+class ServedMigration(Migration):
+    """The run behind both monitors, with the two things serving needs that ``shmig run`` does not,
+    kept here so the controller stays as it is: guest RAM copied before it is released (pmemsave
+    after the end), and an end asked from another thread (Ctrl-C, quit) that the thread in
+    ``wait()`` carries out itself: it reaps, records and releases, nothing is freed from under it."""
+
+    def __init__(self, cfg: Config, on_sample: Callable[[Sample], None]):
+        super().__init__(cfg, on_sample)
+        self.stop_reason: str | None = None  # set from another thread: wait() ends the run as failed
+        self.kept: dict[str, np.ndarray] = {}  # "source"/"destination" guest RAM at the end
+
+    def _loop(self, until: Callable[[], bool] | None = None) -> None:
+        super()._loop(until=lambda: self.stop_reason is not None or (until is not None and until()))
+        if self.stop_reason is not None:
+            self._fail(self.stop_reason)
+
+    def pause(self) -> None:
+        """QMP migrate-pause: mig/src shuts its channels down before its next frame, as a dropped
+        connection would (migration.c qmp_migrate_pause); the run then pauses as on a fault."""
+        with self._lock:
+            if self.closed or self.mem is None or self.phase != "postcopy":
+                raise QmpError("migrate-pause is currently only supported during postcopy-active state")
+            self.mem.ctl[memory.PAUSE_REQUESTED] = 1
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.closed and self.mem is not None and self.record is not None:
+                self.kept = {"source": self.mem.src.copy(), "destination": self.mem.dst.copy()}
+        super().close()
+
+
 class Pair:
     """The two VMs and the one run behind them."""
 
@@ -86,10 +117,9 @@ class Pair:
         except ValueError:
             raise ConfigError(f"--qemu-version {qemu_version!r}: use MAJOR.MINOR[.MICRO], e.g. 7.2 or 10.2.50") from None
         self.base, self.version, self.json_path = dict(base), qemu_version, json_path
-        self.mig: Migration | None = None
+        self.mig: ServedMigration | None = None
         self.report: Report | None = None
         self.last: Sample | None = None  # the run's latest sample: query-migrate while it runs
-        self.ram: dict[str, np.ndarray] = {}
         self.thread: threading.Thread | None = None
         self.lock = threading.Lock()
         self.done = threading.Event()  # quit on both
@@ -114,8 +144,7 @@ class Pair:
             cfg = dataclasses.replace(Config.from_strings(**kw), precopy_rounds=None, recover_after=None).validate()
         except ConfigError as e:
             raise QmpError(str(e)) from None
-        self.mig = Migration(cfg, on_sample=self._on_sample)
-        self.mig.on_end = self._keep_ram
+        self.mig = ServedMigration(cfg, self._on_sample)
         for vm in (self.src, self.dst):
             vm.set_status("setup")
         self.thread = threading.Thread(target=self._run, name="shmig serve engine", daemon=True)
@@ -144,9 +173,6 @@ class Pair:
         self.dst.run_state("running", "RESUME")
         self.src.run_state("postmigrate")
 
-    def _keep_ram(self, mem: GuestMemory) -> None:
-        self.ram = {"source": mem.src.copy(), "destination": mem.dst.copy()}
-
     def _on_sample(self, s: Sample) -> None:
         status = PHASE_STATUS.get(s.phase)
         if status is not None:
@@ -167,7 +193,7 @@ class Pair:
         """The run ends in its own thread (record, reap, release; never from under it), then the monitors."""
         if self.mig is not None:
             if self.thread is not None and self.thread.is_alive():
-                self.mig.stop(f"interrupted during {self.mig.phase}")
+                self.mig.stop_reason = f"interrupted during {self.mig.phase}"
                 self.thread.join(60)
             self.mig.close()
         for vm in (self.src, self.dst):
@@ -349,10 +375,7 @@ class VM:
     def pause(self) -> None:
         if self.status != "postcopy-active" or self.pair.mig is None:
             raise QmpError("migrate-pause is currently only supported during postcopy-active state")
-        try:
-            self.pair.mig.pause()
-        except RuntimeError as e:
-            raise QmpError(str(e)) from None
+        self.pair.mig.pause()
 
     def recover(self, uri: str) -> None:
         _check_uri(uri, None)
@@ -364,8 +387,8 @@ class VM:
 
     def pmemsave(self, val: int, size: int, filename: str, cpu_index: int = 0) -> None:
         pair = self.pair
-        ram = pair.ram.get(self.side)
         mig = pair.mig
+        ram = mig.kept.get(self.side) if mig is not None else None
         if ram is None and mig is not None:
             with mig._lock:  # close() takes it too: the shared memory stays mapped while it is read
                 if mig.mem is not None and not mig.closed:
