@@ -134,6 +134,24 @@ def cmd_run(ns: argparse.Namespace) -> int:
     return _exit_code(report) or (EXIT_FAILED if lost else 0)
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """A source and a destination VM with QMP monitors (shmig/vm.py), until quit on both or Ctrl-C."""
+    from .vm import Pair
+    check_output("--json", ns.json)
+    pair = Pair(_config_kwargs(ns), ns.qmp_src, ns.qmp_dst, ns.qemu_version, ns.json)
+    try:
+        print(f"shmig: QMP source {ns.qmp_src}, destination {ns.qmp_dst}: 'quit' on both ends it",
+              file=sys.stderr, flush=True)
+        while not pair.done.wait(0.2):
+            pass
+    finally:
+        pair.close()
+    if pair.report is not None and not pair.report.ok:
+        error(pair.report.error or pair.report.status)
+        return EXIT_FAILED
+    return 0
+
+
 def error(line: str) -> None:
     print(f"shmig: error: {line}", file=sys.stderr, flush=True)
 
@@ -433,6 +451,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--trace", metavar="PATH", help="write a Chrome/Perfetto trace of every process (open in ui.perfetto.dev)")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
+    sv = sub.add_parser("serve", help="a source and a destination VM, each with a QMP monitor (driven as QEMU is)",
+                        epilog=UNITS_HELP, allow_abbrev=False)
+    _config_args(sv)
+    sv.add_argument("--qmp-src", required=True, metavar="unix:PATH|tcp:127.0.0.1:PORT", help="the source's monitor")
+    sv.add_argument("--qmp-dst", required=True, metavar="unix:PATH|tcp:127.0.0.1:PORT",
+                    help="the destination's monitor (it waits as with -incoming defer)")
+    sv.add_argument("--qemu-version", default="10.2.50", help="the QEMU the monitors claim: 7.2 makes"
+                    " postcopy-preempt the 7.1 mode, 10.1+ adds the page hint (default 10.2.50)")
+    sv.add_argument("--json", metavar="PATH", help="write the run's report as JSON when it ends")
+    sv.set_defaults(func=cmd_serve)
     c = sub.add_parser("compare", help="run several modes (and host page sizes) and print one table",
                        epilog=UNITS_HELP, allow_abbrev=False)
     _config_args(c, with_mode=False)

@@ -30,6 +30,8 @@ PHASE = 0
 # ctl[DST_POSTCOPY]: set by mig/dst/listen once it has loaded the package (QEMU's postcopy-active on
 # the destination); from then on a broken channel pauses the migration instead of failing it
 DST_POSTCOPY = 1
+# ctl[PAUSE_REQUESTED]: the controller's migrate-pause; mig/src breaks its channels before its next frame
+PAUSE_REQUESTED = 2
 
 
 

@@ -118,6 +118,9 @@ class Recovery:
             with self.fault_cond:
                 faults = self.faults.due(self.ram.remaining)
             self.inject(faults, writer, tps)
+        if self.mem.ctl[memory.PAUSE_REQUESTED] and self.active and self.mem.ctl[memory.DST_POSTCOPY]:
+            self.mem.ctl[memory.PAUSE_REQUESTED] = 0  # QMP migrate-pause (qmp_migrate_pause: shutdown)
+            self.request_pause("migrate-pause")
         self.check()
 
     # -- fault injection --------------------------------------------------------------------------
