@@ -3,7 +3,7 @@
 An import circle makes the order in which modules load matter and hides which module owns what;
 a lazy import inside a function is still an import (it only hides the circle), so the walk counts
 every ``import`` statement wherever it is, except those under ``if TYPE_CHECKING:``, which name a
-type in a signature and never run.
+type in a signature and never run, and a module's own ``if __name__ == "__main__":`` block.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def imports(tree: ast.Module, names: set[str]) -> set[str]:
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "__main__" in ast.unparse(child.test):
+                continue  # runs only as a script (``python -m``), never on import
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 for other in child.orelse:
                     visit(other)
