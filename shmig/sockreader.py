@@ -149,19 +149,19 @@ class SocketReader(FrameReader):
             if self._selecting:
                 os.eventfd_write(self._park, 1)
             at = self.end
-        got = -1
+        got, r = -1, []
         try:
             r, _, _ = select.select([self.fd], [], [], timeout)
             if r:
                 got = os.readv(self.fd, [self.mv[at:at + n]])
         except BlockingIOError:
-            pass
+            pass  # readable, then empty: someone else read it; look again, it is not a timeout
         finally:
             with self._cond:
                 self._got(got)
         if got > 0:
             self._resume_pump(only_if_unread=True)
-        return got >= 0
+        return bool(r)
 
     def wait(self, timeout: float | None) -> None:
         if timeout:
