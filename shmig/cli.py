@@ -62,7 +62,8 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
     n.add_argument("--socket-buffer", help="per channel queue before the sender blocks: send plus receive"
                    " buffer (default 10MiB: Linux's tcp_wmem + tcp_rmem maxima)")
     n.add_argument("--send-buffer", help="the sender's part of that queue: a blocked sender resumes once a"
-                   " third of it has drained (default 4MiB: tcp_wmem max; at most --socket-buffer)")
+                   " third of it has drained (default 4MiB: tcp_wmem max, or all of a smaller --socket-buffer;"
+                   " at most --socket-buffer)")
     w = p.add_argument_group("guest")
     w.add_argument("--workload", choices=WORKLOADS, help="access pattern (default random)")
     w.add_argument("--wss", help="working-set size (default: all RAM)")
@@ -241,7 +242,7 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     given = set(_config_kwargs(ns)) | ({"repeat"} if ns.repeat else set())
     by_host_page = {hp: {k: v for k, v in over.items() if k not in given}
                     for hp, over in (by_host_page or {}).items()}
-    cells = list(plan(base, modes, pages, 1, by_host_page))  # what runs; a row may leave a mode out
+    cells = list(plan(base, modes, pages, ns.repeat or 1, by_host_page))  # what runs; a row may leave a mode out
     widest = max(([lb for lb, h in cells if h == hp] for hp in pages), key=len, default=[])
     labels = list(dict.fromkeys(widest + [lb for lb, _ in cells]))
     _plot_check(ns.plot)

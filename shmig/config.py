@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from . import policies
 from .clock import Clock
 from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
-from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
+from .units import UnitError, fmt_rate, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
 HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
@@ -27,6 +28,9 @@ SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 MAX_LATENCY = 1.0  # seconds: no link has more; a larger value is a unit mistake
 MAX_SOCKET_BUFFER = 1024**3  # each receiver allocates its read-ahead: keep it allocatable
 MAX_SEED = 2**64 - 1  # the page-content hash and the access streams take 64-bit seeds
+DEFAULT_SEND_BUFFER = 4 * 1024**2  # Linux's tcp_wmem max
+MAX_DEADLINE = 86400.0  # seconds: the deadline is the only hang watchdog, so it may not be switched off
+MAX_RATE = 1024.0**4  # bytes/s (1TiB/s): above any link or memory bus; a larger value is a unit mistake
 
 # what each field of Config takes from the Python API (checked before anything else, so that
 # Config(ram="64MiB") is one clear line, not a TypeError deep inside validate())
@@ -34,7 +38,7 @@ _INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a str
 FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "mode": (_STR, False), "workload": (_STR, False),
     "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
-    "socket_buffer": (_INT, False), "send_buffer": (_INT, False), "max_rounds": (_INT, False), "wss": (_INT, True),
+    "socket_buffer": (_INT, False), "send_buffer": (_INT, True), "max_rounds": (_INT, False), "wss": (_INT, True),
     "precopy_rounds": (_INT, True),
     "zero_fraction": (_REAL, False), "latency": (_REAL, False), "downtime_limit": (_REAL, False),
     "deadline": (_REAL, False),
@@ -117,8 +121,9 @@ class Config:
     # buffers up to tcp_wmem max (4MiB) + tcp_rmem max (6MiB), on loopback as on a NIC
     socket_buffer: int = 10 * 1024**2
     # ... of which the sender's own buffer (sk_sndbuf, tcp_wmem max): a blocked sender resumes once
-    # a third of it has drained (Linux's write-space rule is on the send buffer alone)
-    send_buffer: int = 4 * 1024**2
+    # a third of it has drained (Linux's write-space rule is on the send buffer alone);
+    # None = DEFAULT_SEND_BUFFER, or all of a smaller socket_buffer (see ``sndbuf``)
+    send_buffer: int | None = None
     max_bandwidth: float | None = None  # QEMU max-bandwidth (precopy)
     max_postcopy_bandwidth: float | None = None  # QEMU max-postcopy-bandwidth
     downtime_limit: float = 0.3  # QEMU downtime-limit
@@ -167,6 +172,12 @@ class Config:
                     if isinstance(v, str) and kind != _STR else "")
             raise ConfigError(f"Config({name}={v!r}): {name} must be {kind}"
                               + (" or None" if optional else "") + hint)
+        if not (self.time_dilation == "auto" or _is(_REAL, self.time_dilation)):
+            raise ConfigError(f"Config(time_dilation={self.time_dilation!r}): time_dilation must be a number"
+                              f" of at least 1, or 'auto'")
+        if not isinstance(self.inject_faults, (list, tuple)) or not all(isinstance(f, str) for f in self.inject_faults):
+            raise ConfigError(f"Config(inject_faults={self.inject_faults!r}): inject_faults must be a list of"
+                              f" specs, e.g. ['postcopy-channel@50%'] (or [] for none)")
 
     # -- derived ---------------------------------------------------------
     @property
@@ -200,6 +211,11 @@ class Config:
         if isinstance(self.time_dilation, str):
             raise ConfigError("time_dilation 'auto' is resolved when the migration starts")
         return Clock(float(self.time_dilation))
+
+    @property
+    def sndbuf(self) -> int:
+        """The send buffer the link uses: an explicit one is at most socket_buffer (validate)."""
+        return min(DEFAULT_SEND_BUFFER, self.socket_buffer) if self.send_buffer is None else self.send_buffer
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
@@ -236,10 +252,20 @@ class Config:
             bad(f"--seed must be between 0 and 2^64-1, got {self.seed}")
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
+        if not 0 < self.deadline <= MAX_DEADLINE:  # also catches NaN and inf
+            bad(f"--deadline must be positive and at most {fmt_time(MAX_DEADLINE)} (it is the only hang"
+                f" watchdog), got {self.deadline:g} seconds")
         for name in ("bandwidth", "max_bandwidth", "max_postcopy_bandwidth", "dirty_rate"):
             v = getattr(self, name)
-            if v is not None and not v > 0:  # also catches NaN
-                bad(f"--{name.replace('_', '-')} must be positive (or 'unlimited': None in the API), got {v}")
+            if v is not None and not 0 < v <= MAX_RATE:  # also catches NaN and inf
+                bad(f"--{name.replace('_', '-')} must be positive and at most {fmt_rate(MAX_RATE)}"
+                    f" (or 'unlimited': None in the API), got {v:g}B/s")
+        # a vCPU sleeps TARGET_PAGE * vcpus / dirty_rate between writes (guest.py): a rate that
+        # leaves no write inside the deadline makes no run, and overflows the vCPU's clock
+        least_rate = math.ceil(TARGET_PAGE * self.vcpus / self.deadline)
+        if self.dirty_rate is not None and self.dirty_rate < least_rate:
+            bad(f"--dirty-rate must be at least {least_rate}B/s (one 4KiB page per vCPU within"
+                f" --deadline {fmt_time(self.deadline)}), got {self.dirty_rate:g}B/s")
         if not self.latency >= 0:
             bad("--latency must not be negative")
         if self.latency > MAX_LATENCY:
@@ -249,16 +275,17 @@ class Config:
             bad("--socket-buffer must be at least 64KiB")
         if self.socket_buffer > MAX_SOCKET_BUFFER:
             bad(f"--socket-buffer must be at most {fmt_size(MAX_SOCKET_BUFFER)} (real TCP queues are a few MiB)")
-        if self.send_buffer < 64 * 1024:
+        if self.send_buffer is not None and self.send_buffer < 64 * 1024:
             bad("--send-buffer must be at least 64KiB")
-        if not self.downtime_limit > 0:
-            bad("--downtime-limit must be positive")
+        if self.send_buffer is not None and self.send_buffer > self.socket_buffer:  # the send buffer is a part of the channel's queue
+            bad(f"--send-buffer {fmt_size(self.send_buffer)} must be at most --socket-buffer"
+                f" {fmt_size(self.socket_buffer)} (it is the sender's part of it)")
+        if not 0 < self.downtime_limit <= self.deadline:
+            bad(f"--downtime-limit must be positive and at most the deadline ({fmt_time(self.deadline)})")
         if self.max_rounds < 1:
             bad("--max-rounds must be at least 1")
         if self.precopy_rounds is not None and self.precopy_rounds < 0:
             bad("--precopy-rounds must be 0 or more")
-        if not self.deadline > 0:
-            bad("--deadline must be positive")
         if isinstance(self.time_dilation, str):
             if self.time_dilation != "auto":
                 bad(f"--time-dilation {self.time_dilation!r}: use a number of at least 1, or auto")
@@ -301,4 +328,4 @@ class Config:
                                   f" use --mode preempt or preempt-full, or break precopy-channel or return-path")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "send_buffer": self.sndbuf}  # what the run used

@@ -121,7 +121,7 @@ class Migration:
             fill_initial(mem.src, cfg.seed, cfg.zero_fraction)  # the guest as it booted
             self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
             self.link = Link(mem.link, cfg.bandwidth, cfg.latency, cfg.socket_buffer,
-                             multiprocessing.get_context(START_METHOD).Lock(), cfg.clock, send_buffer=cfg.send_buffer)
+                             multiprocessing.get_context(START_METHOD).Lock(), cfg.clock, send_buffer=cfg.sndbuf)
             sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena)
             mem.unlink()  # from here on, nothing of this run is visible in /dev/shm
         except BaseException:

@@ -1,0 +1,129 @@
+"""Issue 22: inputs that passed validation and then broke a run (items 2, 3, 5, 6, 8, 9).
+
+Each test failed before its fix: an empty compare exited 0, ``--repeat`` past the last seed ran
+the first seed before refusing, overflowing units were a traceback or ``inf``, a tiny dirty rate
+crashed the vCPU, ``--send-buffer`` above ``--socket-buffer`` was accepted and misreported, and
+``Config(inject_faults=None)`` was a raw TypeError.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import shmig.compare
+from shmig.config import DEFAULT_SEND_BUFFER, MAX_DEADLINE, MAX_RATE, Config, ConfigError
+from shmig.units import UnitError, parse_rate, parse_size, parse_time
+
+from test_cli import refused
+
+MiB = 1024**2
+
+
+def error_of(cfg: Config) -> str:
+    with pytest.raises(ConfigError) as ei:
+        cfg.validate()
+    msg = str(ei.value)
+    assert msg and "\n" not in msg, f"not one line: {msg!r}"
+    return msg
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """A compare that starts a run fails the test: every cell is checked before the first runs."""
+    def started(*a, **kw):
+        raise AssertionError("a run started before the plan was refused")
+    monkeypatch.setattr(shmig.compare, "run_one", started)
+
+
+# --- item 2: an empty plan ------------------------------------------------------------
+
+def test_compare_with_nothing_to_run_is_refused(capsys, no_run):
+    line = refused(capsys, "compare", "--preset", "cover-letter", "--modes", "preempt-nobreak",
+                   "--host-pages", "4KiB", "-q")
+    assert "nothing to run" in line and "preempt-nobreak" in line
+
+
+def test_plan_of_nothing_is_refused():
+    with pytest.raises(ConfigError, match="nothing to run"):
+        shmig.compare.plan({"ram": 16 * MiB}, [], [4096])
+
+
+# --- item 3: every seed of --repeat before the first run --------------------------------
+
+def test_repeat_past_the_last_seed_is_refused_before_any_run(capsys, no_run):
+    line = refused(capsys, "compare", "--ram", "4MiB", "--modes", "vanilla", "--seed",
+                   str(2**64 - 1), "--repeat", "2", "-q")
+    assert "--repeat 2" in line and "2^64-1" in line
+
+
+def test_repeat_up_to_the_last_seed_plans():
+    plans = shmig.compare.plan({"ram": 4 * MiB, "seed": 2**64 - 2}, ["vanilla"], [4096], repeat=2)
+    assert [n for _, n in plans.values()] == [2]
+
+
+# --- item 5: values that overflow once their unit is applied ----------------------------
+
+@pytest.mark.parametrize("parse,text", [(parse_size, "1e308T"), (parse_rate, "1e308TB/s"),
+                                        (parse_time, "1e308min"), (parse_rate, "1e308Tbit/s")])
+def test_units_that_overflow_are_refused(parse, text):
+    with pytest.raises(UnitError, match="too large"):
+        parse(text)
+
+
+@pytest.mark.parametrize("argv,text", [
+    (("--ram", "1e308T"), "--ram"),
+    (("--bandwidth", "1e308TB/s"), "--bandwidth"),
+    (("--deadline", "1e308min"), "--deadline"),
+    (("--deadline", "2000000s"), "at most"),
+    (("--bandwidth", "2TiB/s"), "at most"),
+])
+def test_cli_refuses_values_out_of_range(capsys, argv, text):
+    assert text in refused(capsys, "run", "--ram", "4MiB", *argv)
+
+
+@pytest.mark.parametrize("kw", [dict(deadline=math.inf), dict(deadline=MAX_DEADLINE * 2),
+                                dict(bandwidth=math.inf), dict(max_bandwidth=MAX_RATE * 2),
+                                dict(dirty_rate=math.inf), dict(downtime_limit=math.inf)])
+def test_api_refuses_infinite_or_absurd_values(kw):
+    error_of(Config(ram=4 * MiB, **kw))
+
+
+def test_largest_values_are_accepted():
+    Config(ram=4 * MiB, deadline=MAX_DEADLINE, bandwidth=MAX_RATE).validate()
+
+
+# --- item 6: a dirty rate too small for any write ----------------------------------------
+
+def test_tiny_dirty_rate_is_refused_with_the_smallest_accepted_value():
+    msg = error_of(Config(ram=4 * MiB, dirty_rate=1e-10, vcpus=2, deadline=8.0))
+    assert "at least 1024B/s" in msg  # two 4KiB pages in 8s
+    Config(ram=4 * MiB, dirty_rate=1024.0, vcpus=2, deadline=8.0).validate()
+
+
+# --- item 8: the send buffer is a part of the socket buffer ---------------------------------
+
+def test_send_buffer_above_socket_buffer_is_refused(capsys):
+    line = refused(capsys, "run", "--ram", "4MiB", "--socket-buffer", "1MiB", "--send-buffer", "2MiB")
+    assert "--send-buffer 2MiB must be at most --socket-buffer 1MiB" in line
+
+
+def test_the_report_records_the_send_buffer_used():
+    assert Config().to_dict()["send_buffer"] == DEFAULT_SEND_BUFFER
+    small = Config(ram=4 * MiB, socket_buffer=1 * MiB).validate()  # a smaller socket: all of it
+    assert small.sndbuf == small.to_dict()["send_buffer"] == 1 * MiB
+    given = Config(ram=4 * MiB, socket_buffer=1 * MiB, send_buffer=256 * 1024).validate()
+    assert given.to_dict()["send_buffer"] == 256 * 1024
+
+
+# --- item 9: types the API did not check -----------------------------------------------------
+
+@pytest.mark.parametrize("kw,text", [(dict(inject_faults=None), "inject_faults must be a list"),
+                                     (dict(inject_faults=[1]), "inject_faults must be a list"),
+                                     (dict(time_dilation=[2]), "time_dilation must be a number"),
+                                     (dict(time_dilation="4"), "time_dilation must be a number")])
+def test_api_types_are_one_line(kw, text):
+    with pytest.raises(ConfigError, match=text) as ei:
+        Config(**kw)
+    assert "\n" not in str(ei.value)
