@@ -14,6 +14,7 @@ import os
 import secrets
 import threading
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 
@@ -187,9 +188,17 @@ class GuestMemory:
     def get_status(self, proc: int) -> str:
         return bytes(self.status[proc]).rstrip(b"\0").decode(errors="replace")
 
+    _VIEWS = ("src", "dst", "ctl", "wait", "link", "status", "stamps", "dirty", "received")
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a view that close() dropped (or before it was made)."""
+        if name in GuestMemory._VIEWS:
+            raise RuntimeError(f"guest memory is closed: its migration has ended (Migration.close), no {name} map")
+        raise AttributeError(name)
+
     def close(self) -> None:
         """Drop every view, then close (and unlink if not yet done). Views must not outlive this."""
-        for name in ("src", "dst", "ctl", "wait", "link", "status", "stamps", "dirty", "received"):
+        for name in GuestMemory._VIEWS:
             self.__dict__.pop(name, None)
         self.unlink()
         for shm in self._segs:
