@@ -127,3 +127,20 @@ def test_api_types_are_one_line(kw, text):
     with pytest.raises(ConfigError, match=text) as ei:
         Config(**kw)
     assert "\n" not in str(ei.value)
+
+
+# --- item 13: a policy from the current directory leaves sys.path as it was -------------------
+
+def test_policy_from_the_cwd_does_not_stay_on_sys_path(tmp_path, monkeypatch):
+    import sys
+
+    from shmig import policies
+    (tmp_path / "holes_cwd_policy.py").write_text("class Mine:\n    name = 'mine'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "holes_cwd_policy", raising=False)
+    before = list(sys.path)
+    cls = policies._import_class("holes_cwd_policy:Mine")
+    sys.modules.pop("holes_cwd_policy", None)
+    assert cls.name == "mine"  # the module in the current directory was found ...
+    assert sys.path == before  # ... and the directory is not left where later imports look
