@@ -339,6 +339,8 @@ def inject_ctrl(m: shmig.Migration, title: str, data: bytes) -> None:
     (pack_frame(Msg.CTRL, ("ready", "yes")), "malformed 'ready' message"),
     (pack_frame(Msg.CTRL, (7, None)), "malformed message"),
     (pack_frame(Msg.PAGES, (b"", None, False)), "malformed message"),
+    # issue 22: the declared limit of a control frame is enforced, not only the global ones
+    (pack_frame(Msg.CTRL, ("error", "x" * 70000)), "larger than the channel's limit"),
 ])
 def test_controller_refuses_a_corrupt_control_message(data, words):
     cfg = Config(mode="preempt", ram=8 * MiB, bandwidth=4 * MiB, precopy_rounds=None, deadline=30)
