@@ -28,6 +28,7 @@ SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 MAX_LATENCY = 1.0  # seconds: no link has more; a larger value is a unit mistake
 MAX_SOCKET_BUFFER = 1024**3  # each receiver allocates its read-ahead: keep it allocatable
 MAX_SEED = 2**64 - 1  # the page-content hash and the access streams take 64-bit seeds
+RECEIVER_FRAME = (1 << 20) + 65536  # destination.MAX_FRAME (a test keeps them equal): config cannot import it
 DEFAULT_SEND_BUFFER = 4 * 1024**2  # Linux's tcp_wmem max
 MAX_DEADLINE = 86400.0  # seconds: the deadline is the only hang watchdog, so it may not be switched off
 MAX_RATE = 1024.0**4  # bytes/s (1TiB/s): above any link or memory bus; a larger value is a unit mistake
@@ -57,6 +58,19 @@ def _is(kind: str, v: Any) -> bool:
     if isinstance(v, (bool, np.bool_)):
         return False  # True is an int to Python, never a size or a rate
     return isinstance(v, numbers.Integral if kind == _INT else numbers.Real)
+
+
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none): the kernel's estimate of
+    what can be allocated without swapping (mm/show_mem.c si_mem_available)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _parse_bool(v: Any) -> bool:
@@ -221,6 +235,16 @@ class Config:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
         return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
 
+    def heap_bytes(self) -> int:
+        """Memory the run takes outside /dev/shm, at most: each receiver's read-ahead buffer
+        (reader.FrameReader allocates twice the read-ahead plus a frame, and the read-ahead is
+        up to the socket buffer plus a frame: destination.channel_room), and in postcopy with huge
+        pages each receiver's temporary host page (destination.Receiver.setup)."""
+        receivers = 1 + (self.postcopy and self.uses_preempt_channel)
+        readahead = 2 * (self.socket_buffer + 2 * RECEIVER_FRAME + 65536)
+        tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
+        return receivers * (readahead + tmp_page)
+
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
             raise ConfigError(msg)
@@ -304,6 +328,12 @@ class Config:
         if free is not None and self.shm_bytes() > free * SHM_HEADROOM:
             bad(f"--ram {fmt_size(self.ram)} needs {fmt_size(self.shm_bytes())} of /dev/shm (source and"
                 f" destination copies) but only {fmt_size(free)} is free: use a smaller --ram")
+        avail = mem_available()
+        need = self.shm_bytes() + self.heap_bytes()
+        if avail is not None and need > avail * SHM_HEADROOM:  # tmpfs pages are memory too
+            bad(f"this run needs {fmt_size(need)} of memory ({fmt_size(self.shm_bytes())} of guest RAM copies,"
+                f" {fmt_size(self.heap_bytes())} of receive buffers and temporary host pages) but only"
+                f" {fmt_size(avail)} is available: use a smaller --ram, --socket-buffer or --host-page")
         return self
 
     def _validate_faults(self) -> None:

@@ -144,3 +144,17 @@ def test_policy_from_the_cwd_does_not_stay_on_sys_path(tmp_path, monkeypatch):
     sys.modules.pop("holes_cwd_policy", None)
     assert cls.name == "mine"  # the module in the current directory was found ...
     assert sys.path == before  # ... and the directory is not left where later imports look
+
+
+# --- item 14: memory outside /dev/shm ------------------------------------------------------
+
+def test_memory_outside_shm_is_counted_before_anything_is_allocated(monkeypatch):
+    import shmig.config
+    from shmig.destination import MAX_FRAME, channel_room
+    assert shmig.config.RECEIVER_FRAME == MAX_FRAME
+    big = Config(ram=4 * MiB, socket_buffer=1024 * MiB)
+    assert big.heap_bytes() >= 2 * 2 * channel_room(big.socket_buffer)  # two receivers' read-ahead, doubled
+    monkeypatch.setattr(shmig.config, "mem_available", lambda: 1024 * MiB)
+    msg = error_of(big)
+    assert "of receive buffers" in msg and "--socket-buffer" in msg
+    Config(ram=4 * MiB).validate()  # the defaults fit in 1GiB
