@@ -17,16 +17,9 @@ from shmig.config import DEFAULT_SEND_BUFFER, MAX_DEADLINE, MAX_RATE, Config, Co
 from shmig.units import UnitError, parse_rate, parse_size, parse_time
 
 from test_cli import refused
+from test_config import error_of
 
 MiB = 1024**2
-
-
-def error_of(cfg: Config) -> str:
-    with pytest.raises(ConfigError) as ei:
-        cfg.validate()
-    msg = str(ei.value)
-    assert msg and "\n" not in msg, f"not one line: {msg!r}"
-    return msg
 
 
 @pytest.fixture
