@@ -420,9 +420,14 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 
 def cmd_clean(ns: argparse.Namespace) -> int:
-    removed = memory.sweep_stale()
+    swept = memory.sweep()
+    removed = swept.removed
     print(f"removed {len(removed)} stale segment(s)" + (": " + " ".join(removed) if removed else ""))
-    left = memory.leftovers()
+    if swept.failed:
+        print("could not remove (permission): " + " ".join(swept.failed))
+    if swept.foreign:
+        print("left alone (made in another PID namespace): " + " ".join(swept.foreign))
+    left = [n for n in memory.leftovers() if n not in swept.failed and n not in swept.foreign]
     if left:
         print("still in /dev/shm (owner alive): " + " ".join(left))
     return 0

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from .calibrate import calibrate_dilation
-from .config import Config
+from .config import MAX_SEED, Config
+from .errors import ConfigError
 from .controller import run
 from .timeline import Sample
 from .report import Report
@@ -128,7 +129,13 @@ def plan(base: dict[str, Any], modes: Sequence[str], host_pages: Sequence[int], 
         only = over.pop("modes", None)  # a row may leave modes out (one that is another there)
         for m in [m for m in modes if only is None or m in only]:
             cfg = variant_config({**base, **over}, m, hp).validate()
+            if n < 1 or cfg.seed + n - 1 > MAX_SEED:  # every seed of the series, before the first runs
+                raise ConfigError(f"--repeat {n} with --seed {cfg.seed}: the seeds run from --seed to --seed"
+                                  f" + repeat - 1, and must stay at most 2^64-1 with repeat at least 1")
             plans.setdefault((label_of(cfg), hp), (cfg, n))
+    if not plans:
+        raise ConfigError(f"nothing to run: no mode of {', '.join(modes)} runs with host pages"
+                          f" {', '.join(fmt_size(h) for h in host_pages)}: choose other --modes or --host-pages")
     return plans
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
 from .multifd import Multifd
 from .tcp import LINUX_DEFAULTS, LOOPBACK_RTT_NS, SocketQueue, SysctlError, TcpSysctls, steady_state
-from .units import UnitError, fmt_size, fmt_time, parse_rate, parse_size, parse_time
+from .units import UnitError, fmt_rate, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
 TARGET_PAGE = 4096
 HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
@@ -29,6 +30,9 @@ SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
 MAX_LATENCY = 1.0  # seconds: no link has more; a larger value is a unit mistake
 MAX_SOCKET_BUFFER = 1024**3  # each receiver allocates its read-ahead: keep it allocatable
 MAX_SEED = 2**64 - 1  # the page-content hash and the access streams take 64-bit seeds
+RECEIVER_FRAME = (1 << 20) + 65536  # destination.MAX_FRAME (a test keeps them equal): config cannot import it
+MAX_DEADLINE = 86400.0  # seconds: the deadline is the only hang watchdog, so it may not be switched off
+MAX_RATE = 1024.0**4  # bytes/s (1TiB/s): above any link or memory bus; a larger value is a unit mistake
 
 # what each field of Config takes from the Python API (checked before anything else, so that
 # Config(ram="64MiB") is one clear line, not a TypeError deep inside validate())
@@ -55,6 +59,19 @@ def _is(kind: str, v: Any) -> bool:
     if isinstance(v, (bool, np.bool_)):
         return False  # True is an int to Python, never a size or a rate
     return isinstance(v, numbers.Integral if kind == _INT else numbers.Real)
+
+
+def mem_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none): the kernel's estimate of
+    what can be allocated without swapping (mm/show_mem.c si_mem_available)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _parse_bool(v: Any) -> bool:
@@ -180,6 +197,12 @@ class Config:
                     if isinstance(v, str) and kind != _STR else "")
             raise ConfigError(f"Config({name}={v!r}): {name} must be {kind}"
                               + (" or None" if optional else "") + hint)
+        if not (self.time_dilation == "auto" or _is(_REAL, self.time_dilation)):
+            raise ConfigError(f"Config(time_dilation={self.time_dilation!r}): time_dilation must be a number"
+                              f" of at least 1, or 'auto'")
+        if not isinstance(self.inject_faults, (list, tuple)) or not all(isinstance(f, str) for f in self.inject_faults):
+            raise ConfigError(f"Config(inject_faults={self.inject_faults!r}): inject_faults must be a list of"
+                              f" specs, e.g. ['postcopy-channel@50%'] (or [] for none)")
 
     # -- derived ---------------------------------------------------------
     @property
@@ -250,6 +273,16 @@ class Config:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
         return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
 
+    def heap_bytes(self) -> int:
+        """Memory the run takes outside /dev/shm, at most: each receiver's read-ahead buffer
+        (reader.FrameReader allocates twice the read-ahead plus a frame, and the read-ahead is
+        up to the socket buffer plus a frame: destination.channel_room), and in postcopy with huge
+        pages each receiver's temporary host page (destination.Receiver.setup)."""
+        receivers = 1 + (self.postcopy and self.uses_preempt_channel)
+        readahead = 2 * (self.socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
+        tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
+        return receivers * (readahead + tmp_page)
+
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
             raise ConfigError(msg)
@@ -282,10 +315,20 @@ class Config:
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
         Multifd.of(0, self.zero_page_detection)  # an unknown --zero-page-detection is one line
+        if not 0 < self.deadline <= MAX_DEADLINE:  # also catches NaN and inf
+            bad(f"--deadline must be positive and at most {fmt_time(MAX_DEADLINE)} (it is the only hang"
+                f" watchdog), got {self.deadline:g} seconds")
         for name in ("bandwidth", "max_bandwidth", "max_postcopy_bandwidth", "dirty_rate"):
             v = getattr(self, name)
-            if v is not None and not v > 0:  # also catches NaN
-                bad(f"--{name.replace('_', '-')} must be positive (or 'unlimited': None in the API), got {v}")
+            if v is not None and not 0 < v <= MAX_RATE:  # also catches NaN and inf
+                bad(f"--{name.replace('_', '-')} must be positive and at most {fmt_rate(MAX_RATE)}"
+                    f" (or 'unlimited': None in the API), got {v:g}B/s")
+        # a vCPU sleeps TARGET_PAGE * vcpus / dirty_rate between writes (guest.py): a rate that
+        # leaves no write inside the deadline makes no run, and overflows the vCPU's clock
+        least_rate = math.ceil(TARGET_PAGE * self.vcpus / self.deadline)
+        if self.dirty_rate is not None and self.dirty_rate < least_rate:
+            bad(f"--dirty-rate must be at least {least_rate}B/s (one 4KiB page per vCPU within"
+                f" --deadline {fmt_time(self.deadline)}), got {self.dirty_rate:g}B/s")
         if not self.latency >= 0:
             bad("--latency must not be negative")
         if self.latency > MAX_LATENCY:
@@ -303,14 +346,16 @@ class Config:
         if self.socket_queue.capacity > MAX_SOCKET_BUFFER:
             bad(f"--tcp-wmem and --tcp-rmem maxima let a queue grow past {fmt_size(MAX_SOCKET_BUFFER)}:"
                 f" lower them")
-        if not self.downtime_limit > 0:
-            bad("--downtime-limit must be positive")
+        if (self.send_buffer is not None and self.socket_buffer is not None
+                and self.send_buffer > self.socket_buffer):  # the send buffer is a part of the channel's queue
+            bad(f"--send-buffer {fmt_size(self.send_buffer)} must be at most --socket-buffer"
+                f" {fmt_size(self.socket_buffer)} (it is the sender's part of it)")
+        if not 0 < self.downtime_limit <= self.deadline:
+            bad(f"--downtime-limit must be positive and at most the deadline ({fmt_time(self.deadline)})")
         if self.max_rounds < 1:
             bad("--max-rounds must be at least 1")
         if self.precopy_rounds is not None and self.precopy_rounds < 0:
             bad("--precopy-rounds must be 0 or more")
-        if not self.deadline > 0:
-            bad("--deadline must be positive")
         if isinstance(self.time_dilation, str):
             if self.time_dilation != "auto":
                 bad(f"--time-dilation {self.time_dilation!r}: use a number of at least 1, or auto")
@@ -329,6 +374,12 @@ class Config:
         if free is not None and self.shm_bytes() > free * SHM_HEADROOM:
             bad(f"--ram {fmt_size(self.ram)} needs {fmt_size(self.shm_bytes())} of /dev/shm (source and"
                 f" destination copies) but only {fmt_size(free)} is free: use a smaller --ram")
+        avail = mem_available()
+        need = self.shm_bytes() + self.heap_bytes()
+        if avail is not None and need > avail * SHM_HEADROOM:  # tmpfs pages are memory too
+            bad(f"this run needs {fmt_size(need)} of memory ({fmt_size(self.shm_bytes())} of guest RAM copies,"
+                f" {fmt_size(self.heap_bytes())} of receive buffers and temporary host pages) but only"
+                f" {fmt_size(avail)} is available: use a smaller --ram, --socket-buffer or --host-page")
         return self
 
     def _validate_faults(self) -> None:

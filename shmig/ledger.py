@@ -226,6 +226,13 @@ def _stats_class(role: Role) -> type[Record]:
             Kind.VCPU: VcpuStats}[role.kind]
 
 
+class _Closed(dict):  # type: ignore[type-arg]
+    """A closed ledger's records: empty (close stays idempotent), and a look-up is one clear error."""
+
+    def __getitem__(self, key: object) -> Any:
+        raise RuntimeError("the ledger is closed: its migration has ended (Migration.close)")
+
+
 class Ledger:
     """Every process's record and logs in one mapping, made before the fork, sized for the run."""
 
@@ -289,8 +296,7 @@ class Ledger:
         for v in self._vcpus.values():
             v.faults.release()
             v.progress.release()
-        self._vcpus.clear()
-        self._stats.clear()
+        self._vcpus = self._stats = _Closed()  # type: ignore[assignment]
         try:
             self.mv.release()
             self.map.close()

@@ -73,6 +73,15 @@ def channel_names(multifd_channels: int = 0) -> tuple[str, ...]:
 STATE_WORDS = state_words()
 
 
+class _Closed:
+    """What a closed link's state becomes: every access is one clear error."""
+
+    def __getitem__(self, i: object) -> int:
+        raise RuntimeError("the link is closed: its migration has ended (Migration.close)")
+
+    __setitem__ = __getitem__
+
+
 class Link:
     def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float, socket_buffer: int,
                  lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None,
@@ -107,7 +116,12 @@ class Link:
         self.data_fds = [new_eventfd() for _ in range(self.channels)]
 
     def close(self) -> None:
+        """Drop the view of shared memory before the controller unmaps it: a link used after its
+        migration closed raises (``_Closed``) instead of reading an unmapped page (SIGSEGV)."""
         close_fds(self.space_fds + self.data_fds)
+        if isinstance(self.state, memoryview):
+            self.state.release()
+        self.state = _Closed()
 
     def _w(self, ch: int, field: int) -> int:
         return _CH0 + 3 * ch + field

@@ -13,7 +13,9 @@ import errno
 import os
 import secrets
 import threading
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 
@@ -53,22 +55,63 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale() -> list[str]:
-    """Remove segments left by runs whose owner died before it could unlink them."""
-    removed = []
+def pid_namespace() -> int:
+    """This process's PID namespace (the inode of /proc/self/ns/pid; 0 if unknown). A pid means
+    something only inside its namespace: a container sharing /dev/shm has pids of its own."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def segment_namespace(name: str) -> int | None:
+    """The PID namespace a segment name carries (``shmig-<pid>-ns<inode>-...``); None for a name
+    made before names carried it."""
+    parts = name.split("-")
+    try:
+        return int(parts[2][2:]) if len(parts) > 2 and parts[2].startswith("ns") else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class Swept:
+    """What a sweep of /dev/shm did: removed, could not remove, left to another PID namespace."""
+
+    removed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    foreign: list[str] = field(default_factory=list)
+
+
+def sweep() -> Swept:
+    """Remove segments left by runs whose owner died before it could unlink them. A segment of
+    another PID namespace is left alone: its pid cannot be checked from here."""
+    out = Swept()
     try:
         names = os.listdir(SHM_DIR)
     except OSError:
-        return removed
+        return out
+    ns = pid_namespace()
     for name in names:
         pid = segment_owner(name)
-        if pid is not None and pid != os.getpid() and not pid_alive(pid):
+        if pid is None:
+            continue
+        if segment_namespace(name) not in (None, ns):
+            out.foreign.append(name)
+        elif pid != os.getpid() and not pid_alive(pid):
             try:
                 os.unlink(os.path.join(SHM_DIR, name))
-                removed.append(name)
+                out.removed.append(name)
+            except FileNotFoundError:
+                pass  # its owner's teardown, or another sweep, took it first
             except OSError:
-                pass
-    return removed
+                out.failed.append(name)
+    return out
+
+
+def sweep_stale() -> list[str]:
+    """The segments ``sweep`` removed."""
+    return sweep().removed
 
 
 def leftovers() -> list[str]:
@@ -126,7 +169,7 @@ class GuestMemory:
     def __init__(self, cfg: Config, slots: int):
         """``slots``: the run's processes (``plan.Plan.slots``), one status line each."""
         self.cfg = cfg
-        self.token = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.token = f"{PREFIX}{os.getpid()}-ns{pid_namespace()}-{secrets.token_hex(4)}"
         self._segs: list[shared_memory.SharedMemory] = []
         self._names: list[str] = []
         n = cfg.npages
@@ -190,9 +233,17 @@ class GuestMemory:
     def get_status(self, proc: int) -> str:
         return bytes(self.status[proc]).rstrip(b"\0").decode(errors="replace")
 
+    _VIEWS = ("src", "dst", "ctl", "wait", "link", "status", "stamps", "dirty", "received")
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a view that close() dropped (or before it was made)."""
+        if name in GuestMemory._VIEWS:
+            raise RuntimeError(f"guest memory is closed: its migration has ended (Migration.close), no {name} map")
+        raise AttributeError(name)
+
     def close(self) -> None:
         """Drop every view, then close (and unlink if not yet done). Views must not outlive this."""
-        for name in ("src", "dst", "ctl", "wait", "link", "status", "stamps", "dirty", "received"):
+        for name in GuestMemory._VIEWS:
             self.__dict__.pop(name, None)
         self.unlink()
         for shm in self._segs:

@@ -20,11 +20,19 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import ConfigError
+from .files import atomic_write
 from .report import SavedRun, load_runs
 from .stats import _time_str
 from .units import fmt_rate, fmt_size
 
 PHASE_COLOURS = {"setup": "#dddddd", "precopy": "#cfe3f5", "switchover": "#f7c6c6", "postcopy": "#d8efd0"}
+
+
+def _save(fig: Any, out: str) -> None:
+    """The picture whole or not at all (atomic_write); its format from the name, as savefig would
+    infer it from a path (a file object has none)."""
+    fmt = os.path.splitext(out)[1][1:].lower() or None
+    atomic_write(out, lambda f: fig.savefig(f, dpi=110, format=fmt), binary=True)
 
 
 def pyplot() -> Any:
@@ -133,7 +141,7 @@ def plot_latency(runs: Sequence[tuple[str, SavedRun]], out: str) -> None:
     first = runs[0][1].report.config
     same = all(_same_guest(first, r.report.config) for _, r in runs)
     fig.suptitle(_describe(first) if same else "fault latency (runs of different configurations)", fontsize=11)
-    fig.savefig(out, dpi=110)
+    _save(fig, out)
     plt.close(fig)
 
 
@@ -320,5 +328,5 @@ def plot_sweep(runs: Sequence[SavedRun], out: str) -> None:
     cfg = runs[0].report.config
     fig.suptitle(f"sweep of --{knob.replace('_', '-')} ({_describe(cfg, skip=knob)}; dotted: a failed run)",
                  fontsize=11)
-    fig.savefig(out, dpi=110)
+    _save(fig, out)
     plt.close(fig)

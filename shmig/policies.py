@@ -188,9 +188,17 @@ def _import_class(target: str) -> type:
                 sys.modules[name] = mod
                 spec.loader.exec_module(mod)
         else:
-            if "" not in sys.path and os.getcwd() not in sys.path:
+            # the user's module may sit in the current directory; the entry is taken out right
+            # after the import, so that later lazy imports (matplotlib, rich) never load files
+            # planted in a shared working directory such as /tmp
+            added = "" not in sys.path and os.getcwd() not in sys.path
+            if added:
                 sys.path.insert(0, os.getcwd())
-            mod = importlib.import_module(module)
+            try:
+                mod = importlib.import_module(module)
+            finally:
+                if added:
+                    sys.path.remove(os.getcwd())
     except ConfigError:
         raise
     except Exception as e:  # the user's module: any error in it is bad input

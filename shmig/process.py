@@ -109,7 +109,7 @@ class Child:
         set_title(self.title)
         close_fds(self.shared.all_fds - self.ends.all() - set(self.efds))
         self.ctrl_out = FrameWriter(self.ends.ctrl_out, f"{self.title} control")
-        self.ctrl_in = FrameReader(self.ends.ctrl_in, f"{self.title} control", max_frame=control.MAX_CTRL_FRAME)
+        self.ctrl_in = FrameReader(self.ends.ctrl_in, f"{self.title} control", max_frame=control.MAX_CTRL_FRAME, strict=True)
         code = 0
         profile_dir = os.environ.get("SHMIG_PROFILE")
         try:
@@ -145,7 +145,7 @@ class Child:
             msg = f"{self.title}: {type(e).__name__}: {e}{where}"
         self.status(f"failed: {msg}")
         try:
-            self.ctrl(Ctl.ERROR, msg)
+            self.ctrl(Ctl.ERROR, msg[:4096])  # one line, far below the control frame's limit
         except (OSError, ChannelClosed):  # the controller has gone (Ctrl-C): nobody to tell
             pass
 

@@ -31,10 +31,13 @@ class FrameReader:
     """
 
     def __init__(self, fd: int, name: str, readahead: int = 65536, max_frame: int = 1 << 16,
-                 direct: bool = False):
+                 direct: bool = False, strict: bool = False):
         self.fd = fd
         self.name = name
         self.direct = direct
+        # the buffer is sized for frames up to max_frame and grows for a larger one; ``strict``: no
+        # frame of this channel is ever larger (the control channel), so a larger one is corrupt
+        self.limit = max_frame if strict else None
         self.readahead = 0 if direct else readahead
         self.pending = 0  # direct mode: payload bytes of the last frame still in the pipe
         self._peeked: tuple[int, tuple[list, int, int]] | None = None
@@ -68,6 +71,9 @@ class FrameReader:
         if hlen > MAX_HEADER or plen > MAX_PAYLOAD or hlen == 0:
             raise ProtocolError(f"{self.name} channel: malformed frame prefix (header {hlen} bytes,"
                                 f" payload {plen} bytes)")
+        if self.limit is not None and PREFIX.size + hlen + plen > self.limit:
+            raise ProtocolError(f"{self.name} channel: frame of {PREFIX.size + hlen + plen} bytes is larger"
+                                f" than the channel's limit of {self.limit}")
         return PREFIX.size + hlen + (0 if self.direct else plen)
 
     def _make_room(self, need: int) -> bool:

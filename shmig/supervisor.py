@@ -108,7 +108,7 @@ class Supervisor:
             with sigint_held():  # a Ctrl-C now lands once the child ignores it and close() knows it
                 p.start()
                 self.procs.append(Proc(role, p, FrameReader(up_r, f"{role.title} control",
-                                                            max_frame=control.MAX_CTRL_FRAME),
+                                                            max_frame=control.MAX_CTRL_FRAME, strict=True),
                                        FrameWriter(down_w, f"{role.title} control"), up_w, ends[role]))
         keep = {fd for c in ctrl.values() for fd in (c[1], c[2])}
         close_fds(fd for fd in self.fds if fd not in keep)

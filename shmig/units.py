@@ -59,7 +59,7 @@ def parse_size(value: str | int | float) -> int:
     exp, _, rest = _prefix(unit)
     if rest.lower() not in ("", "b"):
         raise UnitError(f"unknown size unit {unit!r} in {value!r} (use {SIZE_UNITS})")
-    n = num * 1024**exp
+    n = _finite(num * 1024**exp, value, "64MiB")
     if n != int(n):
         raise UnitError(f"{value!r} is not a whole number of bytes (e.g. 64MiB or 1.5KiB)")
     return int(n)
@@ -82,7 +82,7 @@ def parse_rate(value: str | int | float | None, zero_is_unlimited: bool = True) 
         body = text[:-2] if text.lower().endswith("/s") else text
         num, unit = _split(body, "a rate", "100MiB/s or 10Gbit/s",
                            "use a positive rate such as 100MiB/s, or 'unlimited'", value)
-        rate = num * _rate_factor(unit, value)
+        rate = _finite(num * _rate_factor(unit, value), value, "100MiB/s or 10Gbit/s")
     if rate == 0:
         if zero_is_unlimited:
             return None
@@ -114,7 +114,14 @@ def parse_time(value: str | int | float, hint: str = "us") -> float:
     factor = _TIME.get(unit if unit in ("µs", "μs") else unit.lower())
     if factor is None:
         raise UnitError(f"unknown time unit {unit!r} in {value!r} (use ns, us, ms, s)")
-    return num * factor
+    return _finite(num * factor, value, "2ms or 50us")
+
+
+def _finite(n: float, value: object, example: str) -> float:
+    """A number that parsed may still overflow once its unit is applied (``1e308T``)."""
+    if not math.isfinite(n):
+        raise UnitError(f"{value!r} is too large to mean anything (e.g. {example})")
+    return n
 
 
 def fmt_size(n: float) -> str:

@@ -223,6 +223,19 @@ FOUND = {  # what fuzzing found, kept as fixed cases: (receiver, frames after th
 }
 
 
+def _pages(*tps: int) -> bytes:
+    """A PAGES frame of ``tps`` in that order, no zero page, its payload the right size."""
+    return pack_frame(Msg.PAGES, (np.array(tps, np.uint32).tobytes(), None, False), b"\x5a" * (4096 * len(tps)))
+
+
+# issue 22 item 15: contiguity was inferred from the first and last index ([0, 5, 2] wrote 0-2
+# and marked 5 received) and a page twice inside a huge page completed it from stale rows
+for _name, _tps in {"pages-out-of-order": (0, 5, 2), "pages-descending": (3, 2), "page-twice": (0, 0),
+                    "page-twice-in-a-huge-page": (0, 1, 1), "page-back-inside-a-huge-page": (1, 2, 0)}.items():
+    for _cls in (Listen, PreemptReceiver):
+        FOUND[f"{_name}-{_cls.__name__}"] = (_cls, _pages(*_tps), "inconsistent PAGES frame")
+
+
 @pytest.mark.parametrize("case", list(FOUND))
 def test_found_by_fuzzing(rig, case):
     cls, frames, words = FOUND[case]
@@ -323,6 +336,8 @@ def inject_ctrl(m: shmig.Migration, title: str, data: bytes) -> None:
     (pack_frame(Msg.CTRL, ("ready", "yes")), "malformed 'ready' message"),
     (pack_frame(Msg.CTRL, (7, None)), "malformed message"),
     (pack_frame(Msg.PAGES, (b"", None, False)), "malformed message"),
+    # issue 22: the declared limit of a control frame is enforced, not only the global ones
+    (pack_frame(Msg.CTRL, ("error", "x" * 70000)), "larger than the channel's limit"),
 ])
 def test_controller_refuses_a_corrupt_control_message(data, words):
     cfg = Config(mode="preempt", ram=8 * MiB, bandwidth=4 * MiB, precopy_rounds=None, deadline=30)

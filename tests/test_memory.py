@@ -103,7 +103,9 @@ def test_close_leaves_nothing_and_is_idempotent():
     assert len(mine()) == 3
     m.close()
     assert mine() == []
-    assert not hasattr(m, "src") and not hasattr(m, "dirty")
+    for view in ("src", "dirty"):  # a clear error after close, never a read of unmapped memory
+        with pytest.raises(RuntimeError, match="guest memory is closed"):
+            getattr(m, view)
     m.close()
 
 
@@ -330,3 +332,50 @@ def test_two_vcpus_on_the_same_pages_lose_no_count(mem):
     assert int(mem.dirty.sum()) == 2 * nwrites  # not one increment lost
     assert np.array_equal(mem.dirty[0], mem.dirty[1])
     assert seen > 0
+
+
+def test_sweep_leaves_another_pid_namespace_alone():
+    """Issue 22: a pid means nothing outside its namespace (a container sharing /dev/shm), so a
+    segment named in another namespace is never taken for a dead owner's."""
+    ns = memory.pid_namespace()
+    foreign = f"shmig-{dead_pid()}-ns{ns + 1}-test-f"
+    ours = f"shmig-{dead_pid()}-ns{ns}-test-o"
+    try:
+        for name in (foreign, ours):
+            make_segment(name)
+        swept = memory.sweep()
+        assert ours in swept.removed
+        assert foreign in swept.foreign and foreign not in swept.removed
+        assert foreign in leftovers()
+    finally:
+        for name in (foreign, ours):
+            remove_segment(name)
+
+
+def test_segments_carry_the_pid_namespace(mem):
+    assert memory.segment_namespace(mine()[0]) == memory.pid_namespace()
+    assert memory.segment_owner(mine()[0]) == os.getpid()
+
+
+def test_clean_reports_what_it_could_not_remove(capsys, monkeypatch):
+    """A dead owner's segment that cannot be unlinked (another user's, in sticky /dev/shm) is
+    reported as such, not as a live owner's."""
+    from shmig import cli
+    stuck = f"shmig-{dead_pid()}-test-s"
+    real_unlink = os.unlink
+
+    def unlink(path, *a, **kw):
+        if os.path.basename(str(path)) == stuck:
+            raise PermissionError(1, "Operation not permitted", path)
+        return real_unlink(path, *a, **kw)
+    make_segment(stuck)
+    try:
+        monkeypatch.setattr(os, "unlink", unlink)
+        assert cli.main(["clean"]) == 0
+        monkeypatch.undo()
+        out = capsys.readouterr().out
+        assert f"could not remove (permission): {stuck}" in out
+        assert not [line for line in out.splitlines() if "owner alive" in line and stuck in line]
+    finally:
+        monkeypatch.undo()
+        remove_segment(stuck)

@@ -100,6 +100,29 @@ def test_plot_several_files_and_old_reports(saved, capsys, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_plot_that_fails_midway_leaves_the_last_picture(saved, capsys, tmp_path, monkeypatch):
+    """Issue 22 item 12: a full disk while the picture is written leaves the previous one whole
+    (savefig used to write the target in place) and no temporary file beside it."""
+    import errno
+
+    import matplotlib.figure
+    d, _ = saved
+    out = tmp_path / "run.png"
+    code, _, err = run_main(capsys, "plot", str(d / "run.json"), "-o", str(out))
+    assert code == 0, err
+    good = out.read_bytes()
+
+    def disk_full(self, fname, **kw):
+        (open(fname, "wb") if isinstance(fname, str) else fname).write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", disk_full)
+    with pytest.raises(OSError):
+        run_main(capsys, "plot", str(d / "run.json"), "-o", str(out))
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.png"]
+
+
+@pytest.mark.timeout(120)
 def test_report_prints_what_the_run_printed(saved, capsys):
     d, printed = saved
     code, out, err = run_main(capsys, "report", str(d / "run.json"))
