@@ -129,7 +129,7 @@ def test_bad_fault_options_exit_2_with_one_line(capsys, argv, words):
 
 
 def test_config_refuses_a_single_string():
-    with pytest.raises(shmig.ConfigError, match=r"inject_faults=\['postcopy-channel@50%'\]"):
+    with pytest.raises(shmig.ConfigError, match=r"inject_faults must be a list of specs, e.g. \['postcopy-channel@50%'\]"):
         shmig.Config(inject_faults="postcopy-channel@50%").validate()
 
 
