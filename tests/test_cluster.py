@@ -169,9 +169,12 @@ class Killer(threading.Thread):
         while any(self.kills.values()) and time.monotonic() < end and not self.done.is_set():
             for p, name in cell_processes().items():
                 if self.kills.get(name) and p.pid not in seen and time.time() - p.create_time() >= self.after:
-                    seen.add(p.pid)
                     worker = p.parent()
-                    address = {pid: a for a, pid in self.session.client.run(os.getpid).items()}[worker.pid]
+                    address = {pid: a for a, pid in self.session.client.run(os.getpid).items()}.get(
+                        worker.pid if worker else -1)
+                    if address is None:  # its worker is not one the scheduler lists (yet): look again
+                        continue
+                    seen.add(p.pid)
                     worker.kill()
                     self.kills[name] -= 1
                     self.killed.append((name, address))
