@@ -9,7 +9,7 @@ integrity check needs a finished run.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -20,7 +20,8 @@ from .faults import Fault
 from .plan import Kind
 from .record import Mark, RunRecord, VcpuRecord
 from .report import FaultTable, Report
-from .status import (TERMINAL, V9_1, V10_0, V10_2, MigrationStatus, Side, StatusHistory, StatusOrderError)
+from .status import (TERMINAL, V8_2, V9_1, V10_0, V10_2, MigrationStatus, QemuVersion, Side, StatusHistory,
+                     StatusOrderError)
 
 MIN_BASELINE_S = 0.2  # a guest that ran less than this on the source has no measured speed
 
@@ -281,24 +282,41 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
 
 
 def status_history(rec: RunRecord) -> dict[str, Any]:
-    """The source's statuses (QEMU's ``query-migrate`` ``status``) with their emulated times, at the
+    """Each side's statuses (QEMU's ``query-migrate`` ``status``) with their emulated times, at the
     points of shmig's run where QEMU enters them (shmig.status's docstring, migration.c), for the
-    QEMU release the run stands for (``Config.qemu``). shmig has no package PING: 10.2's ``postcopy-active`` is
-    stamped where its PONG would reach the source, one link latency after the destination ran.
-    ``postcopy-recover`` is entered when the recovery's first new channel is used (the receivedmap
-    reload or the new preempt channel, whichever the source reported first). A status is never
-    stamped before the one it follows: the destination may run the guest before the source has
-    stamped the package sent, on another core."""
-    cfg = rec.config
-    version = cfg.qemu
-    h = StatusHistory(Side.SOURCE, cfg.mode, version)
-    em = rec.emulated
-    src = [e for e in rec.events if e.role is not None and e.role.kind is Kind.SOURCE]
+    QEMU release the run stands for (``Config.qemu``)."""
+    version = rec.config.qemu
+    return {"qemu": str(version), "source": _source_history(rec, version).to_json(rec.t0),
+            "destination": _destination_history(rec, version).to_json(rec.t0)}
 
+
+def _stamper(rec: RunRecord, h: StatusHistory) -> Callable[[MigrationStatus, int | None], None]:
+    """``enter(status, real ns)``: a status is never stamped before the one it follows (two processes
+    on two cores stamp their own clocks' readings of nearly the same moment)."""
     def enter(status: MigrationStatus, t: int | None) -> None:
         if t is not None:
-            h.enter(status, max(em(t) or 0, h.entries[-1][1] if h.entries else 0))
+            h.enter(status, max(rec.emulated(t) or 0, h.entries[-1][1] if h.entries else 0))
+    return enter
 
+
+def _ended(rec: RunRecord, h: StatusHistory, done: int | None) -> None:
+    """``completed`` where the side completes, or ``failed`` at the run's last event."""
+    enter = _stamper(rec, h)
+    if done is not None and rec.error is None:
+        enter(MigrationStatus.COMPLETED, done)
+    elif rec.error is not None and h.current not in TERMINAL:
+        enter(MigrationStatus.FAILED, max((e.t for e in rec.events), default=rec.t0))
+
+
+def _source_history(rec: RunRecord, version: QemuVersion) -> StatusHistory:
+    """shmig has no package PING: 10.2's ``postcopy-active`` is stamped where its PONG would reach
+    the source, one link latency after the destination ran. ``postcopy-recover`` is entered when the
+    recovery's first new channel is used (the receivedmap reload or the new preempt channel,
+    whichever the source reported first)."""
+    cfg = rec.config
+    h = StatusHistory(Side.SOURCE, cfg.mode, version)
+    enter = _stamper(rec, h)
+    src = [e for e in rec.events if e.role is not None and e.role.kind is Kind.SOURCE]
     enter(MigrationStatus.SETUP, rec.t0)
     enter(MigrationStatus.ACTIVE, rec.first(Ev.SETUP_DONE, Kind.SOURCE))
     stopped = rec.first(Mark.GUEST_STOPPED) or rec.first(Ev.STOP_VM, Kind.SOURCE)
@@ -324,12 +342,39 @@ def status_history(rec: RunRecord) -> dict[str, Any]:
             enter(MigrationStatus.POSTCOPY_RECOVER, e.t)
         elif e.name is Ev.POSTCOPY_RESUMED and h.current is MigrationStatus.POSTCOPY_RECOVER:
             enter(MigrationStatus.POSTCOPY_ACTIVE, e.t)
-    done = rec.first(Ev.COMPLETED, Kind.SOURCE)
-    if done is not None and rec.error is None:
-        enter(MigrationStatus.COMPLETED, done)
-    elif rec.error is not None and h.current not in TERMINAL:
-        enter(MigrationStatus.FAILED, max((e.t for e in rec.events), default=rec.t0))
-    return {"qemu": str(version), "source": h.to_json(rec.t0)}
+    _ended(rec, h, rec.first(Ev.COMPLETED, Kind.SOURCE))
+    return h
+
+
+def _destination_history(rec: RunRecord, version: QemuVersion) -> StatusHistory:
+    """From mig/dst/listen's events: ``active`` on the first PING (the main channel is up), the
+    package's ``postcopy-device`` (10.2) and ``postcopy-active`` where it is loaded (shmig's package
+    carries no device state: the two begin together), ``completed`` at the main channel's EOS.
+    A recovery: ``postcopy-paused`` where the main channel broke, ``postcopy-recover`` when the
+    controller hands over the new channels (QEMU: the new main channel is accepted,
+    postcopy_try_recover), ``postcopy-active`` on RESUME."""
+    cfg = rec.config
+    h = StatusHistory(Side.DESTINATION, cfg.mode, version)
+    enter = _stamper(rec, h)
+    if version >= V8_2:
+        enter(MigrationStatus.SETUP, rec.t0)  # migrate-incoming: the receivers listen before the migration starts
+    enter(MigrationStatus.ACTIVE, rec.first(Ev.INCOMING, Kind.LISTEN))
+    ran = rec.first(Ev.RUNNING, Kind.LISTEN)
+    if cfg.postcopy and ran is not None:
+        if version >= V10_2:
+            enter(MigrationStatus.POSTCOPY_DEVICE, ran)
+        enter(MigrationStatus.POSTCOPY_ACTIVE, ran)
+    for e in rec.events:
+        if e.role is not None and e.role.kind is not Kind.LISTEN:
+            continue
+        if e.name is Ev.POSTCOPY_PAUSED and h.current is not MigrationStatus.POSTCOPY_PAUSED:
+            enter(MigrationStatus.POSTCOPY_PAUSED, e.t)
+        elif e.name is Mark.RECOVER and h.current is MigrationStatus.POSTCOPY_PAUSED:
+            enter(MigrationStatus.POSTCOPY_RECOVER, e.t)
+        elif e.name is Ev.INCOMING_RESUMED and h.current is MigrationStatus.POSTCOPY_RECOVER:
+            enter(MigrationStatus.POSTCOPY_ACTIVE, e.t)
+    _ended(rec, h, rec.first(Ev.EOS, Kind.LISTEN))
+    return h
 
 
 def last_placed(rec: RunRecord) -> int | None:

@@ -305,6 +305,7 @@ class Listen(Receiver):
         self.status("waiting for PING on the main channel")
         f = self.next()
         expect(f, Msg.PING, 0, self.channel.value)
+        self.event(Ev.INCOMING)
         self.rp.send(Msg.PONG, ())
         fault = threading.Thread(target=self.fault_loop, name="fault", daemon=True)
         fault.start()
@@ -374,6 +375,7 @@ class Listen(Receiver):
     def resume_incoming(self) -> None:
         """loadvm_postcopy_handle_resume: RESUME_ACK, then every request still waited for goes again
         (migrate_send_rp_req_pages_pending): those in flight when the channels broke are lost."""
+        self.event(Ev.INCOMING_RESUMED)  # postcopy-active, before the RESUME_ACK (as QEMU)
         with self.rp_lock:
             self.rp.send(Msg.RESUME_ACK, ())
             pending = np.flatnonzero(self.requested & (self.received[::self.k] == 0)).tolist()

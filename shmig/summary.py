@@ -69,8 +69,9 @@ def format_summary(self: Report) -> str:
             rows.append(("guest progress", f"{gp.get('postcopy_accesses', 0)} accesses in postcopy"
                          + (f" ({tail} after the last page was placed)" if tail is not None else "") + f", {speed}"))
     hist = self.status_history
-    if hist.get("source"):
-        rows.append(("status", f"QEMU {hist['qemu']}: " + " -> ".join(f"{h['status']} {h['t_ms']:.1f}" for h in hist["source"]) + " ms"))
+    for side, label in (("source", f"status (QEMU {hist.get('qemu')})"), ("destination", "  destination")):
+        if hist.get(side):
+            rows.append((label, " -> ".join(f"{h['status']} {h['t_ms']:.1f}" for h in hist[side]) + " ms"))
     integ = self.integrity
     rows.append(("integrity", f"ok, {integ['pages_checked']} pages checked" if integ.get("ok")
                  else f"FAILED: {integ.get('detail')}"))

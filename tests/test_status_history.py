@@ -9,13 +9,20 @@ from shmig.status import V10_1, QemuVersion, Side, default_version, path, recove
 MiB = 1024**2
 
 
-def statuses(r: shmig.Report) -> list[str]:
-    return [h["status"] for h in r.status_history["source"]]
+def statuses(r: shmig.Report, side: str = "source") -> list[str]:
+    return [h["status"] for h in r.status_history[side]]
 
 
 def assert_times_ordered(r: shmig.Report) -> None:
-    t = [h["t_ms"] for h in r.status_history["source"]]
-    assert t == sorted(t) and t[0] == 0.0, r.status_history
+    for side in ("source", "destination"):
+        t = [h["t_ms"] for h in r.status_history[side]]
+        assert t == sorted(t) and t[0] >= 0.0, r.status_history
+    assert r.status_history["source"][0]["t_ms"] == 0.0
+
+
+def assert_paths(r: shmig.Report, mode: str, version: QemuVersion) -> None:
+    for side in Side:
+        assert statuses(r, side) == [str(s) for s in path(side, mode, version)], side
 
 
 @pytest.mark.timeout(60)
@@ -25,9 +32,13 @@ def test_each_mode_goes_through_qemus_statuses_in_order(mode):
     assert r.ok, r.error
     version = default_version(mode)
     assert r.status_history["qemu"] == str(version)
-    assert statuses(r) == [str(s) for s in path(Side.SOURCE, mode, version)]
+    assert_paths(r, mode, version)
     assert_times_ordered(r)
     h = {e["status"]: e["t_ms"] for e in r.status_history["source"]}
+    d = {e["status"]: e["t_ms"] for e in r.status_history["destination"]}
+    # the destination is active before the source's PONG, and completes before the source joins
+    # its return thread on the destination's SHUT
+    assert d["active"] <= h["active"] and d["completed"] <= h["completed"]
     if mode != "precopy":  # completed ends the postcopy phase
         assert r.phases[-1][0] == "postcopy" and h["completed"] == r.phases[-1][2]
     if mode == "preempt":  # 7.2: postcopy-active before the VM stopped, no device status
@@ -35,19 +46,29 @@ def test_each_mode_goes_through_qemus_statuses_in_order(mode):
     if mode in ("vanilla", "preempt-full"):  # 10.2: the package loads in postcopy-device
         # (with no latency the destination may run before the source stamped the package sent)
         assert h["device"] <= h["postcopy-device"] <= h["postcopy-active"] < h["completed"]
+        # the destination runs the guest before the source hears of it (the package's PONG)
+        assert d["postcopy-device"] <= d["postcopy-active"] <= h["postcopy-active"]
 
 
 @pytest.mark.timeout(60)
-def test_a_recovery_adds_qemus_recovery_statuses():
-    c = shmig.Config(mode="preempt-full", ram=16 * MiB, bandwidth=200 * MiB, workload="random",
-                     precopy_rounds=0, inject_faults=["postcopy-channel@50%"], recover_after=0.02)
+@pytest.mark.parametrize("mode, version, fault", [("preempt-full", "10.2", "postcopy-channel@50%"),
+                                                  ("preempt", "7.1", "postcopy-channel@50%"),
+                                                  ("vanilla", "9.2", "return-path@50%")])
+def test_a_recovery_adds_qemus_recovery_statuses(mode, version, fault):
+    c = shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random", qemu_version=version,
+                     precopy_rounds=0, inject_faults=[fault], recover_after=0.02)
     r = shmig.run(c)
     assert r.ok, r.error
-    version = default_version("preempt-full")
-    base = [str(s) for s in path(Side.SOURCE, "preempt-full", version)]
-    i = base.index("postcopy-active") + 1
-    assert statuses(r) == base[:i] + [str(s) for s in recovery(Side.SOURCE, version)] + base[i:]
+    v = QemuVersion.parse(version)
+    for side in Side:
+        base = [str(s) for s in path(side, mode, v)]
+        i = base.index("postcopy-active") + 1
+        assert statuses(r, side) == base[:i] + [str(s) for s in recovery(side, v)] + base[i:], side
     assert_times_ordered(r)
+    src = {e["status"]: e["t_ms"] for e in r.status_history["source"]}  # the last of each
+    dst = {e["status"]: e["t_ms"] for e in r.status_history["destination"]}
+    # the destination resumes on RESUME and answers RESUME_ACK, which the source waits for
+    assert dst["postcopy-recover"] <= dst["postcopy-active"] <= src["postcopy-active"]
 
 
 @pytest.mark.parametrize("mode, version, why", [
@@ -82,5 +103,5 @@ def test_the_history_follows_the_version_asked_for(mode, version):
     assert r.ok, r.error
     v = QemuVersion.parse(version)
     assert r.status_history["qemu"] == version and r.config["qemu_version"] == version
-    assert statuses(r) == [str(s) for s in path(Side.SOURCE, mode, v)]
+    assert_paths(r, mode, v)
     assert_times_ordered(r)
