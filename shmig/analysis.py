@@ -96,6 +96,7 @@ def _source_figures(rep: Report, rec: RunRecord) -> None:
         "postcopy_bytes": src.postcopy_bytes,
         "channel_bytes": {"precopy": src.precopy_channel_bytes, "postcopy": src.postcopy_channel_bytes},
         "discarded_host_pages": src.discarded_host_pages,
+        "completion_pages": src.completion_pages,  # postcopy before 10.1: the rest, sent in the completion
         "expected_downtime_ms": (None if src.expected_downtime_ns < 0
                                  else round(src.expected_downtime_ns / 1e6, 3)),
     }

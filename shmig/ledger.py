@@ -122,6 +122,7 @@ class SourceStats(Record):
     converged = Field("precopy mode: 1 if the rest fitted downtime-limit, 0 if max-rounds forced it, -1 before")
     expected_downtime_ns = Field("precopy mode: the rest at the measured bandwidth (emulated ns), -1 before")
     discarded_host_pages = Field("host pages in the switchover's discard list")
+    completion_pages = Field("postcopy: target pages sent in the completion step (before 10.1; none since)")
     postcopy_requests = Field("page requests received, one per message, duplicates included (as QEMU)")
     preemptions = Field("7.1 break-huge: background huge pages interrupted by a request")
     urgent_on_precopy = Field("7.1: requests for the interrupted page itself, finished on the main channel")

@@ -85,8 +85,9 @@ class Companion:
 @dataclass
 class Report:
     status: str = "failed"  # "completed" or "failed"
-    # the source's MigrationStatus history, QEMU's names and order for the version the mode stands
-    # for: {"qemu": "10.2", "source": [{"status": "setup", "t_ms": 0.0}, ...]} (analysis.status_history)
+    # each side's MigrationStatus history, QEMU's names and order for the release the run stands for
+    # (Config.qemu): {"qemu": "10.2", "source": [{"status": "setup", "t_ms": 0.0}, ...],
+    # "destination": [...]} (analysis.status_history)
     status_history: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     config: dict[str, Any] = field(default_factory=dict)

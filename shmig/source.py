@@ -27,10 +27,36 @@ from .reader import FrameReader
 from .recovery import Recovery
 from .returnpath import ReturnPath
 from .sender import PageSender, Stage
+from .status import V10_0, V10_1
 from .wire import FrameWriter, Msg, ProtocolError, expect
 
 MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
 MAX_DISCARDS = 4096  # host page runs per DISCARD frame
+
+
+class ThresholdSize:
+    """``s->threshold_size`` (migration/migration.c migration_update_counters): every BUFFER_DELAY
+    the bytes sent since the last update over the time it took, times ``downtime-limit``: what the
+    link is thought to carry within the allowed downtime. Before 10.1 postcopy also completed once
+    less than this was pending (migration_iteration_run)."""
+
+    def __init__(self, stats: Any, window_s: float, downtime_s: float):
+        self.stats, self.window_s, self.downtime_s = stats, window_s, downtime_s  # real seconds
+        self.size = 0.0  # bytes
+        self.start()
+
+    def start(self, size: float | None = None) -> None:
+        """A new measurement from now (``size``: what the last one found, e.g. in precopy)."""
+        if size is not None:
+            self.size = size
+        self.t0, self.bytes0 = time.monotonic(), self.stats.transferred
+
+    def update(self) -> float:
+        now = time.monotonic()
+        if now - self.t0 >= self.window_s:
+            self.size = (self.stats.transferred - self.bytes0) / (now - self.t0) * self.downtime_s
+            self.t0, self.bytes0 = now, self.stats.transferred
+        return self.size
 
 
 class MigrationThread:
@@ -40,7 +66,7 @@ class MigrationThread:
     ram_save_iterate -> ram_find_and_save_block)."""
 
     def __init__(self, ram: RamState, sender: PageSender, limiter: RateLimiter, policy: Any, max_wait_s: float,
-                 poll: Any, tr: Any = None):
+                 poll: Any, tr: Any = None, threshold: ThresholdSize | None = None):
         self.ram = ram
         self.sender = sender
         self.limiter = limiter
@@ -48,6 +74,7 @@ class MigrationThread:
         self.max_wait_s = max_wait_s
         self.poll = poll  # raises what the return thread ran into (an error, a pause)
         self.tr = tr
+        self.threshold = threshold  # before 10.1: postcopy completes below it (None: only when nothing is left)
         self.k = ram.k
         self.background = PageSearchStatus()  # rs->pss[RAM_CHANNEL_PRECOPY]
         self.preempted = False  # 7.1: the background host page was broken for a request
@@ -83,6 +110,8 @@ class MigrationThread:
         ram, limiter = self.ram, self.limiter
         while True:
             self.poll()
+            if self.threshold is not None and ram.remaining * TARGET_PAGE < self.threshold.update():
+                return  # 7.1-10.0: what is left goes in the completion (save_complete)
             if limiter.exceeded():
                 limiter.sleep()  # until the window ends: the gate a request cannot pass
                 continue
@@ -96,6 +125,16 @@ class MigrationThread:
                     return
                 if time.monotonic() - t0 > self.max_wait_s:
                     break
+
+    def save_complete(self) -> None:
+        """ram_save_complete in postcopy, before 10.1 (7aaa1fc072 made it find nothing left): every
+        dirty page now, requests first, with no window to wait for (only the sleep in the middle of
+        a huge page, migration_rate_limit in ram_save_host_page, as QEMU)."""
+        while True:
+            self.serve_requests()
+            self.poll()
+            if not self.save_background() and not self.ram.has_requests():
+                return
 
     def serve_requests(self) -> None:
         """get_queued_page: requested host pages go ahead of the background (when the migration
@@ -176,8 +215,10 @@ class Source(Child):
         self.recovery = Recovery(self, reader)
         self.sender = PageSender(cfg, self.mem.pages(self.mem.src), self.mem.src_fd, writers, self.ram, stats,
                                  self.limiter, self.policy, self.link, self.recovery.between_frames, self.tr)
+        self.threshold = ThresholdSize(stats, self.limiter.window_s, self.clock.real(cfg.downtime_limit))
         self.thread = MigrationThread(self.ram, self.sender, self.limiter, self.policy,
-                                      self.clock.real(MAX_WAIT), self.poll_return_path, self.tr)
+                                      self.clock.real(MAX_WAIT), self.poll_return_path, self.tr,
+                                      self.threshold if cfg.qemu < V10_1 else None)
         self.return_path = ReturnPath(reader, self.ram, self.sender, self.policy, stats, self.link, self.thread,
                                       self.recovery, self.tr)
         self.recovery.attach(self.return_path, self.thread)
@@ -261,6 +302,7 @@ class Source(Child):
             self.sync()
             bw = (st.transferred - before) / elapsed  # real bytes per real second
             threshold = bw * self.clock.real(cfg.downtime_limit)
+            self.threshold.start(threshold)
             self.writers[Channel.PRECOPY].send(Msg.ROUND, (st.precopy_rounds,))
             if self.tr:
                 self.tr.put(K.ROUND, t_round, time.monotonic_ns(), st.precopy_rounds)
@@ -315,8 +357,17 @@ class Source(Child):
         self.limiter.set_rate(self.cfg.max_postcopy_bandwidth)
 
     def complete(self) -> None:
-        """EOS on every channel: the destination has everything once it has loaded them (the
-        postcopy channel's after an urgent page the return thread is sending)."""
+        """migration_completion: in postcopy before 10.1, first the pages still dirty (none since:
+        postcopy completes only when nothing is pending); then EOS on every channel: the destination
+        has everything once it has loaded them (the postcopy channel's after an urgent page the
+        return thread is sending)."""
+        if self.cfg.postcopy and self.cfg.qemu < V10_1:
+            st = self.stats
+            before = st.normal_pages + st.zero_pages
+            try:
+                self.thread.save_complete()
+            finally:
+                st.completion_pages += st.normal_pages + st.zero_pages - before
         if Channel.POSTCOPY in self.writers:
             with self.ram.exclusive():
                 self.writers[Channel.POSTCOPY].send(Msg.EOS, ())
