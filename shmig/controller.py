@@ -47,6 +47,7 @@ from .report import Report
 from .supervisor import START_METHOD, Proc, Supervisor
 from .trace import write_trace_or_say
 from .timeline import SAMPLE_EVERY, Sample, Timeline
+from .status import during
 from .wire import ProtocolError
 
 
@@ -361,7 +362,8 @@ class Migration:
         mem, led = self.mem, self.ledger
         if mem is None or led is None or self.closed:
             return
-        s = Sample.take(self.cfg.clock, led, mem, self.phase, self.t0)
+        s = Sample.take(self.cfg.clock, led, mem, self.phase, self.t0,
+                        str(during(self.phase, self.cfg.mode, self.cfg.qemu)))
         self.timeline.append(s)
         self.last_sample = s
         if self.on_sample is not None:

@@ -34,10 +34,10 @@ def _duration(s: float) -> str:
 
 
 def status_text(s: Sample, rate_bps: float | None) -> str:
-    """One line from one controller sample: phase, round, bytes sent and left, throughput,
+    """One line from one controller sample: QEMU's status, round, bytes sent and left, throughput,
     requests served, faults waiting, the p50 so far (from QEMU's buckets, hence the ~)."""
     sent = s.precopy_bytes + s.postcopy_bytes
-    parts = [f"{s.t_ms / 1e3:6.1f}s", f"{s.phase:<10}"]
+    parts = [f"{s.t_ms / 1e3:6.1f}s", f"{s.status:<15}"]  # QEMU's name for the phase (status.during)
     if s.phase in ("precopy", "switchover"):
         parts.append(f"round {s.rounds + (s.phase == 'precopy')}")
     parts.append(f"sent {fmt_size(sent)}" + (f" ({fmt_size(s.postcopy_bytes)} on the postcopy channel)"

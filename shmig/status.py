@@ -195,6 +195,26 @@ def path(side: Side, mode: str, version: QemuVersion) -> tuple[MigrationStatus, 
     return (*setup, S.ACTIVE, *package, S.POSTCOPY_ACTIVE, S.COMPLETED)
 
 
+def during(phase: str, mode: str, version: QemuVersion) -> MigrationStatus:
+    """The source's status while the controller is in ``phase`` (shmig.timeline.PHASES), for the
+    timeline and the live line. The switchover is ``device`` from 10.0, and ``postcopy-active``
+    before in postcopy (postcopy_start entered it before stopping the VM); the short
+    ``postcopy-device`` of 10.2 (package sent, its PONG not yet back) has no phase of its own. A
+    recovery is ``postcopy-recover-setup`` from 9.1 until the new channels are up."""
+    postcopy = mode != "precopy"
+    if phase == "setup":
+        return S.SETUP
+    if phase == "switchover" or (phase == "completion" and not postcopy):
+        return S.DEVICE if version >= V10_0 else S.POSTCOPY_ACTIVE if postcopy else S.ACTIVE
+    if phase == "postcopy-recover":
+        return S.POSTCOPY_RECOVER_SETUP if version >= V9_1 else S.POSTCOPY_RECOVER
+    if phase == "postcopy-paused":
+        return S.POSTCOPY_PAUSED
+    if phase in ("postcopy", "completion"):  # postcopy's completion: postcopy-active until completed
+        return S.POSTCOPY_ACTIVE
+    return S.ACTIVE
+
+
 def recovery(side: Side, version: QemuVersion) -> tuple[MigrationStatus, ...]:
     """What a postcopy recovery adds after ``postcopy-active``, back to ``postcopy-active``."""
     if side is Side.SOURCE and version >= V9_1:

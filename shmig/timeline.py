@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .stats import dist_quantile
+from .status import MigrationStatus
 
 if TYPE_CHECKING:
     from .clock import Clock
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 SAMPLE_EVERY = 0.1  # emulated seconds between samples
 PHASES = ("setup", "precopy", "switchover", "postcopy", "postcopy-paused", "postcopy-recover", "completion")
+STATUSES = tuple(MigrationStatus)
 
 
 @dataclass(frozen=True)
@@ -41,12 +43,14 @@ class Sample:
     requests: int  # page requests the source received
     faults_done: int  # faults resolved so far
     fault_p50_us: float | None  # emulated us, estimated from QEMU's log2 buckets
+    status: str = "none"  # the source's QEMU status then (query-migrate's, status.during)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def take(cls, clock: Clock, led: Ledger, mem: GuestMemory, phase: str, t0: int) -> "Sample":
+    def take(cls, clock: Clock, led: Ledger, mem: GuestMemory, phase: str, t0: int,
+             status: str = "none") -> "Sample":
         """One sample now, from what every process has counted so far (the ledger) and the
         destination's maps; ``t0``: when the migration started (real monotonic ns)."""
         src = led.source()
@@ -66,10 +70,12 @@ class Sample:
             requests=src.postcopy_requests,
             faults_done=int(dist.sum()),
             fault_p50_us=None if p50 is None else round(clock.emulated_ns(p50), 1),
+            status=status,
         )
 
 
-_DTYPE = np.dtype([(f.name, "f8" if f.name in ("t_ms", "fault_p50_us") else "u1" if f.name == "phase" else "i8")
+_DTYPE = np.dtype([(f.name, "f8" if f.name in ("t_ms", "fault_p50_us") else "u1" if f.name in ("phase", "status")
+                    else "i8")
                    for f in fields(Sample)])
 
 
@@ -90,7 +96,8 @@ class Timeline:
             self._a = grown
         row = list(astuple(s))
         row[1] = PHASES.index(s.phase)
-        row[-1] = math.nan if s.fault_p50_us is None else s.fault_p50_us
+        row[-2] = math.nan if s.fault_p50_us is None else s.fault_p50_us
+        row[-1] = STATUSES.index(MigrationStatus(s.status))
         self._a[self._n] = tuple(row)
         self._n += 1
 
@@ -100,6 +107,7 @@ class Timeline:
         for row in self._a[:self._n].tolist():
             d = dict(zip(_DTYPE.names, row))  # type: ignore[arg-type]
             d["phase"] = PHASES[d["phase"]]
+            d["status"] = str(STATUSES[d["status"]])
             d["t_ms"] = round(d["t_ms"], 1)
             p50 = d["fault_p50_us"]
             d["fault_p50_us"] = None if math.isnan(p50) else round(p50, 1)

@@ -4,7 +4,7 @@ mode stands for (shmig.status), with times that never go back."""
 import pytest
 
 import shmig
-from shmig.status import V10_1, QemuVersion, Side, default_version, path, recovery
+from shmig.status import V10_0, V10_1, QemuVersion, Side, default_version, during, path, recovery
 
 MiB = 1024**2
 
@@ -105,3 +105,30 @@ def test_the_history_follows_the_version_asked_for(mode, version):
     assert r.status_history["qemu"] == version and r.config["qemu_version"] == version
     assert_paths(r, mode, v)
     assert_times_ordered(r)
+
+
+@pytest.mark.parametrize("mode, version, phases, expected", [
+    ("vanilla", "9.2", ["setup", "precopy", "switchover", "postcopy", "completion"],
+     ["setup", "active", "postcopy-active", "postcopy-active", "postcopy-active"]),
+    ("vanilla", "10.2", ["precopy", "switchover", "postcopy", "postcopy-paused", "postcopy-recover"],
+     ["active", "device", "postcopy-active", "postcopy-paused", "postcopy-recover-setup"]),
+    ("preempt", "7.1", ["switchover", "postcopy-recover"], ["postcopy-active", "postcopy-recover"]),
+    ("precopy", "9.2", ["precopy", "switchover", "completion"], ["active", "active", "active"]),
+    ("precopy", "10.0", ["precopy", "switchover", "completion"], ["active", "device", "device"]),
+])
+def test_each_phase_has_qemus_status_for_the_version(mode, version, phases, expected):
+    assert [str(during(p, mode, QemuVersion.parse(version))) for p in phases] == expected
+
+
+@pytest.mark.timeout(60)
+def test_the_timeline_and_the_live_line_name_qemus_status():
+    from shmig.progress import status_text
+    from shmig.timeline import Sample
+    r = shmig.run(shmig.Config(mode="vanilla", ram=16 * MiB, bandwidth=100 * MiB, workload="random",
+                               precopy_rounds=1, qemu_version="10.0"))
+    assert r.ok, r.error
+    seen = [s["status"] for s in r.timeline]
+    assert seen[0] in ("setup", "active") and "postcopy-active" in seen
+    order = [str(s) for s in path(Side.SOURCE, "vanilla", V10_0)]
+    assert [order.index(s) for s in seen] == sorted(order.index(s) for s in seen)  # never back
+    assert " postcopy-active " in status_text(Sample(**r.timeline[-1]), None)
