@@ -47,7 +47,7 @@ FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
     "max_postcopy_bandwidth": (_REAL, True),
     "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
-    "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False),
+    "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False), "multifd_channels": (_INT, False),
 }
 
 
@@ -130,6 +130,7 @@ class Config:
     seed: int = 1
     zero_fraction: float = 0.1
     zero_page_detection: str = "multifd"  # QEMU 9.0+ zero-page-detection: multifd, legacy or none
+    multifd_channels: int = 0  # QEMU multifd-channels with the multifd capability on; 0 = off
     workload: str = "random"
     wss: int | None = None  # working-set size; None = all RAM
     dirty_rate: float | None = None  # bytes/s written by the whole guest; None = as fast as it can
@@ -227,8 +228,8 @@ class Config:
 
     @property
     def multifd(self) -> Multifd:
-        """The multifd settings (no multifd channels yet: the capability is off)."""
-        return Multifd.of(0, self.zero_page_detection)
+        """The multifd settings (``multifd_channels`` 0: the capability is off)."""
+        return Multifd.of(self.multifd_channels, self.zero_page_detection)
 
     @property
     def uses_preempt_channel(self) -> bool:
@@ -277,11 +278,12 @@ class Config:
         """Memory the run takes outside /dev/shm, at most: each receiver's read-ahead buffer
         (reader.FrameReader allocates twice the read-ahead plus a frame, and the read-ahead is
         up to the socket buffer plus a frame: destination.channel_room), and in postcopy with huge
-        pages each receiver's temporary host page (destination.Receiver.setup)."""
+        pages each receiver's temporary host page (destination.Receiver.setup). A multifd receiver
+        reads ahead too but never places a huge page whole (it loads precopy only)."""
         receivers = 1 + (self.postcopy and self.uses_preempt_channel)
         readahead = 2 * (self.socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
         tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
-        return receivers * (readahead + tmp_page)
+        return receivers * (readahead + tmp_page) + self.multifd_channels * readahead
 
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
@@ -314,7 +316,10 @@ class Config:
             bad(f"--seed must be between 0 and 2^64-1, got {self.seed}")
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
-        Multifd.of(0, self.zero_page_detection)  # an unknown --zero-page-detection is one line
+        self.multifd  # an unknown --zero-page-detection or a channel count out of range is one line
+        if self.multifd_channels and self.mode == "preempt":
+            bad("--multifd-channels with --mode preempt: multifd and postcopy run together only from QEMU"
+                " 10.1, and 7.1's preempt mode (break-huge) was gone by then: use --mode preempt-full")
         if not 0 < self.deadline <= MAX_DEADLINE:  # also catches NaN and inf
             bad(f"--deadline must be positive and at most {fmt_time(MAX_DEADLINE)} (it is the only hang"
                 f" watchdog), got {self.deadline:g} seconds")

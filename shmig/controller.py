@@ -110,7 +110,7 @@ class Migration:
         cfg = self.cfg
         memory.sweep_stale()
         try:
-            self.plan = plan = Plan.of(cfg.vcpus, cfg.uses_preempt_channel, channel_room(cfg.socket_queue.capacity))
+            self.plan = plan = Plan.for_config(cfg, channel_room(cfg.socket_queue.capacity))
             self.sup = sup = Supervisor(plan)
             self.mem = mem = GuestMemory(cfg, plan.slots)
             self.ledger = Ledger(plan, cfg.nhost, cfg.clock.real(cfg.deadline))
@@ -371,7 +371,7 @@ class Migration:
     def _record(self) -> RunRecord:
         """Everything the run produced, copied out of shared memory (every child has gone)."""
         cfg = self.cfg
-        return RunRecord.collect(cfg, self.plan or Plan.of(cfg.vcpus, cfg.uses_preempt_channel, 0), self.t0,
+        return RunRecord.collect(cfg, self.plan or Plan.for_config(cfg, 0), self.t0,
                                  self.error, self.events, self.timeline, self.calibration, link=self.link,
                                  procs=self.sup.procs if self.sup else [], ledger=self.ledger,
                                  mem=self.mem, arena=self.arena)
