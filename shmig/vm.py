@@ -441,7 +441,7 @@ class VM:
             s = pair.last
             page = 4096  # target page
             out["total-time"] = int(s.t_ms)
-            out["ram"] = {"transferred": s.precopy_bytes + s.postcopy_bytes, "remaining": s.remaining_pages * page,
+            out["ram"] = {"transferred": s.precopy_bytes + s.postcopy_bytes + s.multifd_bytes, "remaining": s.remaining_pages * page,
                           "total": int(pair.mig.cfg.ram), "dirty-sync-count": s.rounds + 1,
                           "postcopy-requests": s.requests, "page-size": page}
         return out

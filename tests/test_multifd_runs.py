@@ -5,6 +5,9 @@ channel is synced; zero pages are found and written where QEMU finds and writes 
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 
 import shmig
@@ -128,3 +131,21 @@ def test_a_page_sent_again_over_another_channel_never_loses_to_its_older_copy() 
                  socket_buffer=1 << 20, bandwidth=400e6 / 8)
     assert_ok(rep)
     assert rep.multifd["syncs"] == rep.precopy_rounds + 1 >= 6
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("victim", ["mig/dst/recv_1", "mig/src"])
+def test_a_multifd_receiver_or_the_source_killed_mid_precopy_fails_the_run_cleanly(victim: str) -> None:
+    """The source's send threads and the listen thread's sync wait must not outlive the run: the
+    killed process is named, every child is reaped (conftest checks /dev/shm)."""
+    m = shmig.Migration(shmig.Config(**{**BASE, "bandwidth": 32e6, "socket_buffer": 256 << 10, "deadline": 30.0},
+                                     mode="vanilla", multifd_channels=2)).start()
+    try:
+        (p,) = [p for p in m.procs if p.role.title == victim]
+        assert m.wait_for(lambda s: s.phase == "precopy" and s.multifd_bytes > (2 << 20), timeout=20)
+        os.kill(p.process.pid, signal.SIGKILL)
+        rep = m.wait()
+    finally:
+        m.close()
+    assert rep.status == "failed" and f"{victim} was killed by signal 9" in (rep.error or ""), rep.error
+    assert all(q.process.exitcode is not None for q in m.procs)
