@@ -16,7 +16,7 @@ from . import policies
 from .clock import Clock
 from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
-from .multifd import Multifd
+from .multifd import MAX_EMULATED_CHANNELS, PACKET_PAGES, Multifd
 from .tcp import LINUX_DEFAULTS, LOOPBACK_RTT_NS, SocketQueue, SysctlError, TcpSysctls, steady_state
 from .units import UnitError, fmt_rate, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
@@ -279,11 +279,12 @@ class Config:
         (reader.FrameReader allocates twice the read-ahead plus a frame, and the read-ahead is
         up to the socket buffer plus a frame: destination.channel_room), and in postcopy with huge
         pages each receiver's temporary host page (destination.Receiver.setup). A multifd receiver
-        reads ahead too but never places a huge page whole (it loads precopy only)."""
+        reads ahead too but never places a huge page whole (it loads precopy only); each multifd
+        send thread gathers a packet in a buffer of its own (multifdsend.SendChannel)."""
         receivers = 1 + (self.postcopy and self.uses_preempt_channel)
         readahead = 2 * (self.socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
         tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
-        return receivers * (readahead + tmp_page) + self.multifd_channels * readahead
+        return receivers * (readahead + tmp_page) + self.multifd_channels * (readahead + PACKET_PAGES * TARGET_PAGE)
 
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
@@ -317,6 +318,9 @@ class Config:
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
         self.multifd  # an unknown --zero-page-detection or a channel count out of range is one line
+        if self.multifd_channels > MAX_EMULATED_CHANNELS:
+            bad(f"--multifd-channels {self.multifd_channels}: QEMU takes up to 255, but shmig runs each channel's"
+                f" receiver as a process of its own: use at most {MAX_EMULATED_CHANNELS}")
         if self.multifd_channels and self.mode == "preempt":
             bad("--multifd-channels with --mode preempt: multifd and postcopy run together only from QEMU"
                 " 10.1, and 7.1's preempt mode (break-huge) was gone by then: use --mode preempt-full")

@@ -42,6 +42,8 @@ from .fds import close_fds, new_eventfd
 PACKET_PAGES = 128  # target pages per multifd packet: MULTIFD_PACKET_SIZE (512 KiB, multifd.h) / 4 KiB
 QEMU_DEFAULT_CHANNELS = 2  # DEFAULT_MIGRATE_MULTIFD_CHANNELS (options.c)
 MAX_CHANNELS = 255  # multifd-channels is a uint8 that must be at least 1 (migrate_params_check)
+MAX_EMULATED_CHANNELS = 32  # shmig's own bound: each channel is a receiver process and about nine descriptors,
+# and select() stops at descriptor 1024 (48 channels with 64 vCPUs still run; 96 do not)
 FIRST_LINK_INDEX = 2  # the link numbers the main channel 0 and the preempt channel 1
 
 

@@ -120,6 +120,8 @@ def test_multifd_is_refused_where_qemu_has_no_such_combination() -> None:
         shmig.Config(mode="preempt", multifd_channels=2).validate()
     with pytest.raises(ConfigError, match="255"):
         shmig.Config(multifd_channels=256).validate()
+    with pytest.raises(ConfigError, match="at most 32"):
+        shmig.Config(mode="vanilla", multifd_channels=33).validate()
 
 
 @pytest.mark.timeout(60)
