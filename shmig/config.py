@@ -270,6 +270,18 @@ class Config:
             return SocketQueue.most(sysctls)
         return steady_state(self.bandwidth, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), sysctls)
 
+    @property
+    def multifd_socket_queue(self) -> SocketQueue:
+        """What one multifd channel's connection holds. The N multifd connections carry precopy
+        together, so each is a bulk connection at its share of the link (N TCP flows on one
+        bottleneck): Linux autotunes each from the rate and round trip it sees, its share, and the
+        backlog of all N together is about what one connection alone would hold, not N times it.
+        ``--socket-buffer`` fixes every channel's queue alike."""
+        n = self.multifd_channels
+        if self.socket_buffer is not None or self.bandwidth is None or n == 0:
+            return self.socket_queue
+        return steady_state(self.bandwidth / n, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), self.tcp_sysctls)
+
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
         return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
@@ -284,7 +296,8 @@ class Config:
         receivers = 1 + (self.postcopy and self.uses_preempt_channel)
         readahead = 2 * (self.socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
         tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
-        return receivers * (readahead + tmp_page) + self.multifd_channels * (readahead + PACKET_PAGES * TARGET_PAGE)
+        mf_readahead = 2 * (self.multifd_socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
+        return receivers * (readahead + tmp_page) + self.multifd_channels * (mf_readahead + PACKET_PAGES * TARGET_PAGE)
 
     def validate(self) -> "Config":
         def bad(msg: str) -> None:

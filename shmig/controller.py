@@ -120,7 +120,7 @@ class Migration:
             self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
             q = cfg.socket_queue
             self.link = Link(mem.link, cfg.bandwidth, cfg.latency, q.capacity, multiprocessing.get_context(START_METHOD).Lock(),
-                             cfg.clock, send_buffer=q.send, send_wake=q.send_wake)
+                             cfg.clock, send_buffer=q.send, send_wake=q.send_wake, multifd_queue=cfg.multifd_socket_queue)
             sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena)
             mem.unlink()  # from here on, nothing of this run is visible in /dev/shm
         except BaseException:

@@ -29,6 +29,7 @@ from .plan import Channel
 from .process import Child
 from .reader import FrameReader
 from .sockreader import SocketReader
+from .tcp import SocketQueue
 from .wire import ChannelClosed, Frame, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect
 
 MAX_FRAME = (1 << 20) + 65536
@@ -56,6 +57,9 @@ class Receiver(Child):
     def channel_end(self) -> int:
         return self.ends.channels[self.channel]
 
+    def socket_queue(self) -> SocketQueue:
+        return self.cfg.socket_queue
+
     def channel_name(self) -> str:
         return self.channel.value
 
@@ -75,7 +79,7 @@ class Receiver(Child):
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
         # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
         # thread of its own, as the kernel would.
-        queue = cfg.socket_queue.capacity
+        queue = self.socket_queue().capacity
         readahead = 0 if queue <= pipe_cap else channel_room(queue) - pipe_cap
         self.name = name = self.channel_name()
         self.reader = (SocketReader(fd, name, readahead=readahead, max_frame=MAX_FRAME) if readahead
@@ -529,6 +533,9 @@ class MultifdReceiver(Receiver):
 
     def channel_end(self) -> int:
         return self.ends.multifd[self.role.n]
+
+    def socket_queue(self) -> SocketQueue:
+        return self.cfg.multifd_socket_queue
 
     def channel_name(self) -> str:
         return f"multifd{self.role.n}"

@@ -187,8 +187,10 @@ class Source(Child):
         self.sender = PageSender(cfg, self.mem.pages(self.mem.src), self.mem.src_fd, writers, self.ram, stats,
                                  self.limiter, self.policy, self.link, self.recovery.between_frames, self.tr)
         self.sender.multifd_writers = mf_writers
-        self.multifd = (MultifdSend(mf_writers, self.sender.send_multifd, self.sender.count_sync,
-                                    min(PACKET_PAGES, self.sender.precopy_frame_pages)) if mf.enabled else None)
+        # a packet is at most a quarter of its channel's queue, as every frame is (sender.PageSender)
+        packet = max(1, min(PACKET_PAGES, cfg.multifd_socket_queue.capacity // TARGET_PAGE // 4))
+        self.multifd = (MultifdSend(mf_writers, self.sender.send_multifd, self.sender.count_sync, packet)
+                        if mf.enabled else None)
         self.thread = MigrationThread(self.ram, self.sender, self.limiter, self.policy,
                                       self.clock.real(MAX_WAIT), self.poll_return_path, self.tr, self.multifd)
         self.return_path = ReturnPath(reader, self.ram, self.sender, self.policy, stats, self.link, self.thread,

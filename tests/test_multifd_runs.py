@@ -151,3 +151,35 @@ def test_a_multifd_receiver_or_the_source_killed_mid_precopy_fails_the_run_clean
         m.close()
     assert rep.status == "failed" and f"{victim} was killed by signal 9" in (rep.error or ""), rep.error
     assert all(q.process.exitcode is not None for q in m.procs)
+
+
+@pytest.mark.parametrize("gbit", [1, 10])
+def test_multifd_connections_each_settle_at_their_share_of_the_link(gbit: int) -> None:
+    """N bulk connections on one link: Linux autotunes each from the rate it sees, its share, so
+    their backlog together is near one connection's at 1 Gbit/s, not N times it (at 10 Gbit/s
+    the send buffers' floor keeps each larger than a quarter)."""
+    one = shmig.Config(bandwidth=gbit * 1e9 / 8, latency=50e-6)
+    four = shmig.Config(bandwidth=gbit * 1e9 / 8, latency=50e-6, multifd_channels=4, mode="vanilla")
+    single, each = one.socket_queue.capacity, four.multifd_socket_queue.capacity
+    assert each < single
+    assert 4 * each < (1.2 if gbit == 1 else 2.0) * single
+    assert four.socket_queue == one.socket_queue  # the main and preempt channels are as before
+    fixed = shmig.Config(bandwidth=gbit * 1e9 / 8, socket_buffer=1 << 20, multifd_channels=4, mode="vanilla")
+    assert fixed.multifd_socket_queue == fixed.socket_queue  # --socket-buffer fixes every channel
+
+
+def test_the_link_gives_multifd_channels_their_own_queue() -> None:
+    import multiprocessing
+
+    import numpy as np
+
+    from shmig.link import Link, state_words
+    cfg = shmig.Config(bandwidth=1e9 / 8, multifd_channels=2, mode="vanilla")
+    q, mq = cfg.socket_queue, cfg.multifd_socket_queue
+    link = Link(np.zeros(state_words(4), np.int64), cfg.bandwidth, 0.0, q.capacity, multiprocessing.Lock(),
+                send_buffer=q.send, send_wake=q.send_wake, multifd_queue=mq)
+    try:
+        assert link.queues[0] == link.queues[1] == (q.capacity, q.wake_at, q.window)
+        assert link.queues[2] == link.queues[3] == (mq.capacity, mq.wake_at, mq.window)
+    finally:
+        link.close()
