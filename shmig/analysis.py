@@ -20,8 +20,7 @@ from .faults import Fault
 from .plan import Kind
 from .record import Mark, RunRecord, VcpuRecord
 from .report import FaultTable, Report
-from .status import (TERMINAL, V9_1, V10_0, V10_2, MigrationStatus, Side, StatusHistory, StatusOrderError,
-                     default_version)
+from .status import (TERMINAL, V9_1, V10_0, V10_2, MigrationStatus, Side, StatusHistory, StatusOrderError)
 
 MIN_BASELINE_S = 0.2  # a guest that ran less than this on the source has no measured speed
 
@@ -317,14 +316,14 @@ def _guest_progress(rep: Report, rec: RunRecord, t_run: int | None) -> None:
 def status_history(rec: RunRecord) -> dict[str, Any]:
     """The source's statuses (QEMU's ``query-migrate`` ``status``) with their emulated times, at the
     points of shmig's run where QEMU enters them (shmig.status's docstring, migration.c), for the
-    newest QEMU the mode stands for. shmig has no package PING: 10.2's ``postcopy-active`` is
+    QEMU release the run stands for (``Config.qemu``). shmig has no package PING: 10.2's ``postcopy-active`` is
     stamped where its PONG would reach the source, one link latency after the destination ran.
     ``postcopy-recover`` is entered when the recovery's first new channel is used (the receivedmap
     reload or the new preempt channel, whichever the source reported first). A status is never
     stamped before the one it follows: the destination may run the guest before the source has
     stamped the package sent, on another core."""
     cfg = rec.config
-    version = default_version(cfg.mode)
+    version = cfg.qemu
     h = StatusHistory(Side.SOURCE, cfg.mode, version)
     em = rec.emulated
     src = [e for e in rec.events if e.role is not None and e.role.kind is Kind.SOURCE]

@@ -33,7 +33,7 @@ UNITS_HELP = ("Units follow QEMU: sizes are binary whatever the spelling (64M = 
               " with a line saying why, not taken for options).")
 
 
-def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
+def _config_args(p: argparse.ArgumentParser, with_mode: bool = True, qemu_version: bool = True) -> None:
     g = p.add_argument_group("migration")
     if with_mode:
         g.add_argument("--mode", help=f"request-servicing policy: {', '.join(MODES)} or one loaded with"
@@ -53,6 +53,10 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True) -> None:
                    help="preempt: x-postcopy-preempt-break-huge=off")
     g.add_argument("--page-hint", action="store_true", default=None,
                    help="preempt-full: QEMU 10.1's spatial locality hint")
+    if qemu_version:
+        g.add_argument("--qemu-version", metavar="V", help="the QEMU release the run stands for, e.g. 10.0 or"
+                       " 9.2: its statuses, its switchover rate (10.0) and its completion (10.1); a mode"
+                       " stands only for its own releases (default: the newest the mode stands for)")
     g.add_argument("--max-bandwidth", help="QEMU max-bandwidth (precopy), e.g. 100MiB/s; 0 or 'unlimited' ="
                    " no limit, as in QEMU (default)")
     g.add_argument("--max-postcopy-bandwidth", help="QEMU max-postcopy-bandwidth, e.g. 100MiB/s; 0 or"
@@ -104,7 +108,7 @@ CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "down
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
                "socket_buffer", "send_buffer", "tcp_wmem", "tcp_rmem", "tcp_notsent_lowat", "workload", "wss",
                "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline", "zero_page_detection", "time_dilation",
-               "inject_faults", "recover_after", "multifd_channels")
+               "inject_faults", "recover_after", "multifd_channels", "qemu_version")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:
@@ -141,7 +145,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     """A source and a destination VM with QMP monitors (shmig/vm.py), until quit on both or Ctrl-C."""
     from .vm import Pair
     check_output("--json", ns.json)
-    pair = Pair(_config_kwargs(ns), ns.qmp_src, ns.qmp_dst, ns.qemu_version, ns.json)
+    base = {k: v for k, v in _config_kwargs(ns).items() if k != "qemu_version"}  # the monitors' claim, not a run's
+    pair = Pair(base, ns.qmp_src, ns.qmp_dst, ns.qemu_version, ns.json)
     try:
         print(f"shmig: QMP source {ns.qmp_src}, destination {ns.qmp_dst}: 'quit' on both ends it",
               file=sys.stderr, flush=True)
@@ -461,7 +466,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     sv = sub.add_parser("serve", help="a source and a destination VM, each with a QMP monitor (driven as QEMU is)",
                         epilog=UNITS_HELP, allow_abbrev=False)
-    _config_args(sv)
+    _config_args(sv, qemu_version=False)  # its own --qemu-version: the release the monitors claim
     sv.add_argument("--qmp-src", required=True, metavar="unix:PATH|tcp:127.0.0.1:PORT", help="the source's monitor")
     sv.add_argument("--qmp-dst", required=True, metavar="unix:PATH|tcp:127.0.0.1:PORT",
                     help="the destination's monitor (it waits as with -incoming defer)")

@@ -17,6 +17,7 @@ from .clock import Clock
 from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
 from .multifd import MAX_EMULATED_CHANNELS, PACKET_PAGES, Multifd
+from .status import QemuVersion, VersionError, check_version, default_version
 from .tcp import LINUX_DEFAULTS, LOOPBACK_RTT_NS, SocketQueue, SysctlError, TcpSysctls, steady_state
 from .units import UnitError, fmt_rate, fmt_size, fmt_time, parse_rate, parse_size, parse_time
 
@@ -48,6 +49,7 @@ FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "max_postcopy_bandwidth": (_REAL, True),
     "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
     "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False), "multifd_channels": (_INT, False),
+    "qemu_version": (_STR, True),
 }
 
 
@@ -160,6 +162,10 @@ class Config:
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
     inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
     recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
+    # the QEMU release the run stands for ("10.0"); None = the newest the mode stands for
+    # (shmig.status.default_version). It changes only what that release does differently: the
+    # statuses, the switchover's rate (10.0) and what postcopy's completion sends (10.1)
+    qemu_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     def __post_init__(self) -> None:
@@ -230,6 +236,14 @@ class Config:
     def multifd(self) -> Multifd:
         """The multifd settings (``multifd_channels`` 0: the capability is off)."""
         return Multifd.of(self.multifd_channels, self.zero_page_detection)
+
+    @property
+    def qemu(self) -> QemuVersion:
+        """The QEMU release this run stands for (``qemu_version``, else the mode's newest)."""
+        try:
+            return default_version(self.mode) if self.qemu_version is None else QemuVersion.parse(self.qemu_version)
+        except VersionError as e:
+            raise ConfigError(f"--qemu-version: {e}") from None
 
     @property
     def uses_preempt_channel(self) -> bool:
@@ -387,6 +401,10 @@ class Config:
             bad("--page-hint is QEMU 10.1's hint for preempt-full: use it with --mode preempt-full")
         if not self.break_huge and self.mode != "preempt":
             bad("--no-break-huge only applies to --mode preempt")
+        try:  # after the mode and the page hint: the version refuses what it did not have
+            check_version(self.mode, self.qemu, page_hint=self.page_hint, multifd=self.multifd.enabled)
+        except VersionError as e:
+            bad(str(e))
         self._validate_faults()
         try:
             st = os.statvfs("/dev/shm")

@@ -30,6 +30,7 @@ from .controller import Migration
 from .errors import ConfigError
 from .qmp import Arg, Command, Monitor, QmpError
 from .report import Report
+from .status import LATEST, OLDEST, QemuVersion
 from .timeline import Sample
 
 CAPABILITIES = ("events", "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "return-path", "multifd")
@@ -59,7 +60,8 @@ def settings_to_config(caps: dict[str, bool], params: dict[str, int], version: s
     the break-huge preempt of 7.1); 10.1's page hint is unconditional with preempt (ram.c
     ram_save_host_page_urgent always calls ram_page_hint_update), so page_hint follows the version."""
     major, minor = (version_dict(version)["qemu"][k] for k in ("major", "minor"))
-    kw: dict[str, Any] = {}
+    claimed = QemuVersion(major, minor)  # the run stands for it where shmig emulates it
+    kw: dict[str, Any] = {"qemu_version": str(claimed) if OLDEST <= claimed <= LATEST else None}
     if not caps.get("postcopy-ram"):
         kw["mode"] = "precopy"
     elif not caps.get("postcopy-preempt"):

@@ -207,16 +207,19 @@ def test_protocol_errors_and_hostile_clients(pair):
 
 def test_mode_follows_capabilities():
     caps = {"postcopy-ram": True, "postcopy-preempt": True}
-    assert settings_to_config(caps, {}, "10.2.50") == {"mode": "preempt-full", "page_hint": True}
-    assert settings_to_config(caps, {}, "10.0") == {"mode": "preempt-full", "page_hint": False}
-    assert settings_to_config(caps, {}, "7.2") == {"mode": "preempt"}
+    assert settings_to_config(caps, {}, "10.2.50") == {"mode": "preempt-full", "page_hint": True,
+                                                       "qemu_version": "10.2"}
+    assert settings_to_config(caps, {}, "10.0") == {"mode": "preempt-full", "page_hint": False, "qemu_version": "10.0"}
+    assert settings_to_config(caps, {}, "7.2") == {"mode": "preempt", "qemu_version": "7.2"}
     assert settings_to_config({"postcopy-ram": True}, {}, "10.2")["mode"] == "vanilla"
     multifd = {"postcopy-ram": True, "multifd": True}
     assert settings_to_config(multifd, {}, "10.1")["multifd_channels"] == 2  # QEMU's default
     assert settings_to_config(multifd, {"multifd-channels": 5}, "10.1")["multifd_channels"] == 5
     assert "multifd_channels" not in settings_to_config({"postcopy-ram": True}, {"multifd-channels": 5}, "10.1")
     assert settings_to_config({}, {"max-bandwidth": 1 << 20, "downtime-limit": 100}, "10.2") == {
-        "mode": "precopy", "max_bandwidth": float(1 << 20), "downtime_limit": 0.1}
+        "mode": "precopy", "max_bandwidth": float(1 << 20), "downtime_limit": 0.1, "qemu_version": "10.2"}
+    # a release shmig does not emulate runs as the mode's newest
+    assert settings_to_config(caps, {}, "11.0")["qemu_version"] is None
 
 
 @pytest.mark.timeout(60)

@@ -4,7 +4,7 @@ mode stands for (shmig.status), with times that never go back."""
 import pytest
 
 import shmig
-from shmig.status import Side, default_version, path, recovery
+from shmig.status import V10_1, QemuVersion, Side, default_version, path, recovery
 
 MiB = 1024**2
 
@@ -47,4 +47,40 @@ def test_a_recovery_adds_qemus_recovery_statuses():
     base = [str(s) for s in path(Side.SOURCE, "preempt-full", version)]
     i = base.index("postcopy-active") + 1
     assert statuses(r) == base[:i] + [str(s) for s in recovery(Side.SOURCE, version)] + base[i:]
+    assert_times_ordered(r)
+
+
+@pytest.mark.parametrize("mode, version, why", [
+    ("preempt", "9.0", "8.0 removed break-huge"),
+    ("preempt-full", "7.2", "before 8.0"),
+    ("vanilla", "6.2", "shmig emulates QEMU 7.1 to 10.2"),
+    ("vanilla", "ten", "cannot read 'ten'"),
+])
+def test_a_version_the_mode_does_not_stand_for_is_one_line(mode, version, why):
+    with pytest.raises(shmig.ConfigError, match=why):
+        shmig.Config(mode=mode, qemu_version=version).validate()
+
+
+def test_the_page_hint_needs_10_1():
+    with pytest.raises(shmig.ConfigError, match="10.1"):
+        shmig.Config(mode="preempt-full", page_hint=True, qemu_version="10.0").validate()
+    assert shmig.Config(mode="preempt-full", page_hint=True, qemu_version="10.1").validate().qemu == V10_1
+
+
+def test_the_cli_refuses_it_before_anything_runs(capsys):
+    from shmig.cli import main
+    assert main(["run", "--mode", "preempt", "--qemu-version", "9.0", "--ram", "8MiB"]) == 2
+    assert "shmig: error: --mode preempt stands for QEMU 7.1 to 7.2, not 9.0" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode, version", [("vanilla", "7.1"), ("vanilla", "9.2"), ("preempt-full", "10.0"),
+                                           ("precopy", "9.2")])
+def test_the_history_follows_the_version_asked_for(mode, version):
+    r = shmig.run(shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random",
+                               precopy_rounds=0, qemu_version=version))
+    assert r.ok, r.error
+    v = QemuVersion.parse(version)
+    assert r.status_history["qemu"] == version and r.config["qemu_version"] == version
+    assert statuses(r) == [str(s) for s in path(Side.SOURCE, mode, v)]
     assert_times_ordered(r)
