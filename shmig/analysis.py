@@ -94,7 +94,10 @@ def _source_figures(rep: Report, rec: RunRecord) -> None:
         "precopy_bytes": src.precopy_bytes,
         "downtime_bytes": src.downtime_bytes,
         "postcopy_bytes": src.postcopy_bytes,
-        "channel_bytes": {"precopy": src.precopy_channel_bytes, "postcopy": src.postcopy_channel_bytes},
+        "multifd_bytes": src.multifd_bytes,
+        "channel_bytes": {"precopy": src.precopy_channel_bytes, "postcopy": src.postcopy_channel_bytes,
+                          **{f"multifd{r.n}": rec.receivers[r].bytes for r in rec.plan.multifd
+                             if r in rec.receivers}},
         "discarded_host_pages": src.discarded_host_pages,
         "completion_pages": src.completion_pages,  # postcopy before 10.1: the rest, sent in the completion
         "expected_downtime_ms": (None if src.expected_downtime_ns < 0
@@ -111,6 +114,36 @@ def _source_figures(rep: Report, rec: RunRecord) -> None:
     rep.recoveries = src.recoveries
     if rec.first(Ev.RUNNING) is None and src.converged >= 0:  # ended by stop-and-copy: converged?
         rep.converged = bool(src.converged)
+    if cfg.multifd.enabled:
+        _multifd_figures(rep, rec)
+
+
+def _multifd_figures(rep: Report, rec: RunRecord) -> None:
+    """Which multifd channels ran, what each carried, and what their syncs cost: the source's wait
+    for its send threads (local), and the destination's in multifd_recv_sync_main, with the part
+    of it inside the downtime (the guest stopped, the destination not yet running it): the
+    backlog the multifd sockets still held when the VM stopped."""
+    src, cfg, ms = rec.source, rec.config, rec.clock.emulated_ms
+    assert src is not None
+    listen = rec.receivers.get(rec.plan.listen)
+    recv = [rec.receivers.get(r) for r in rec.plan.multifd]
+    stop = rec.first(Ev.STOP_VM, Kind.SOURCE)
+    resumed = rec.first(Ev.RUNNING) or rec.first(Ev.EOS, Kind.LISTEN)
+    in_downtime = 0
+    if stop is not None and resumed is not None:
+        for e in rec.of(Ev.MULTIFD_SYNCED, Kind.LISTEN):
+            began = e.info[1] if len(e.info) > 1 and isinstance(e.info[1], int) else e.t
+            in_downtime += max(0, min(e.t, resumed) - max(began, stop))
+    rep.multifd = {
+        "channels": cfg.multifd_channels,
+        "zero_page_detection": cfg.zero_page_detection,
+        "channel_bytes": [0 if r is None else r.bytes for r in recv],
+        "syncs": src.multifd_syncs,
+        "send_sync_wait_ms": round(ms(src.multifd_sync_wait_ns), 3),
+        "recv_sync_wait_ms": round(ms(getattr(listen, "multifd_sync_wait_ns", 0)), 3),
+        "recv_sync_wait_in_downtime_ms": round(ms(min(in_downtime, getattr(listen, "multifd_sync_wait_ns", 0))), 3),
+        "zero_pages_skipped": sum(0 if r is None else r.zero_pages_skipped for r in recv),  # type: ignore[attr-defined]
+    }
 
 
 def _receiver_dict(rec: RunRecord, d: dict[str, int]) -> dict[str, Any]:

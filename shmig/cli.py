@@ -65,6 +65,9 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True, qemu_versio
                    help="QEMU zero-page-detection: who finds all-zero pages so that they go as a flag;"
                    " without multifd channels multifd and legacy both mean the migration thread,"
                    " none sends them whole (default multifd)")
+    g.add_argument("--multifd-channels", type=int, help="QEMU's multifd capability with this many channels"
+                   " (1-255; 0 = off, the default): precopy pages go over them, each its own connection"
+                   " on the link, postcopy pages over the main and preempt channels (QEMU 10.1)")
     n = p.add_argument_group("emulated link")
     n.add_argument("--bandwidth", help="link bandwidth shared by both channels, e.g. 10Gbit/s (default unlimited;"
                    " 0 is refused: leave the option out or say 'unlimited')")
@@ -105,7 +108,7 @@ CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "down
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
                "socket_buffer", "send_buffer", "tcp_wmem", "tcp_rmem", "tcp_notsent_lowat", "workload", "wss",
                "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline", "zero_page_detection", "time_dilation",
-               "inject_faults", "recover_after", "qemu_version")
+               "inject_faults", "recover_after", "multifd_channels", "qemu_version")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:

@@ -305,7 +305,8 @@ def format_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], hos
         lines += markdown_table(*qemu_table(results, modes, host_pages, qemu))
     lines += ["", "Every run:", ""]
     head = ["mode", "host page", "seed", "faults", "mean ms", "p50 ms", "p90 ms", "p99 ms", "max ms", "requests",
-            "blocktime ms", "guest accesses", "preempts", "link util", "dilation", "total s", "integrity"]
+            "blocktime ms", "downtime ms", "guest accesses", "preempts", "channels", "link util", "dilation", "total s",
+            "integrity"]
     rows = []
     for hp in host_pages:
         for m in modes:
@@ -316,7 +317,8 @@ def format_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], hos
                 rows.append([m, fmt_size(hp), str(r.config.get("seed")), str(lat.get("count", 0)),
                              _ms(lat.get("mean")), _ms(lat.get("p50")), _ms(lat.get("p90")), _ms(lat.get("p99")),
                              _ms(lat.get("max")), str(r.postcopy_requests), f"{r.postcopy_blocktime_ms:.0f}",
-                             str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions),
+                             "-" if r.downtime_ms is None else f"{r.downtime_ms:.1f}",
+                             str(r.guest_progress.get("postcopy_accesses", "-")), str(r.preemptions), channels_of(r),
                              "-" if util is None else f"{util:.2f}",
                              f"{r.time_dilation.get('factor', 1):g}x",
                              f"{r.total_time_ms / 1e3:.1f}" if r.total_time_ms else "-",
@@ -325,6 +327,13 @@ def format_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], hos
     warnings = sorted({w for c in results.values() for r in c.reports if (w := r.link_warning())})
     lines += [f"warning: {w}" for w in warnings]
     return "\n".join(lines)
+
+
+def channels_of(r: Report) -> str:
+    """The channels a run used: main, preempt (if it carried anything), multifd's."""
+    used = ["main"] + (["preempt"] if r.ram.get("channel_bytes", {}).get("postcopy") else [])
+    n = r.config.get("multifd_channels") or 0
+    return " + ".join(used + ([f"{n} multifd"] if n else []))
 
 
 def qemu_table(results: dict[tuple[str, int], Cell], modes: Sequence[str], host_pages: Sequence[int],

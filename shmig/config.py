@@ -16,7 +16,7 @@ from . import policies
 from .clock import Clock
 from .errors import ConfigError
 from .faults import MAX_FAULTS, Fault, FaultSpecError
-from .multifd import Multifd
+from .multifd import MAX_EMULATED_CHANNELS, PACKET_PAGES, Multifd
 from .status import QemuVersion, VersionError, check_version, default_version
 from .tcp import LINUX_DEFAULTS, LOOPBACK_RTT_NS, SocketQueue, SysctlError, TcpSysctls, steady_state
 from .units import UnitError, fmt_rate, fmt_size, fmt_time, parse_rate, parse_size, parse_time
@@ -48,7 +48,8 @@ FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
     "max_postcopy_bandwidth": (_REAL, True),
     "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
-    "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False), "qemu_version": (_STR, True),
+    "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False), "multifd_channels": (_INT, False),
+    "qemu_version": (_STR, True),
 }
 
 
@@ -131,6 +132,7 @@ class Config:
     seed: int = 1
     zero_fraction: float = 0.1
     zero_page_detection: str = "multifd"  # QEMU 9.0+ zero-page-detection: multifd, legacy or none
+    multifd_channels: int = 0  # QEMU multifd-channels with the multifd capability on; 0 = off
     workload: str = "random"
     wss: int | None = None  # working-set size; None = all RAM
     dirty_rate: float | None = None  # bytes/s written by the whole guest; None = as fast as it can
@@ -232,8 +234,8 @@ class Config:
 
     @property
     def multifd(self) -> Multifd:
-        """The multifd settings (no multifd channels yet: the capability is off)."""
-        return Multifd.of(0, self.zero_page_detection)
+        """The multifd settings (``multifd_channels`` 0: the capability is off)."""
+        return Multifd.of(self.multifd_channels, self.zero_page_detection)
 
     @property
     def qemu(self) -> QemuVersion:
@@ -282,6 +284,18 @@ class Config:
             return SocketQueue.most(sysctls)
         return steady_state(self.bandwidth, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), sysctls)
 
+    @property
+    def multifd_socket_queue(self) -> SocketQueue:
+        """What one multifd channel's connection holds. The N multifd connections carry precopy
+        together, so each is a bulk connection at its share of the link (N TCP flows on one
+        bottleneck): Linux autotunes each from the rate and round trip it sees, its share, and the
+        backlog of all N together is about what one connection alone would hold, not N times it.
+        ``--socket-buffer`` fixes every channel's queue alike."""
+        n = self.multifd_channels
+        if self.socket_buffer is not None or self.bandwidth is None or n == 0:
+            return self.socket_queue
+        return steady_state(self.bandwidth / n, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), self.tcp_sysctls)
+
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
         return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
@@ -290,11 +304,14 @@ class Config:
         """Memory the run takes outside /dev/shm, at most: each receiver's read-ahead buffer
         (reader.FrameReader allocates twice the read-ahead plus a frame, and the read-ahead is
         up to the socket buffer plus a frame: destination.channel_room), and in postcopy with huge
-        pages each receiver's temporary host page (destination.Receiver.setup)."""
+        pages each receiver's temporary host page (destination.Receiver.setup). A multifd receiver
+        reads ahead too but never places a huge page whole (it loads precopy only); each multifd
+        send thread gathers a packet in a buffer of its own (multifdsend.SendChannel)."""
         receivers = 1 + (self.postcopy and self.uses_preempt_channel)
         readahead = 2 * (self.socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
         tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
-        return receivers * (readahead + tmp_page)
+        mf_readahead = 2 * (self.multifd_socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
+        return receivers * (readahead + tmp_page) + self.multifd_channels * (mf_readahead + PACKET_PAGES * TARGET_PAGE)
 
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
@@ -327,7 +344,13 @@ class Config:
             bad(f"--seed must be between 0 and 2^64-1, got {self.seed}")
         if not 0.0 <= self.zero_fraction <= 1.0:  # also catches NaN
             bad("--zero-fraction must be between 0 and 1")
-        Multifd.of(0, self.zero_page_detection)  # an unknown --zero-page-detection is one line
+        self.multifd  # an unknown --zero-page-detection or a channel count out of range is one line
+        if self.multifd_channels > MAX_EMULATED_CHANNELS:
+            bad(f"--multifd-channels {self.multifd_channels}: QEMU takes up to 255, but shmig runs each channel's"
+                f" receiver as a process of its own: use at most {MAX_EMULATED_CHANNELS}")
+        if self.multifd_channels and self.mode == "preempt":
+            bad("--multifd-channels with --mode preempt: multifd and postcopy run together only from QEMU"
+                " 10.1, and 7.1's preempt mode (break-huge) was gone by then: use --mode preempt-full")
         if not 0 < self.deadline <= MAX_DEADLINE:  # also catches NaN and inf
             bad(f"--deadline must be positive and at most {fmt_time(MAX_DEADLINE)} (it is the only hang"
                 f" watchdog), got {self.deadline:g} seconds")
@@ -379,7 +402,7 @@ class Config:
         if not self.break_huge and self.mode != "preempt":
             bad("--no-break-huge only applies to --mode preempt")
         try:  # after the mode and the page hint: the version refuses what it did not have
-            check_version(self.mode, self.qemu, page_hint=self.page_hint)
+            check_version(self.mode, self.qemu, page_hint=self.page_hint, multifd=self.multifd.enabled)
         except VersionError as e:
             bad(str(e))
         self._validate_faults()

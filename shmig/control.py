@@ -49,6 +49,8 @@ class Ev(str, enum.Enum):
     PREEMPT_CHANNEL = "preempt_channel"  # mig/src opened the new preempt channel of a recovery
     POSTCOPY_RESUMED = "postcopy_resumed"  # mig/src got RESUME_ACK
     FAULT_INJECTED = "fault_injected"  # info: the fault, pages left, "postcopy" or "recovery"
+    MULTIFD_FLUSH = "multifd_flush"  # mig/src: every multifd channel's SYNC written, FLUSH sent; info: the count
+    MULTIFD_SYNCED = "multifd_synced"  # mig/dst/listen: every multifd channel read up to its SYNC; info: the count, when the wait began
     INCOMING = "incoming"  # mig/dst/listen read the first PING: the main channel is up (its ``active``)
     INCOMING_RESUMED = "incoming_resumed"  # mig/dst/listen got RESUME and sent RESUME_ACK (``postcopy-active``)
 

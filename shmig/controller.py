@@ -111,7 +111,7 @@ class Migration:
         cfg = self.cfg
         memory.sweep_stale()
         try:
-            self.plan = plan = Plan.of(cfg.vcpus, cfg.uses_preempt_channel, channel_room(cfg.socket_queue.capacity))
+            self.plan = plan = Plan.for_config(cfg, channel_room(cfg.socket_queue.capacity))
             self.sup = sup = Supervisor(plan)
             self.mem = mem = GuestMemory(cfg, plan.slots)
             self.ledger = Ledger(plan, cfg.nhost, cfg.clock.real(cfg.deadline))
@@ -121,7 +121,7 @@ class Migration:
             self.t0 = time.monotonic_ns()  # until the guest runs; then the migration starts
             q = cfg.socket_queue
             self.link = Link(mem.link, cfg.bandwidth, cfg.latency, q.capacity, multiprocessing.get_context(START_METHOD).Lock(),
-                             cfg.clock, send_buffer=q.send, send_wake=q.send_wake)
+                             cfg.clock, send_buffer=q.send, send_wake=q.send_wake, multifd_queue=cfg.multifd_socket_queue)
             sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena)
             mem.unlink()  # from here on, nothing of this run is visible in /dev/shm
         except BaseException:
@@ -373,7 +373,7 @@ class Migration:
     def _record(self) -> RunRecord:
         """Everything the run produced, copied out of shared memory (every child has gone)."""
         cfg = self.cfg
-        return RunRecord.collect(cfg, self.plan or Plan.of(cfg.vcpus, cfg.uses_preempt_channel, 0), self.t0,
+        return RunRecord.collect(cfg, self.plan or Plan.for_config(cfg, 0), self.t0,
                                  self.error, self.events, self.timeline, self.calibration, link=self.link,
                                  procs=self.sup.procs if self.sup else [], ledger=self.ledger,
                                  mem=self.mem, arena=self.arena)

@@ -23,12 +23,13 @@ from .config import TARGET_PAGE
 from .control import Ctl, Ev
 from .events import K
 from .fds import close_fds, new_eventfd, pipe_size
-from .ledger import ReceiverStats
+from .ledger import MultifdStats, ReceiverStats
 from .memory import populate
 from .plan import Channel
 from .process import Child
 from .reader import FrameReader
 from .sockreader import SocketReader
+from .tcp import SocketQueue
 from .wire import ChannelClosed, Frame, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect
 
 MAX_FRAME = (1 << 20) + 65536
@@ -51,6 +52,16 @@ class Receiver(Child):
 
     channel = Channel.PRECOPY
     stats: ReceiverStats
+    places_postcopy = True  # it may place pages while the guest runs here (a multifd channel never does)
+
+    def channel_end(self) -> int:
+        return self.ends.channels[self.channel]
+
+    def socket_queue(self) -> SocketQueue:
+        return self.cfg.socket_queue
+
+    def channel_name(self) -> str:
+        return self.channel.value
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -61,22 +72,22 @@ class Receiver(Child):
             populate(self.mem.dst)
         self.received = self.mem.received
         self.stats = self.ledger.receiver(self.role)
-        fd = self.ends.channels[self.channel]
+        fd = self.channel_end()
         pipe_cap = pipe_size(fd)
         # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
         # as the destination places pages). The kernel holds it when the pipe could be made that
         # large: payloads then go straight from the pipe into destination RAM. Otherwise the
         # receiver reads ahead into a buffer of its own for the part the pipe cannot hold, in a
         # thread of its own, as the kernel would.
-        queue = cfg.socket_queue.capacity
+        queue = self.socket_queue().capacity
         readahead = 0 if queue <= pipe_cap else channel_room(queue) - pipe_cap
-        name = self.channel.value
+        self.name = name = self.channel_name()
         self.reader = (SocketReader(fd, name, readahead=readahead, max_frame=MAX_FRAME) if readahead
                        else FrameReader(fd, name, max_frame=MAX_FRAME, direct=True))
-        self.ch = self.channel.link_index
+        self.ch = self.channel.link_index(self.role.n)
         self.dst_mv = memoryview(self.mem.dst)
         self.tmp: tuple[np.ndarray, memoryview] | None = None  # the temporary host page (k > 1)
-        if self.k > 1 and cfg.postcopy:
+        if self.k > 1 and cfg.postcopy and self.places_postcopy:
             tmp = np.empty((self.k, TARGET_PAGE), np.uint8)
             if cfg.prefault:  # touched before the guest runs, as destination RAM is
                 populate(tmp)
@@ -100,7 +111,7 @@ class Receiver(Child):
         f = self.reader.next_frame()
         assert f is not None
         if f.kind != Msg.PAGES and (f.payload is None or f.payload.nbytes):  # only pages carry a payload
-            raise ProtocolError(f"{self.channel.value} channel: {Msg(f.kind).name} frame with a payload")
+            raise ProtocolError(f"{self.name} channel: {Msg(f.kind).name} frame with a payload")
         st.frames += 1
         st.bytes += f.size
         if self.tr:
@@ -126,19 +137,19 @@ class Receiver(Child):
 
     def place(self, f: Frame) -> None:
         """A PAGES frame: its pages go into destination RAM without a Python loop per page."""
-        fields = expect(f, Msg.PAGES, 3, self.channel.value)
+        fields = expect(f, Msg.PAGES, 3, self.name)
         try:
             tps = np.frombuffer(fields[0], np.uint32)
             zero = None if fields[1] is None else np.frombuffer(fields[1], np.bool_)
         except (TypeError, ValueError) as e:
-            raise ProtocolError(f"{self.channel.value} channel: bad PAGES fields ({e})") from None
+            raise ProtocolError(f"{self.name} channel: bad PAGES fields ({e})") from None
         n = len(tps)
         nzero = 0 if zero is None else int(np.count_nonzero(zero))
         plen = self.reader.pending if f.payload is None else f.payload.nbytes
         if (n == 0 or (zero is not None and len(zero) != n)
                 or int(tps[0] if n == 1 else tps[-1]) >= self.npages or plen != (n - nzero) * TARGET_PAGE
                 or (n > 1 and not bool((tps[1:] > tps[:-1]).all()))):  # ascending, no page twice
-            raise ProtocolError(f"{self.channel.value} channel: inconsistent PAGES frame ({n} pages,"
+            raise ProtocolError(f"{self.name} channel: inconsistent PAGES frame ({n} pages,"
                                 f" {nzero} zero, {plen} payload bytes)")
         self.stats.pages += n
         self.stats.zero_pages += nzero
@@ -172,9 +183,9 @@ class Receiver(Child):
             return
         hp = int(tps[0]) // k
         if int(tps[-1]) // k != hp or (n > 1 and int((tps // k != hp).sum())):
-            raise ProtocolError(f"{self.channel.value} channel: a frame spans host pages")
+            raise ProtocolError(f"{self.name} channel: a frame spans host pages")
         if self.asm_hp not in (-1, hp):
-            raise ProtocolError(f"{self.channel.value} channel: target page of host page {hp} arrived before"
+            raise ProtocolError(f"{self.name} channel: target page of host page {hp} arrived before"
                                 f" host page {self.asm_hp} was complete")
         if self.received[hp * k]:
             self.stats.duplicate_pages += n
@@ -186,7 +197,7 @@ class Receiver(Child):
         self.asm_count += n
         if self.asm_count >= k:
             if self.asm_count > k:
-                raise ProtocolError(f"{self.channel.value} channel: host page {hp} received"
+                raise ProtocolError(f"{self.name} channel: host page {hp} received"
                                     f" {self.asm_count} target pages of {k}")
             t0 = time.monotonic_ns()
             self.dst_pages[hp * k:(hp + 1) * k] = self.tmp[0]  # UFFDIO_COPY of the whole host page
@@ -207,7 +218,7 @@ class Receiver(Child):
         receive buffer. Into destination RAM, or ``into`` (pages, bytes) indexed by ``tps``."""
         pages, mv = into or (self.dst_pages, self.dst_mv)
         if zero is not None:
-            pages[tps[zero]] = 0
+            pages[self.zeroed(tps[zero])] = 0
             tps = tps[~zero]
             if not tps.size:
                 return
@@ -224,6 +235,10 @@ class Receiver(Child):
             pages[first:first + len(tps)] = data
         else:
             pages[tps] = data
+
+    def zeroed(self, tps: np.ndarray) -> np.ndarray:
+        """Of these zero pages, the ones to write zeroes into (every one, unless multifd says)."""
+        return tps
 
     @staticmethod
     def runs(tps: np.ndarray, mv: memoryview) -> list[memoryview]:
@@ -260,7 +275,7 @@ class Receiver(Child):
             self._hup = (self.reader.fd, select.poll())
             self._hup[1].register(self.reader.fd, 0)  # POLLHUP is reported whatever the mask
         if self.reader.eof or self._hup[1].poll(0):
-            raise ChannelClosed(f"{self.channel.value} channel closed")
+            raise ChannelClosed(f"{self.name} channel closed")
 
     def postcopy_pause_incoming(self, reason: str) -> None:
         """The channel is gone; a host page only partly assembled from it is dropped (it never
@@ -336,6 +351,8 @@ class Listen(Receiver):
                         self.trace_place(f)
                 elif f.kind == Msg.ROUND:
                     pass
+                elif f.kind == Msg.MULTIFD_FLUSH:
+                    self.multifd_recv_sync_main()
                 elif f.kind == Msg.DISCARD:
                     self.discard(f)
                 elif f.kind == Msg.PACKAGED:
@@ -360,6 +377,23 @@ class Listen(Receiver):
                 raise
             self.postcopy_pause_incoming(str(e))
             return False
+
+    def multifd_recv_sync_main(self) -> None:
+        """RAM_SAVE_FLAG_MULTIFD_FLUSH: nothing behind it on the main channel (the next round's
+        frames, the discard list, the package) is loaded until every multifd channel has been read
+        up to its SYNC; then every channel is released. Before the switchover this is what the
+        multifd sockets' backlog costs the downtime (multifd.sync_wait)."""
+        sync = self.shared.multifd_sync
+        if sync is None:
+            raise ProtocolError("precopy channel: MULTIFD_FLUSH without multifd channels")
+        self.status("MULTIFD_FLUSH: waiting for every multifd channel's SYNC")
+        t0 = time.monotonic_ns()
+        sync.wait_all()
+        st = self.stats
+        st.multifd_flushes += 1
+        st.multifd_sync_wait_ns += time.monotonic_ns() - t0
+        self.event(Ev.MULTIFD_SYNCED, st.multifd_flushes, t0)
+        self.status("loading the precopy channel")
 
     def postcopy_pause_incoming(self, reason: str) -> None:
         """The main channel and the return path go together; the fault thread stops sending."""
@@ -488,3 +522,54 @@ class PreemptReceiver(Receiver):
                 raise
             self.postcopy_pause_incoming(str(e))
             return False
+
+
+class MultifdReceiver(Receiver):
+    """mig/dst/recv_N: a multifd receive thread (multifd_recv_thread). It loads precopy pages
+    only (the source sends nothing on multifd in postcopy), and at each SYNC packet waits for the
+    listen thread's release (multifd.MultifdSync) before it reads on."""
+
+    channel = Channel.MULTIFD
+    stats: MultifdStats
+    places_postcopy = False
+
+    def channel_end(self) -> int:
+        return self.ends.multifd[self.role.n]
+
+    def socket_queue(self) -> SocketQueue:
+        return self.cfg.multifd_socket_queue
+
+    def channel_name(self) -> str:
+        return f"multifd{self.role.n}"
+
+    def zeroed(self, tps: np.ndarray) -> np.ndarray:
+        """multifd_recv_zero_page_process: with postcopy on, every zero page is written (it is
+        marked received either way, and a vCPU must never fault on a page marked received but
+        never written); without, only a page received before (destination RAM starts zeroed)."""
+        if self.cfg.postcopy:
+            return tps
+        keep = tps[self.received[tps] != 0]
+        self.stats.zero_pages_skipped += len(tps) - len(keep)
+        return keep
+
+    def run(self) -> None:
+        sync = self.shared.multifd_sync
+        assert sync is not None
+        loading = f"loading {self.channel_name()}"
+        self.status(loading)
+        while True:
+            f = self.next()
+            if f.kind == Msg.PAGES:
+                self.place(f)
+                if self.tr:
+                    self.trace_place(f)
+            elif f.kind == Msg.MULTIFD_SYNC:
+                self.stats.syncs += 1
+                self.status("SYNC read: waiting for the listen thread's release (multifd_recv_sync_main)")
+                sync.arrived(self.role.n)
+                self.status(loading)
+            elif f.kind == Msg.EOS:
+                break
+            else:
+                raise ProtocolError(f"{self.channel_name()} channel: unexpected {Msg(f.kind).name}")
+        self.event(Ev.EOS)

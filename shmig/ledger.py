@@ -116,6 +116,9 @@ class SourceStats(Record):
     postcopy_channel_bytes = Field("bytes written on the preempt (postcopy) channel")
     precopy_blocked_ns = Field("real ns the sender waited for write space on the main channel")
     postcopy_blocked_ns = Field("real ns the sender waited for write space on the preempt channel")
+    multifd_bytes = Field("bytes written on the multifd channels, SYNC packets included (QEMU's multifd-bytes)")
+    multifd_syncs = Field("multifd_send_sync_main calls: a SYNC packet on every channel")
+    multifd_sync_wait_ns = Field("real ns the migration thread waited for the send threads to write their SYNC")
     remaining = Field("target pages still to send (the migration bitmap's weight)")
     dirty_sync_count = Field("dirty-log syncs (QEMU's dirty-sync-count)")
     precopy_rounds = Field("precopy rounds completed")
@@ -153,6 +156,16 @@ class ListenStats(ReceiverStats):
     faults_deduplicated = Field("faults on a page already requested (no second request)")
     requests_sent = Field("REQ_PAGES messages written on the return path")
     requests_resent = Field("requests sent again at a RESUME (lost in a broken channel)")
+    multifd_flushes = Field("RAM_SAVE_FLAG_MULTIFD_FLUSH read: waits for every multifd channel's SYNC")
+    multifd_sync_wait_ns = Field("real ns the listen thread waited in multifd_recv_sync_main, in all")
+
+
+class MultifdStats(ReceiverStats):
+    """A multifd receive thread's record."""
+
+    syncs = Field("SYNC packets read (each waited for the listen thread's release)")
+    zero_pages_skipped = Field("zero pages not written: never received before and postcopy off"
+                               " (multifd_recv_zero_page_process)")
 
 
 class VcpuStats(Record):
@@ -224,7 +237,7 @@ class VcpuLedger:
 
 def _stats_class(role: Role) -> type[Record]:
     return {Kind.SOURCE: SourceStats, Kind.LISTEN: ListenStats, Kind.PREEMPT: ReceiverStats,
-            Kind.VCPU: VcpuStats}[role.kind]
+            Kind.VCPU: VcpuStats, Kind.MULTIFD: MultifdStats}[role.kind]
 
 
 class _Closed(dict):  # type: ignore[type-arg]

@@ -47,6 +47,7 @@ import numpy as np
 
 from .clock import Clock
 from .fds import close_fds, drain_eventfd, new_eventfd
+from .tcp import SocketQueue
 
 QUANTUM = 64 * 1024
 BURST_S = 0.005  # real time a late receiver may make up beyond the latency: a few scheduler time slices (tbf's bucket)
@@ -85,7 +86,10 @@ class _Closed:
 class Link:
     def __init__(self, state: np.ndarray, bandwidth: float | None, latency: float, socket_buffer: int,
                  lock: multiprocessing.synchronize.Lock, clock: Clock = Clock(), send_buffer: int | None = None,
-                 send_wake: int | None = None):
+                 send_wake: int | None = None, multifd_queue: SocketQueue | None = None):
+        """``socket_buffer`` (of which ``send_buffer`` is the send part, woken at ``send_wake``) is
+        the main and the preempt channel's queue; ``multifd_queue`` each multifd channel's (by
+        default the same): N connections sharing the link each settle at their share of it."""
         state[:] = 0
         self.channels = (len(state) - _CH0) // 3  # as many socket queues as the state was sized for
         state[BUSY_SINCE] = -1
@@ -103,6 +107,10 @@ class Link:
         # (send_wake: tcp_notsent_lowat may wake it earlier, tcp.SocketQueue.of)
         self.wake_at = socket_buffer - sndbuf + (int(sndbuf * WAKE_FRACTION) if send_wake is None else send_wake)
         self.rcvbuf = socket_buffer - sndbuf
+        # per channel: (queue, wake-up point, receive buffer)
+        main = (self.capacity, self.wake_at, self.rcvbuf)
+        mf = main if multifd_queue is None else (multifd_queue.capacity, multifd_queue.wake_at, multifd_queue.window)
+        self.queues = [main if ch < len(CHANNELS) else mf for ch in range(self.channels)]
         # this receiver's last stall, per channel: (began, ended, bytes the kernel may still have taken)
         self.stalls: list[tuple[int, int, int] | None] = [None] * self.channels
         self.window_closed = [False] * self.channels  # the stall outlasted the receive buffer
@@ -134,7 +142,8 @@ class Link:
     def wait_for_space(self, ch: int, nbytes: int) -> int:
         """Before a frame of ``nbytes`` goes on channel ``ch``: if it does not fit in the queue,
         sleep until a third of the send buffer has drained. Returns real ns spent blocked."""
-        if self.queued(ch) + nbytes <= self.capacity:
+        capacity, wake_at = self.queues[ch][:2]
+        if self.queued(ch) + nbytes <= capacity:
             return 0
         t0 = time.monotonic_ns()
         fd, data_fd = self.space_fds[ch], self.data_fds[ch]
@@ -144,7 +153,7 @@ class Link:
             while True:
                 with self.lock:  # flag and queue under the receiver's lock: no lost wake-up
                     self.state[waiting] = 1
-                    if self.queued(ch) <= self.wake_at:
+                    if self.queued(ch) <= wake_at:
                         break
                 r, _, _ = select.select([fd, data_fd], [], [], RECHECK)
                 if fd in r:
@@ -152,7 +161,7 @@ class Link:
                 if data_fd in r:  # woken by incoming data: it takes what room there is
                     drain_eventfd(data_fd)
                     with self.lock:
-                        if self.queued(ch) + nbytes <= self.capacity:
+                        if self.queued(ch) + nbytes <= capacity:
                             break
         finally:
             self.state[waiting] = 0
@@ -212,7 +221,7 @@ class Link:
         """Channel ``ch``'s receiver read nothing from ``t0`` to ``t1``: the kernel received
         meanwhile what was sent, as much as the receive buffer holds, and the link may have
         carried that then."""
-        self.stalls[ch] = (t0, t1, self.rcvbuf)
+        self.stalls[ch] = (t0, t1, self.queues[ch][2])
 
     def _carried(self, ch: int, q: int, start: int | None = None) -> None:
         """Under the lock: ``q`` bytes left channel ``ch``'s queue (the link began carrying them at
@@ -226,7 +235,7 @@ class Link:
         self.state[self._w(ch, CARRIED)] += q
         self.state[CARRIED_ALL] += q
         self._queue_change(-q)
-        if self.state[self._w(ch, WAITING)] and self.queued(ch) <= self.wake_at:
+        if self.state[self._w(ch, WAITING)] and self.queued(ch) <= self.queues[ch][1]:
             os.eventfd_write(self.space_fds[ch], 1)
 
     def _queue_change(self, delta: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .config import TARGET_PAGE, Config
-from .link import STATE_WORDS
+from .link import CHANNELS, state_words
 
 PREFIX = "shmig-"
 SHM_DIR = "/dev/shm"
@@ -179,7 +179,7 @@ class GuestMemory:
             layout = [
                 ("ctl", np.int64, (16,)),
                 ("wait", np.int64, (cfg.vcpus, 2)),
-                ("link", np.int64, (STATE_WORDS,)),
+                ("link", np.int64, (state_words(len(CHANNELS) + cfg.multifd_channels),)),
                 ("status", np.uint8, (slots, STATUS_LEN)),
                 ("stamps", np.uint64, (cfg.vcpus, n)),
                 ("dirty", np.uint32, (cfg.vcpus, n)),  # per vCPU: one writer per counter

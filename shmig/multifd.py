@@ -31,13 +31,19 @@ functions so that the source, the destination and the report read them from one 
 from __future__ import annotations
 
 import enum
+import os
+import select
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .fds import close_fds, new_eventfd
 
+PACKET_PAGES = 128  # target pages per multifd packet: MULTIFD_PACKET_SIZE (512 KiB, multifd.h) / 4 KiB
 QEMU_DEFAULT_CHANNELS = 2  # DEFAULT_MIGRATE_MULTIFD_CHANNELS (options.c)
 MAX_CHANNELS = 255  # multifd-channels is a uint8 that must be at least 1 (migrate_params_check)
+MAX_EMULATED_CHANNELS = 32  # shmig's own bound: each channel is a receiver process and about nine descriptors,
+# and select() stops at descriptor 1024 (48 channels with 64 vCPUs still run; 96 do not)
 FIRST_LINK_INDEX = 2  # the link numbers the main channel 0 and the preempt channel 1
 
 
@@ -129,3 +135,53 @@ def sync_wait(queued_bytes: Iterable[int], bandwidth: float | None) -> float:
     if total < 0:
         raise ValueError("a socket queue holds no negative bytes")
     return 0.0 if bandwidth is None or total == 0 else total / bandwidth
+
+
+class MultifdSync:
+    """``multifd_recv_sync_main`` across the destination's processes.
+
+    A multifd receive thread that reads a SYNC packet posts ``synced`` and then waits on its own
+    ``release`` before it reads on (multifd_recv_thread: ``qemu_sem_post(&multifd_recv_state->
+    sem_sync)``, ``qemu_sem_wait(&p->sem_sync)``). The listen thread, on
+    ``RAM_SAVE_FLAG_MULTIFD_FLUSH``, waits until every channel has posted and then releases each.
+    That barrier is what keeps a page sent in one round over one channel from being overwritten by
+    its older copy still queued on another: no channel reads past a sync before all have reached
+    it. A release per channel (not one shared counter) so a fast channel cannot take a slow one's
+    release and run into the next round's pages early. Eventfds made before the fork; they
+    survive a receiver's exit, so a wait is ended by the controller's deadline, never lost."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.synced = new_eventfd()
+        self.release = [new_eventfd() for _ in range(channels)]
+
+    def fds(self) -> set[int]:
+        return {self.synced, *self.release}
+
+    def close(self) -> None:
+        close_fds(self.fds())
+
+    @staticmethod
+    def _take(fd: int) -> int:
+        """Block until the eventfd counts something; its count, consumed."""
+        while True:
+            select.select([fd], [], [])
+            try:
+                return os.eventfd_read(fd)
+            except BlockingIOError:
+                continue  # another reader took it first (never here: one reader per eventfd)
+
+    def arrived(self, channel: int) -> None:
+        """Receive thread ``channel`` has read its SYNC: tell the listen thread, wait for release."""
+        os.eventfd_write(self.synced, 1)
+        self._take(self.release[channel])
+
+    def wait_all(self) -> None:
+        """The listen thread on MULTIFD_FLUSH: every channel has read its SYNC; release them all."""
+        got = 0
+        while got < self.channels:
+            got += self._take(self.synced)
+        if got != self.channels:
+            raise RuntimeError(f"multifd sync: {got} SYNC packets for {self.channels} channels")
+        for fd in self.release:
+            os.eventfd_write(fd, 1)

@@ -12,6 +12,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .multifd import FIRST_LINK_INDEX
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 class Kind(enum.Enum):
@@ -20,6 +26,7 @@ class Kind(enum.Enum):
     SOURCE = "mig/src"  # migration thread + return thread
     LISTEN = "mig/dst/listen"  # destination main: listen thread + fault thread
     PREEMPT = "mig/dst/preempt"  # destination preempt receiver (postcopy channel)
+    MULTIFD = "mig/dst/recv_"  # destination multifd receive thread N (QEMU's mig/dst/recv_%d)
     VCPU = "guest/vcpu"  # one per vCPU
 
 
@@ -35,12 +42,13 @@ class Role:
     @property
     def title(self) -> str:
         """Its name in ``ps`` and in every message: QEMU's thread name (``guest/vcpuN`` for vCPUs)."""
-        return f"{self.kind.value}{self.n}" if self.kind is Kind.VCPU else self.kind.value
+        return f"{self.kind.value}{self.n}" if self.kind in (Kind.VCPU, Kind.MULTIFD) else self.kind.value
 
     @property
     def receiver(self) -> bool:
-        """A destination process that loads a data channel (and pauses on a broken one)."""
-        return self.kind in (Kind.LISTEN, Kind.PREEMPT)
+        """A destination process that loads a data channel (the main and the preempt one also
+        pause on a broken one in postcopy; a multifd channel carries nothing then)."""
+        return self.kind in (Kind.LISTEN, Kind.PREEMPT, Kind.MULTIFD)
 
     def __str__(self) -> str:
         return self.title
@@ -53,10 +61,13 @@ class Channel(enum.Enum):
     POSTCOPY = "postcopy"  # the preempt channel: src -> dst/preempt
     RETURN = "return"  # the return path: dst/listen -> src
     FAULT = "fault"  # vCPUs -> the fault thread (userfaultfd's stand-in)
+    MULTIFD = "multifd"  # one of the multifd channels: src -> dst/recv_N (Pipe.index says which)
 
-    @property
-    def link_index(self) -> int:
-        """The channel's number on the emulated link (data channels only)."""
+    def link_index(self, index: int = 0) -> int:
+        """The channel's number on the emulated link (data channels only): main 0, preempt 1,
+        multifd channel ``index`` after them (shmig.multifd.FIRST_LINK_INDEX)."""
+        if self is Channel.MULTIFD:
+            return FIRST_LINK_INDEX + index
         return 0 if self is Channel.PRECOPY else 1
 
 
@@ -70,6 +81,7 @@ class Pipe:
     reader: Role
     size: int | None
     recoverable: bool
+    index: int = 0  # which multifd channel (Channel.MULTIFD only)
 
 
 @dataclass(frozen=True)
@@ -78,10 +90,14 @@ class Plan:
     pipes: tuple[Pipe, ...]
 
     @classmethod
-    def of(cls, vcpus: int, preempt_channel: bool, data_channel_bytes: int, small: int = 1 << 16) -> "Plan":
+    def of(cls, vcpus: int, preempt_channel: bool, data_channel_bytes: int, small: int = 1 << 16,
+           multifd_channels: int = 0) -> "Plan":
         """The processes and channels of a run with ``vcpus`` vCPUs, with or without the postcopy
-        (preempt) channel; ``data_channel_bytes`` is what a data channel's pipe should hold (the
-        emulated socket queue and a frame more)."""
+        (preempt) channel, and ``multifd_channels`` multifd channels each read by a receiver of its
+        own; ``data_channel_bytes`` is what a data channel's pipe should hold (the emulated socket
+        queue and a frame more). A multifd channel is not recoverable: it carries nothing in
+        postcopy, so a postcopy pause leaves it alone (QEMU's recovery reconnects only the main and
+        the preempt channel, postcopy_do_resume)."""
         src = Role(Kind.SOURCE, 0, 0)
         listen = Role(Kind.LISTEN, 0, 1)
         preempt = Role(Kind.PREEMPT, 0, 2) if preempt_channel else None
@@ -92,8 +108,15 @@ class Plan:
                  Pipe(Channel.FAULT, cpus, listen, small, False)]
         if preempt is not None:
             pipes.append(Pipe(Channel.POSTCOPY, (src,), preempt, data_channel_bytes, True))
-        roles = (src, listen, *((preempt,) if preempt else ()), *cpus)
+        recv = tuple(Role(Kind.MULTIFD, i, first_vcpu + vcpus + i) for i in range(multifd_channels))
+        pipes += [Pipe(Channel.MULTIFD, (src,), r, data_channel_bytes, False, r.n) for r in recv]
+        roles = (src, listen, *((preempt,) if preempt else ()), *cpus, *recv)
         return cls(roles, tuple(pipes))
+
+    @classmethod
+    def for_config(cls, cfg: "Config", data_channel_bytes: int) -> "Plan":
+        """The plan of the run ``cfg`` describes."""
+        return cls.of(cfg.vcpus, cfg.uses_preempt_channel, data_channel_bytes, multifd_channels=cfg.multifd_channels)
 
     @property
     def slots(self) -> int:
@@ -119,6 +142,11 @@ class Plan:
         return tuple(r for r in self.roles if r.receiver)
 
     @property
+    def multifd(self) -> tuple[Role, ...]:
+        """The multifd receivers, by channel number."""
+        return tuple(r for r in self.roles if r.kind is Kind.MULTIFD)
+
+    @property
     def vcpus(self) -> tuple[Role, ...]:
         return tuple(r for r in self.roles if r.kind is Kind.VCPU)
 
@@ -134,8 +162,8 @@ class Plan:
         """The channels ``role`` holds an end of: 'r' or 'w'."""
         out = {}
         for p in self.pipes:
-            if recoverable_only and not p.recoverable:
-                continue
+            if (recoverable_only and not p.recoverable) or p.channel is Channel.MULTIFD:
+                continue  # multifd ends are by number: Ends.multifd
             if role in p.writers:
                 out[p.channel] = "w"
             elif role == p.reader:

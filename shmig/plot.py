@@ -230,8 +230,10 @@ def _timeline(ax_bytes: Any, ax_faults: Any, rep: Any) -> None:
     if len(tl) >= 2:
         t = np.array([s["t_ms"] for s in tl]) / 1e3
         dt = np.diff(t)
-        for key, colour in (("precopy_bytes", "tab:blue"), ("postcopy_bytes", "tab:orange")):
-            b = np.array([s[key] for s in tl], dtype=np.float64)
+        for key, colour in (("precopy_bytes", "tab:blue"), ("postcopy_bytes", "tab:orange"), ("multifd_bytes", "tab:green")):
+            b = np.array([s.get(key, 0) for s in tl], dtype=np.float64)  # multifd_bytes: not in older reports
+            if key == "multifd_bytes" and not b.any():
+                continue
             rate = np.divide(np.diff(b), dt, out=np.zeros_like(dt), where=dt > 0) / 2**20
             ax_bytes.step(t[1:], rate, where="pre", color=colour, label=f"{key.split('_')[0]} channel")
         ax_bytes.set_ylabel("MiB/s sent")

@@ -28,6 +28,7 @@ from .fds import close_fds
 from .ledger import Ledger
 from .link import Link
 from .memory import GuestMemory
+from .multifd import MultifdSync
 from .plan import Channel, Plan, Role
 from .reader import FrameReader
 from .wire import ChannelClosed, FrameWriter, ProtocolError
@@ -63,6 +64,7 @@ class Shared:
     link: Link
     ledger: Ledger
     efds: list[int]  # one wake-up eventfd per vCPU
+    multifd_sync: "MultifdSync | None" = None  # the multifd receivers' SYNC handshake with the listen thread
     arena: Arena | None = None  # record events (``--trace``)
     all_fds: set[int] = field(default_factory=set)  # every descriptor of the run: a child closes the others'
 
@@ -76,9 +78,11 @@ class Ends:
     ctrl_out: int
     channels: dict[Channel, int]
     fdsock: int | None = None
+    multifd: dict[int, int] = field(default_factory=dict)  # multifd channel number -> its end
 
     def all(self) -> set[int]:
-        return {self.ctrl_in, self.ctrl_out, *self.channels.values(), *([self.fdsock] if self.fdsock else [])}
+        return {self.ctrl_in, self.ctrl_out, *self.channels.values(), *self.multifd.values(),
+                *([self.fdsock] if self.fdsock else [])}
 
 
 class Child:
@@ -107,7 +111,8 @@ class Child:
         if os.getppid() != parent_pid:
             os._exit(1)
         set_title(self.title)
-        close_fds(self.shared.all_fds - self.ends.all() - set(self.efds))
+        keep = self.ends.all() | set(self.efds) | (self.shared.multifd_sync.fds() if self.shared.multifd_sync else set())
+        close_fds(self.shared.all_fds - keep)
         self.ctrl_out = FrameWriter(self.ends.ctrl_out, f"{self.title} control")
         self.ctrl_in = FrameReader(self.ends.ctrl_in, f"{self.title} control", max_frame=control.MAX_CTRL_FRAME, strict=True)
         code = 0

@@ -36,7 +36,7 @@ def _duration(s: float) -> str:
 def status_text(s: Sample, rate_bps: float | None) -> str:
     """One line from one controller sample: QEMU's status, round, bytes sent and left, throughput,
     requests served, faults waiting, the p50 so far (from QEMU's buckets, hence the ~)."""
-    sent = s.precopy_bytes + s.postcopy_bytes
+    sent = s.precopy_bytes + s.postcopy_bytes + s.multifd_bytes
     parts = [f"{s.t_ms / 1e3:6.1f}s", f"{s.status:<15}"]  # QEMU's name for the phase (status.during)
     if s.phase in ("precopy", "switchover"):
         parts.append(f"round {s.rounds + (s.phase == 'precopy')}")
@@ -125,7 +125,7 @@ class LiveStatus:
         return f"~{_duration(max(left, 0.0))} left"
 
     def sample(self, s: Sample) -> None:
-        self.samples.append((s.t_ms, s.precopy_bytes + s.postcopy_bytes))
+        self.samples.append((s.t_ms, s.precopy_bytes + s.postcopy_bytes + s.multifd_bytes))
         rate = None
         if len(self.samples) >= 2:
             (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]

@@ -129,6 +129,7 @@ class Report:
     integrity: dict[str, Any] = field(default_factory=lambda: {"ok": False, "pages_checked": 0,
                                                                 "first_bad_page": None})
     link: dict[str, Any] = field(default_factory=dict)
+    multifd: dict[str, Any] = field(default_factory=dict)  # channels, bytes and syncs; empty when multifd is off
     time_dilation: dict[str, Any] = field(default_factory=dict)
     host: dict[str, Any] = field(default_factory=dict)  # hostname, cpus, worker (a cluster's, or None)
     timeline: list[dict[str, Any]] = field(default_factory=list)

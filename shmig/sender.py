@@ -75,14 +75,19 @@ class PageSender:
         self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)  # the migration thread's
         self.rp_buf = np.empty_like(self.buf)  # the return thread's own gather buffer
         self.rp_lock = threading.Lock()  # a thread that sends urgently sends one frame at a time
-        # save_zero_page runs in the migration thread unless zero-page-detection is none (multifd
-        # is off: it does not matter whether the migration is in postcopy)
-        self.find_zero = cfg.multifd.zero_check(in_postcopy=False) is not ZeroCheck.NOBODY
+        # who looks for zero pages: the migration thread (save_zero_page), multifd's send threads
+        # (zero-page-detection=multifd: the same test, in the thread that writes the packet), or in
+        # postcopy with multifd nobody (its pages do not go through multifd): multifd.Multifd.zero_check
+        self.multifd = cfg.multifd
+        self.find_zero = self.multifd.zero_check(in_postcopy=False) is not ZeroCheck.NOBODY
+        self.multifd_writers: list[FrameWriter] = []  # the multifd channels' writers (source.Source.setup)
+        self.count_lock = threading.Lock()  # the migration, return and multifd send threads all count
 
     def enter_postcopy(self) -> None:
         """Smaller frames once faults wait: the granularity at which 7.1 checks for requests."""
         self.stage = Stage.POSTCOPY
         self.frame_pages = min(FRAME_PAGES_POSTCOPY, self.precopy_frame_pages)
+        self.find_zero = self.multifd.zero_check(in_postcopy=True) is not ZeroCheck.NOBODY
 
     # -- one frame ----------------------------------------------------------------------------------
     def send(self, channel: Channel, tps: np.ndarray, urgent: bool, buf: np.ndarray | None = None) -> int:
@@ -90,16 +95,42 @@ class PageSender:
         returns the bytes written, counted where QEMU counts them."""
         writer = self.writers[channel]
         self.before_frame(writer, tps)
+        sent, nzero = self.write_pages(writer, tps, urgent, self.buf if buf is None else buf)
+        self.count(channel, writer, sent, len(tps) - nzero, nzero)
+        if self.policy.counts_against_limit(channel, urgent):
+            self.limiter.account(sent)
+        return sent
+
+    def send_multifd(self, index: int, tps: np.ndarray, buf: np.ndarray) -> int:
+        """One multifd packet on multifd channel ``index``, from its send thread
+        (multifd_send_thread): counted in ``multifd_bytes`` and, as every byte, against the rate
+        limit (migration_transferred_bytes adds multifd_bytes)."""
+        writer = self.multifd_writers[index]
+        sent, nzero = self.write_pages(writer, tps, False, buf)
+        with self.count_lock:
+            self.count_pages(sent, len(tps) - nzero, nzero)
+            self.stats.multifd_bytes += sent
+            self.limiter.account(sent)
+        return sent
+
+    def count_sync(self, sent: int) -> None:
+        """A multifd SYNC packet's bytes (multifd_send_thread: ``mig_stats.multifd_bytes``)."""
+        with self.count_lock:
+            self.count_pages(sent, 0, 0)
+            self.stats.multifd_bytes += sent
+
+    def write_pages(self, writer: FrameWriter, tps: np.ndarray, urgent: bool, buf: np.ndarray) -> tuple[int, int]:
+        """Write one PAGES frame; (bytes written, zero pages in it)."""
         n = len(tps)
         first = int(tps[0])
         run = int(tps[-1]) - first == n - 1
         if run:
             pages = self.src_pages[first:first + n]
         else:
-            pages = (self.buf if buf is None else buf)[:n]
+            pages = buf[:n]
             np.take(self.src_pages, tps, axis=0, out=pages)
         words = pages.view(np.uint64)
-        if not self.find_zero:  # zero-page-detection=none: every page goes whole
+        if not self.find_zero:  # nobody looks for zero pages: every page goes whole
             nzero = 0
             fields = (ONE_PAGE.pack(first) if n == 1 else tps.astype(np.uint32).tobytes(), None, urgent)
             payload = [pages]
@@ -123,22 +154,26 @@ class PageSender:
             sent = writer.send(Msg.PAGES, fields, payload)
         if self.tr:
             self.trace_send(writer, t0, blocked, sent, n, first, urgent)
-        self.count(channel, writer, sent, n - nzero, nzero)
-        if self.policy.counts_against_limit(channel, urgent):
-            self.limiter.account(sent)
-        return sent
+        return sent, nzero
 
     def count(self, channel: Channel, writer: FrameWriter, sent: int, normal: int, zero: int) -> None:
         st = self.stats
-        st.normal_pages += normal
-        st.zero_pages += zero
-        st.transferred += sent
+        with self.count_lock:
+            self.count_pages(sent, normal, zero)
         if channel is Channel.PRECOPY:
             st.precopy_channel_bytes += sent
             st.precopy_blocked_ns = writer.blocked_ns
         else:
             st.postcopy_channel_bytes += sent
             st.postcopy_blocked_ns = writer.blocked_ns
+
+    def count_pages(self, sent: int, normal: int, zero: int) -> None:
+        """Pages and bytes, in the stage QEMU counts them in (under ``count_lock``: multifd's send
+        threads count too)."""
+        st = self.stats
+        st.normal_pages += normal
+        st.zero_pages += zero
+        st.transferred += sent
         if self.stage is Stage.POSTCOPY:
             st.postcopy_bytes += sent
         elif self.stage is Stage.PRECOPY:

@@ -18,6 +18,8 @@ from . import memory
 from .config import TARGET_PAGE
 from .control import Ctl, Ev
 from .events import K
+from .multifd import PACKET_PAGES
+from .multifdsend import MultifdSend
 from .plan import Channel
 from .policies import Sender, make_policy
 from .process import Child
@@ -66,8 +68,10 @@ class MigrationThread:
     ram_save_iterate -> ram_find_and_save_block)."""
 
     def __init__(self, ram: RamState, sender: PageSender, limiter: RateLimiter, policy: Any, max_wait_s: float,
-                 poll: Any, tr: Any = None, threshold: ThresholdSize | None = None):
+                 poll: Any, tr: Any = None, multifd: MultifdSend | None = None,
+                 threshold: ThresholdSize | None = None):
         self.ram = ram
+        self.multifd = multifd  # precopy pages go to the multifd send threads (ram_save_multifd_page)
         self.sender = sender
         self.limiter = limiter
         self.policy = policy
@@ -86,13 +90,17 @@ class MigrationThread:
         """One pass over the dirty pages. The ``final`` one (stop-and-copy, ram_save_complete) is
         neither rate limited nor interrupted; otherwise ``interrupted()`` is asked every 16 frames."""
         idx = self.ram.dirty_pages()
-        fp = self.sender.frame_pages
+        multifd = self.multifd
+        fp = self.sender.frame_pages if multifd is None else multifd.packet_pages
         for i in range(0, len(idx), fp):
             if not final and interrupted is not None and i % (fp * 16) == 0 and interrupted():
                 return
             tps = self.ram.take_pages(idx[i:i + fp])
             if tps.size:
-                self.sender.send(Channel.PRECOPY, tps, False)
+                if multifd is None:
+                    self.sender.send(Channel.PRECOPY, tps, False)
+                else:
+                    multifd.send(tps)
             if not final:
                 self.limiter.sleep()
 
@@ -211,13 +219,21 @@ class Source(Child):
         if Channel.POSTCOPY in ch:
             writers[Channel.POSTCOPY] = FrameWriter(ch[Channel.POSTCOPY], "postcopy", self.link, 1)
         self.writers = writers
+        mf = cfg.multifd
+        mf_writers = [FrameWriter(self.ends.multifd[i], f"multifd{i}", self.link, Channel.MULTIFD.link_index(i))
+                      for i in range(mf.channels)]
         reader = FrameReader(ch[Channel.RETURN], "return path", max_frame=max(1 << 16, cfg.npages // 8 + 4096))
         self.recovery = Recovery(self, reader)
         self.sender = PageSender(cfg, self.mem.pages(self.mem.src), self.mem.src_fd, writers, self.ram, stats,
                                  self.limiter, self.policy, self.link, self.recovery.between_frames, self.tr)
+        self.sender.multifd_writers = mf_writers
+        # a packet is at most a quarter of its channel's queue, as every frame is (sender.PageSender)
+        packet = max(1, min(PACKET_PAGES, cfg.multifd_socket_queue.capacity // TARGET_PAGE // 4))
+        self.multifd = (MultifdSend(mf_writers, self.sender.send_multifd, self.sender.count_sync, packet)
+                        if mf.enabled else None)
         self.threshold = ThresholdSize(stats, self.limiter.window_s, self.clock.real(cfg.downtime_limit))
         self.thread = MigrationThread(self.ram, self.sender, self.limiter, self.policy,
-                                      self.clock.real(MAX_WAIT), self.poll_return_path, self.tr,
+                                      self.clock.real(MAX_WAIT), self.poll_return_path, self.tr, self.multifd,
                                       self.threshold if cfg.qemu < V10_1 else None)
         self.return_path = ReturnPath(reader, self.ram, self.sender, self.policy, stats, self.link, self.thread,
                                       self.recovery, self.tr)
@@ -299,6 +315,7 @@ class Source(Child):
                 return "postcopy"
             elapsed = max(time.monotonic() - t0, 1e-6)
             st.precopy_rounds += 1
+            self.multifd_flush()  # find_dirty_block: the pass is complete
             self.sync()
             bw = (st.transferred - before) / elapsed  # real bytes per real second
             threshold = bw * self.clock.real(cfg.downtime_limit)
@@ -326,14 +343,32 @@ class Source(Child):
             self.tr.put(K.STOP_VM, t, time.monotonic_ns())
         self.sender.stage = Stage.DOWNTIME
 
+    def multifd_flush(self) -> None:
+        """multifd_ram_flush_and_sync: every channel's SYNC written (multifd_send_sync_main), then
+        RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel: the destination loads nothing behind it
+        until every channel has been read up to its SYNC. Nothing without multifd."""
+        if self.multifd is None:
+            return
+        self.status("multifd: waiting for every send thread to write its SYNC")
+        self.multifd.sync()
+        self.stats.multifd_syncs += 1
+        self.stats.multifd_sync_wait_ns = self.multifd.sync_wait_ns
+        self.writers[Channel.PRECOPY].send(Msg.MULTIFD_FLUSH, (self.stats.multifd_syncs,))
+        self.event(Ev.MULTIFD_FLUSH, self.stats.multifd_syncs)
+
     def stop_and_copy(self) -> None:
+        """migration_completion_precopy: stop, last sync, ram_save_complete (the rest, over
+        multifd if it is on, then its flush)."""
         self.status("stop-and-copy")
         self.stop_vm()
         self.sync()
         self.thread.round(final=True)
+        self.multifd_flush()
 
     def switchover_postcopy(self) -> None:
-        """postcopy_start: stop, last sync, whole host pages, discard, package; the guest resumes."""
+        """postcopy_start: multifd flushed (ram_save_postcopy_prepare, while the guest still runs),
+        stop, last sync, whole host pages, discard, package; the guest resumes."""
+        self.multifd_flush()
         self.status("switchover: stopping the guest")
         self.stop_vm()
         self.sync()
@@ -371,4 +406,6 @@ class Source(Child):
         if Channel.POSTCOPY in self.writers:
             with self.ram.exclusive():
                 self.writers[Channel.POSTCOPY].send(Msg.EOS, ())
+        if self.multifd is not None:  # multifd_send_shutdown: nothing is pending since the last flush
+            self.multifd.shutdown()
         self.writers[Channel.PRECOPY].send(Msg.EOS, ())

@@ -30,6 +30,11 @@ def format_summary(self: Report) -> str:
         ("channels", ", ".join(f"{k} {fmt_size(v)}" for k, v in ram.get("channel_bytes", {}).items())),
         ("dirty syncs", f"{self.dirty_sync_count} ({self.precopy_rounds} precopy rounds)"),
     ]
+    mf = self.multifd
+    if mf:
+        rows.append(("multifd", f"{mf['channels']} channels, {mf['syncs']} syncs; the destination waited"
+                     f" {mf['recv_sync_wait_ms']:.1f} ms for them, {mf['recv_sync_wait_in_downtime_ms']:.1f} ms"
+                     " of it in the downtime"))
     if self.converged is not None:
         limit = f"the {c['downtime_limit'] * 1e3:g} ms downtime-limit"
         rows.append(("converged", f"yes: downtime {_n(self.downtime_ms, '.1f')} ms, within {limit}"

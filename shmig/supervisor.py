@@ -19,9 +19,10 @@ import time
 from typing import Iterator
 
 from . import control
-from .destination import Listen, PreemptReceiver
+from .destination import Listen, MultifdReceiver, PreemptReceiver
 from .fds import close_fds, make_pipe, new_eventfd
 from .guest import Vcpu
+from .multifd import MultifdSync
 from .plan import Channel, Kind, Plan, Role
 from .process import Child, Ends, Shared
 from .reader import FrameReader
@@ -30,7 +31,7 @@ from .wire import ChannelClosed, FrameWriter
 
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
 CHILD_OF: dict[Kind, type[Child]] = {Kind.SOURCE: Source, Kind.LISTEN: Listen, Kind.PREEMPT: PreemptReceiver,
-                                     Kind.VCPU: Vcpu}
+                                     Kind.VCPU: Vcpu, Kind.MULTIFD: MultifdReceiver}
 
 
 @contextlib.contextmanager
@@ -72,6 +73,7 @@ class Supervisor:
         self.procs: list[Proc] = []
         self.fds: list[int] = []  # the controller's own descriptors
         self.efds: list[int] = []  # one wake-up eventfd per vCPU
+        self.multifd_sync: MultifdSync | None = None
         self.fdsocks: dict[Role, socket.socket] = {}  # the recovery's way to a pausable child
         self.closed = False
 
@@ -85,11 +87,14 @@ class Supervisor:
         fields of ``process.Shared`` other than the descriptors (made here)."""
         plan = self.plan
         ends: dict[Role, dict[Channel, int]] = {r: {} for r in plan.roles}
+        multifd: dict[Role, dict[int, int]] = {r: {} for r in plan.roles}
         for p in plan.pipes:
             r, w = self._pipe(p.size)
-            ends[p.reader][p.channel] = r
-            for role in p.writers:
-                ends[role][p.channel] = w
+            for role, fd in ((p.reader, r), *((role, w) for role in p.writers)):
+                if p.channel is Channel.MULTIFD:
+                    multifd[role][p.index] = fd
+                else:
+                    ends[role][p.channel] = fd
         fdsock: dict[Role, int] = {}
         for role in plan.pausable:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -97,13 +102,16 @@ class Supervisor:
             fdsock[role] = theirs.detach()
             self.fds.append(fdsock[role])  # closed here once the children have it, like their pipe ends
         self.efds = [new_eventfd() for _ in plan.vcpus]
+        if plan.multifd:
+            self.multifd_sync = MultifdSync(len(plan.multifd))
         ctrl = {role: (*self._pipe(None), *self._pipe(None)) for role in plan.roles}
-        sh = Shared(efds=self.efds, **shared)  # type: ignore[arg-type]
-        sh.all_fds = set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
+        sh = Shared(efds=self.efds, multifd_sync=self.multifd_sync, **shared)  # type: ignore[arg-type]
+        sh.all_fds = (set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
+                      | (self.multifd_sync.fds() if self.multifd_sync else set()))
         ctx = multiprocessing.get_context(START_METHOD)
         for role in plan.roles:
             down_r, down_w, up_r, up_w = ctrl[role]
-            child = CHILD_OF[role.kind](sh, role, Ends(down_r, up_w, ends[role], fdsock.get(role)))
+            child = CHILD_OF[role.kind](sh, role, Ends(down_r, up_w, ends[role], fdsock.get(role), multifd[role]))
             p = ctx.Process(target=child.main, args=(os.getpid(),), daemon=True)
             with sigint_held():  # a Ctrl-C now lands once the child ignores it and close() knows it
                 p.start()
@@ -177,5 +185,8 @@ class Supervisor:
             p.exited = True
         close_fds(self.fds + self.efds)
         self.fds, self.efds = [], []
+        if self.multifd_sync is not None:
+            self.multifd_sync.close()
+            self.multifd_sync = None
         for sock in self.fdsocks.values():
             sock.close()

@@ -35,6 +35,7 @@ class Sample:
     phase: str  # one of PHASES
     precopy_bytes: int  # written on the main channel so far
     postcopy_bytes: int  # written on the preempt channel so far
+    multifd_bytes: int  # written on the multifd channels so far
     remaining_pages: int  # target pages still to send
     received_pages: int  # target pages in the destination's receivedmap
     faults_outstanding: int  # vCPUs waiting for a page now
@@ -62,6 +63,7 @@ class Sample:
             phase=phase,
             precopy_bytes=src.precopy_channel_bytes,
             postcopy_bytes=src.postcopy_channel_bytes,
+            multifd_bytes=src.multifd_bytes,
             remaining_pages=src.remaining,
             received_pages=int(np.count_nonzero(mem.received)),
             faults_outstanding=int(np.count_nonzero(mem.wait[:, 0] >= 0)),

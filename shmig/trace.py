@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .events import DTYPE, K
-from .link import CHANNELS
+from .link import channel_names
 from .analysis import phase_list
 from .record import RunRecord
 from .files import atomic_write
@@ -68,7 +68,8 @@ class _Builder:
         self.ev: list[dict[str, Any]] = []
         self.flows = _Flows()
         self.sends: list[np.ndarray] = []  # per channel: [start ns, end ns, seq] of its PAGES frames
-        self.queued: list[list[tuple[float, int]]] = [[], []]
+        self.channels = channel_names(m.config.multifd_channels)  # the link's channels by number
+        self.queued: list[list[tuple[float, int]]] = [[] for _ in self.channels]
         self.remaining: list[tuple[float, int]] = []
         self.faulting: list[tuple[float, int]] = []
         self.pid0 = os.getpid()
@@ -130,7 +131,7 @@ class _Builder:
                     dropped[f"{title} {name}"] = lost
                 threads.append((pid, tid, title, r[np.argsort(r["t0"], kind="stable")], recorded["names"]))
         every = np.concatenate([t[3] for t in threads]) if threads else np.empty(0, DTYPE)
-        for ch in range(len(CHANNELS)):  # the source's frames, to find a received frame's send
+        for ch in range(len(self.channels)):  # the source's frames, to find a received frame's send
             sent = every[((every["kind"] == K.SEND) | (every["kind"] == K.SEND_URGENT)) & (every["a"] == ch)]
             sent = sent[np.argsort(sent["t0"])]
             self.sends.append(np.stack([sent["t0"], sent["t1"], sent["b"]], axis=1))
@@ -161,13 +162,13 @@ class _Builder:
             s, end = ts0[i], ts1[i]
             if kind in (K.SEND, K.SEND_URGENT):
                 urgent = kind == K.SEND_URGENT
-                fl.send[(a, b)] = self.slice(pid, tid, f"send {CHANNELS[a]}" + (" urgent" if urgent else ""), s, end, {
+                fl.send[(a, b)] = self.slice(pid, tid, f"send {self.channels[a]}" + (" urgent" if urgent else ""), s, end, {
                     "frame": b, "bytes": c, "pages": d, "first_page": e, "host_page": e // self.k,
                     "queued_after": f, "pages_left": g})
                 self.queued[a].append((end, f))
                 self.remaining.append((end, g))
             elif kind == K.WRITE_SPACE:
-                self.slice(pid, tid, f"wait for write space ({CHANNELS[a]})", s, end)
+                self.slice(pid, tid, f"wait for write space ({self.channels[a]})", s, end)
             elif kind == K.RATE_LIMIT:
                 self.slice(pid, tid, "rate limit", s, end, {
                     "ended_by": "page request" if a else "window end", "a_request_could_end_it": bool(b),
@@ -243,7 +244,7 @@ class _Builder:
         """A frame from the head of channel ``ch``'s queue until the link had carried it and its
         one-way latency had passed; ``queued`` bytes were in the queue at ``queued_at``."""
         args = {"bytes": nbytes, "frame": self.frame(ch, send_ns)} if what == "PAGES" else {"bytes": nbytes}
-        self.flows.recv[(ch, send_ns)] = self.slice(pid, tid, f"link {CHANNELS[ch]}: {what}", s, end, args)
+        self.flows.recv[(ch, send_ns)] = self.slice(pid, tid, f"link {self.channels[ch]}: {what}", s, end, args)
         if self.latency_ns:  # from when the link had carried it
             self.slice(pid, tid, "one-way latency", min(max(s, self.us1(carried)), end), end)
         self.queued[ch].append((queued_at, queued))
@@ -275,7 +276,7 @@ class _Builder:
             if frame is not None:
                 seq = self.frame(*frame)
                 send = None if seq is None else fl.send.get((frame[0], seq))
-                args["came_in"] = f"{CHANNELS[frame[0]]} frame {seq}" + (
+                args["came_in"] = f"{self.channels[frame[0]]} frame {seq}" + (
                     "" if send is None else ", sent before the fault" if send[2] < start[2]
                     else ", sent after the request" if hp in fl.request and send[2] >= fl.request[hp][2]
                     else ", sent during the fault")
@@ -295,7 +296,7 @@ class _Builder:
     def counters(self) -> None:
         for ch, samples in enumerate(self.queued):
             for ts, v in sorted(samples):
-                self.counter(f"socket queue {CHANNELS[ch]} (bytes)", ts, v)
+                self.counter(f"socket queue {self.channels[ch]} (bytes)", ts, v)
         for ts, v in sorted(self.remaining):
             self.counter("pages left to send", ts, v)
         n = 0

@@ -12,7 +12,8 @@ run lives, and from the copy ``ServedMigration`` takes before releasing it after
 Emulated: status, events, capabilities and parameters, the run's figures in query-migrate.
 Not emulated: ``stop``/``cont`` change the run state and events only (the emulated guest is
 started by ``migrate``), the URIs are checked and recorded but no socket is opened (the channels are
-shmig's pipes), and ``multifd`` is recorded but not run.
+shmig's pipes). ``multifd`` runs ``multifd-channels`` channels (QEMU's default 2); with
+``postcopy-ram`` only from 10.1, as QEMU's migrate_caps_check says (e274188612).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def settings_to_config(caps: dict[str, bool], params: dict[str, int], version: s
         kw["page_hint"] = (major, minor) >= (10, 1)
     else:
         kw["mode"] = "preempt"
+    if caps.get("multifd"):
+        kw["multifd_channels"] = params.get("multifd-channels", DEFAULT_PARAMETERS["multifd-channels"])
     for name, value in params.items():  # only those a client set: shmig's defaults otherwise
         field, conv = PARAMETERS[name]
         if field:
@@ -314,6 +317,9 @@ class VM:
             raise QmpError("Postcopy preempt must be set before incoming starts")
         if self.incoming and new["multifd"] != self.caps["multifd"]:
             raise QmpError("Multifd must be set before incoming starts")
+        major, minor = (version_dict(self.pair.version)["qemu"][k] for k in ("major", "minor"))
+        if new["multifd"] and new["postcopy-ram"] and (major, minor) < (10, 1):
+            raise QmpError("Postcopy is not yet compatible with multifd")  # until e274188612 (10.1)
         self.caps = new
 
     def set_params(self, **kw: int) -> None:
@@ -437,7 +443,7 @@ class VM:
             s = pair.last
             page = 4096  # target page
             out["total-time"] = int(s.t_ms)
-            out["ram"] = {"transferred": s.precopy_bytes + s.postcopy_bytes, "remaining": s.remaining_pages * page,
+            out["ram"] = {"transferred": s.precopy_bytes + s.postcopy_bytes + s.multifd_bytes, "remaining": s.remaining_pages * page,
                           "total": int(pair.mig.cfg.ram), "dirty-sync-count": s.rounds + 1,
                           "postcopy-requests": s.requests, "page-size": page}
         return out

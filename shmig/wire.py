@@ -45,6 +45,8 @@ class Msg(enum.IntEnum):
     #                   on the return path carries receivedmap as a little-endian bitmap payload
     RESUME = 14  # recovery: MIG_CMD_POSTCOPY_RESUME
     RESUME_ACK = 15  # recovery: MIG_RP_MSG_RESUME_ACK
+    MULTIFD_SYNC = 16  # a multifd channel's SYNC packet (MULTIFD_FLAG_SYNC): every page before it was sent
+    MULTIFD_FLUSH = 17  # RAM_SAVE_FLAG_MULTIFD_FLUSH on the main channel: wait for every channel's SYNC
 
 
 KINDS = frozenset(int(k) for k in Msg)

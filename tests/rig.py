@@ -37,7 +37,7 @@ class Rig:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg.validate()
-        self.plan = Plan.of(cfg.vcpus, cfg.uses_preempt_channel, channel_room(cfg.socket_queue.capacity))
+        self.plan = Plan.for_config(cfg, channel_room(cfg.socket_queue.capacity))
         self.mem = GuestMemory(cfg, self.plan.slots)
         self.mem.unlink()
         self.mem.src[:] = np.frombuffer(np.random.default_rng(1).bytes(cfg.ram), np.uint8)
@@ -61,7 +61,7 @@ class Rig:
         link = Link(self.mem.link, self.cfg.bandwidth, self.cfg.latency, self.cfg.socket_queue.capacity, threading.Lock())
         self.links.append(link)
         cfg = self.cfg
-        plan = Plan.of(cfg.vcpus, cfg.uses_preempt_channel, channel_room(cfg.socket_queue.capacity))
+        plan = Plan.for_config(cfg, channel_room(cfg.socket_queue.capacity))
         role = plan.role(KIND_OF[cls.__name__])
         assert role is not None, f"{cls.__name__} has no role in mode {cfg.mode}"
         rec = self.ledger.stats(role)

@@ -212,6 +212,10 @@ def test_mode_follows_capabilities():
     assert settings_to_config(caps, {}, "10.0") == {"mode": "preempt-full", "page_hint": False, "qemu_version": "10.0"}
     assert settings_to_config(caps, {}, "7.2") == {"mode": "preempt", "qemu_version": "7.2"}
     assert settings_to_config({"postcopy-ram": True}, {}, "10.2")["mode"] == "vanilla"
+    multifd = {"postcopy-ram": True, "multifd": True}
+    assert settings_to_config(multifd, {}, "10.1")["multifd_channels"] == 2  # QEMU's default
+    assert settings_to_config(multifd, {"multifd-channels": 5}, "10.1")["multifd_channels"] == 5
+    assert "multifd_channels" not in settings_to_config({"postcopy-ram": True}, {"multifd-channels": 5}, "10.1")
     assert settings_to_config({}, {"max-bandwidth": 1 << 20, "downtime-limit": 100}, "10.2") == {
         "mode": "precopy", "max_bandwidth": float(1 << 20), "downtime_limit": 0.1, "qemu_version": "10.2"}
     # a release shmig does not emulate runs as the mode's newest
@@ -287,3 +291,17 @@ def test_serve_ctrl_c_mid_migration(tmp_path):
             serve.kill()
             serve.wait()
     assert not src.exists() and not dst.exists()
+
+
+@pytest.mark.timeout(30)
+def test_multifd_with_postcopy_is_refused_before_10_1(tmp_path):
+    p = Pair(BASE, f"unix:{tmp_path}/src.sock", f"unix:{tmp_path}/dst.sock", qemu_version="9.2")
+    try:
+        src = client(f"{tmp_path}/src.sock")
+        caps = [{"capability": c, "state": True} for c in ("postcopy-ram", "multifd")]
+        with pytest.raises(Exception, match="Postcopy is not yet compatible with multifd"):
+            src.cmd("migrate-set-capabilities", capabilities=caps)
+        assert src.cmd("migrate-set-capabilities", capabilities=caps[1:]) == {}  # multifd alone is fine
+        src.close()
+    finally:
+        p.close()

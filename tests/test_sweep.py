@@ -101,7 +101,7 @@ def test_ctrl_c_keeps_the_finished_runs(tmp_path, shm_leftovers):
 
 
 def test_status_line_and_time_left():
-    s = Sample(t_ms=1234.0, phase="postcopy", precopy_bytes=3 << 20, postcopy_bytes=1 << 20, remaining_pages=256,
+    s = Sample(t_ms=1234.0, phase="postcopy", precopy_bytes=3 << 20, postcopy_bytes=1 << 20, multifd_bytes=0, remaining_pages=256,
                received_pages=0, faults_outstanding=1, guest_accesses=0, rounds=1, requests=42, faults_done=0,
                fault_p50_us=1500.0)
     line = progress.status_text(s, 100e6 / 8)
