@@ -162,10 +162,7 @@ class Config:
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
     inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
     recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
-    # the QEMU release the run stands for ("10.0"); None = the newest the mode stands for
-    # (shmig.status.default_version). It changes only what that release does differently: the
-    # statuses, the switchover's rate (10.0) and what postcopy's completion sends (10.1)
-    qemu_version: str | None = None
+    qemu_version: str | None = None  # the QEMU release the run stands for ("10.0"); None = the mode's newest
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     def __post_init__(self) -> None:
@@ -239,7 +236,8 @@ class Config:
 
     @property
     def qemu(self) -> QemuVersion:
-        """The QEMU release this run stands for (``qemu_version``, else the mode's newest)."""
+        """The QEMU release this run stands for (``qemu_version``, else the mode's newest: status.default_version).
+        It changes only what that release does differently: the statuses, postcopy's completion (10.1)."""
         try:
             return default_version(self.mode) if self.qemu_version is None else QemuVersion.parse(self.qemu_version)
         except VersionError as e:

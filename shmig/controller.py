@@ -362,8 +362,7 @@ class Migration:
         mem, led = self.mem, self.ledger
         if mem is None or led is None or self.closed:
             return
-        s = Sample.take(self.cfg.clock, led, mem, self.phase, self.t0,
-                        str(during(self.phase, self.cfg.mode, self.cfg.qemu)))
+        s = Sample.take(self.cfg.clock, led, mem, self.phase, self.t0, during(self.phase, self.cfg.mode, self.cfg.qemu))
         self.timeline.append(s)
         self.last_sample = s
         if self.on_sample is not None:

@@ -29,7 +29,7 @@ from .reader import FrameReader
 from .recovery import Recovery
 from .returnpath import ReturnPath
 from .sender import PageSender, Stage
-from .status import V10_0, V10_1
+from .status import V10_1
 from .wire import FrameWriter, Msg, ProtocolError, expect
 
 MAX_WAIT = 0.05  # ram_save_iterate returns to the migration thread's loop after this long (emulated s)
