@@ -95,8 +95,8 @@ def test_the_cli_refuses_it_before_anything_runs(capsys):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode, version", [("vanilla", "7.1"), ("vanilla", "9.2"), ("preempt-full", "10.0"),
-                                           ("precopy", "9.2")])
+@pytest.mark.parametrize("mode, version", [("vanilla", "7.1"), ("vanilla", "9.2"), ("preempt-full", "8.0"),
+                                           ("preempt-full", "10.0"), ("precopy", "7.1"), ("precopy", "9.2")])
 def test_the_history_follows_the_version_asked_for(mode, version):
     r = shmig.run(shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random",
                                precopy_rounds=0, qemu_version=version))
