@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
+from . import schema, stats
 from .errors import ConfigError
 from .files import atomic_write
 
@@ -196,8 +196,11 @@ def _faults_from_json(obj: Any, base_dir: str) -> FaultTable:
         path = os.path.join(base_dir, str(obj["npz"]))
         try:
             with np.load(path) as npz:
-                return FaultTable.from_columns({c: npz[f"{obj['run']}.{c}"] for c in FaultTable.COLUMNS})
-        except (OSError, KeyError, ValueError) as e:
+                cols = {c: npz[f"{obj['run']}.{c}"] for c in FaultTable.COLUMNS}
+            if any(a.ndim != 1 or a.dtype.kind not in "iuf" for a in cols.values()):
+                raise ValueError("its columns are not lists of numbers")
+            return FaultTable.from_columns(cols)
+        except (OSError, KeyError, ValueError, EOFError) as e:
             raise ConfigError(f"the report's fault table is in {path}, which cannot be read ({e}):"
                               f" keep the .faults.npz beside the JSON file") from None
     if isinstance(obj, dict):
@@ -227,21 +230,28 @@ class SavedRun:
 
 def load_runs(path: str) -> list[SavedRun]:
     """Every run in a JSON file written by ``shmig run|compare|sweep --json``; a file that is none
-    of these is bad input (ConfigError, one line)."""
+    of these, or holds something the tools could not read (``schema``), is bad input (ConfigError,
+    one line naming where)."""
     try:
         with open(path) as f:
             data = json.load(f)
     except OSError as e:
         raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise ConfigError(f"{path} is not JSON ({e}): give a file written by shmig run|compare|sweep --json") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than json can read
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ConfigError(f"{path} is not JSON ({why}): give a file written by shmig run|compare|sweep --json") from None
     entries = data if isinstance(data, list) else [data]
     base = os.path.dirname(os.path.abspath(path))
     runs = []
-    for e in entries:
+    for i, e in enumerate(entries):
         rep = e.get("report", e) if isinstance(e, dict) else None
         if not isinstance(rep, dict) or not isinstance(rep.get("config"), dict) or "status" not in rep:
             raise ConfigError(f"{path} is not a shmig report: give a file written by shmig run|compare|sweep --json")
+        where = f"{path}: runs[{i}]" if isinstance(data, list) else f"{path}: report"
+        if rep is e:
+            schema.check_report(rep, where, Report)
+        else:
+            schema.check_entry(e, where, Report)
         c = rep["config"]
         runs.append(SavedRun(e.get("mode", c.get("mode")), e.get("host_page", c.get("host_page")),
                              Report.from_dict(rep, base), e.get("knob"), e.get("value")))
