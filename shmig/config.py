@@ -24,6 +24,7 @@ TARGET_PAGE = 4096
 HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
 MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
+FAULT_BACKENDS = ("bitmap", "uffd")  # how a destination vCPU meets a missing page (issue 20)
 MAX_VCPUS = 64  # each vCPU stamps its own 8-byte word of a page (words 0..63; bytes 0..63 for ab)
 MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
@@ -38,7 +39,7 @@ MAX_RATE = 1024.0**4  # bytes/s (1TiB/s): above any link or memory bus; a larger
 # Config(ram="64MiB") is one clear line, not a TypeError deep inside validate())
 _INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a string"
 FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
-    "mode": (_STR, False), "workload": (_STR, False), "zero_page_detection": (_STR, False),
+    "mode": (_STR, False), "workload": (_STR, False), "fault_backend": (_STR, False), "zero_page_detection": (_STR, False),
     "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
     "socket_buffer": (_INT, True), "send_buffer": (_INT, True), "max_rounds": (_INT, False), "wss": (_INT, True),
     "precopy_rounds": (_INT, True),
@@ -46,7 +47,7 @@ FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "deadline": (_REAL, False),
     "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
     "max_postcopy_bandwidth": (_REAL, True),
-    "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
+    "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False), "hugetlb": (_BOOL, False),
     "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False),
 }
 
@@ -159,6 +160,10 @@ class Config:
     prefault: bool = True  # populate shared memory up front (MADV_POPULATE_WRITE)
     inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
     recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
+    # "bitmap": the vCPU checks the receivedmap and asks through an eventfd; "uffd": real
+    # userfaultfd faults on memfd RAM (shmig.uffdbackend). hugetlb: real hugetlb host pages (uffd only)
+    fault_backend: str = "bitmap"
+    hugetlb: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     def __post_init__(self) -> None:
@@ -366,6 +371,7 @@ class Config:
         if not self.break_huge and self.mode != "preempt":
             bad("--no-break-huge only applies to --mode preempt")
         self._validate_faults()
+        self._validate_backend()
         try:
             st = os.statvfs("/dev/shm")
             free = st.f_bavail * st.f_frsize
@@ -381,6 +387,20 @@ class Config:
                 f" {fmt_size(self.heap_bytes())} of receive buffers and temporary host pages) but only"
                 f" {fmt_size(avail)} is available: use a smaller --ram, --socket-buffer or --host-page")
         return self
+
+    def _validate_backend(self) -> None:
+        """--fault-backend and --hugetlb: known, consistent, and permitted on this machine (the
+        userfaultfd probe opens and closes one uffd; nothing of the run is allocated yet)."""
+        if self.fault_backend not in FAULT_BACKENDS:
+            raise ConfigError(f"unknown fault backend {self.fault_backend!r}: use one of {', '.join(FAULT_BACKENDS)}")
+        if self.hugetlb and self.fault_backend != "uffd":
+            raise ConfigError("--hugetlb backs the destination's RAM for the userfaultfd backend: add --fault-backend uffd")
+        if self.hugetlb and self.host_page == TARGET_PAGE:
+            raise ConfigError("--hugetlb needs huge host pages: add --host-page 2MiB or 1GiB")
+        if self.fault_backend == "uffd":
+            from . import uffd  # ctypes and the kernel probe only when asked for
+
+            uffd.check_backend(self.ram, self.host_page, self.hugetlb)  # one line saying what to change
 
     def _validate_faults(self) -> None:
         """--inject-fault and --recover-after: every spec parses and can happen in this mode."""

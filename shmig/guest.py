@@ -47,7 +47,11 @@ class Vcpu(Child):
         self.dirty = self.mem.dirty[v]  # this vCPU's own dirty-log counters: nobody else writes them
         if cfg.prefault and cfg.workload != "idle":
             memory.populate(self.mem.src[:cfg.wss_bytes])
-            memory.populate(self.mem.dst[:cfg.wss_bytes])
+            if self.shared.uffd is None:  # a uffd backend's destination page is present only once placed
+                memory.populate(self.mem.dst[:cfg.wss_bytes])
+        # --fault-backend uffd: this vCPU's own uffd over destination RAM, handed to the placers
+        # and kept open (a missing page then blocks this process in the kernel until placed)
+        self.uffd = None if self.shared.uffd is None else self.shared.uffd.register_vcpu(self.role, self.mem.dst_memfd)
         self.seq = 0
         led = self.ledger.vcpu(self.role)
         self.stats, self.lat_dist, self.fault_log, self.progress = led.stats, led.lat_dist, led.faults, led.progress
@@ -114,6 +118,10 @@ class Vcpu(Child):
         span several faults, and what came before a fault must not wait for the chunk's end."""
         pages = self.stream.next_chunk(CHUNK)
         if phase == memory.RUN_SRC:
+            self.write(pages, phase)
+            self.count(len(pages), phase)
+            return len(pages)
+        if self.uffd is not None:  # at memory speed: a missing page is a real fault, taken by the kernel
             self.write(pages, phase)
             self.count(len(pages), phase)
             return len(pages)

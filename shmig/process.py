@@ -30,6 +30,7 @@ from .link import Link
 from .memory import GuestMemory
 from .plan import Channel, Plan, Role
 from .reader import FrameReader
+from .userfault import UffdHandoff
 from .wire import ChannelClosed, FrameWriter, ProtocolError
 
 PR_SET_PDEATHSIG = 1
@@ -64,6 +65,7 @@ class Shared:
     ledger: Ledger
     efds: list[int]  # one wake-up eventfd per vCPU
     arena: Arena | None = None  # record events (``--trace``)
+    uffd: UffdHandoff | None = None  # --fault-backend uffd: the vCPUs' uffds' way to the placers
     all_fds: set[int] = field(default_factory=set)  # every descriptor of the run: a child closes the others'
 
 
@@ -108,6 +110,8 @@ class Child:
             os._exit(1)
         set_title(self.title)
         close_fds(self.shared.all_fds - self.ends.all() - set(self.efds))
+        if self.shared.uffd is not None:
+            self.shared.uffd.keep(self.role)
         self.ctrl_out = FrameWriter(self.ends.ctrl_out, f"{self.title} control")
         self.ctrl_in = FrameReader(self.ends.ctrl_in, f"{self.title} control", max_frame=control.MAX_CTRL_FRAME, strict=True)
         code = 0
