@@ -122,7 +122,7 @@ class Migration:
             q = cfg.socket_queue
             self.link = Link(mem.link, cfg.bandwidth, cfg.latency, q.capacity, multiprocessing.get_context(START_METHOD).Lock(),
                              cfg.clock, send_buffer=q.send, send_wake=q.send_wake)
-            handoff = UffdHandoff(plan) if cfg.fault_backend == "uffd" else None
+            handoff = UffdHandoff(plan, cfg.nhost) if cfg.fault_backend == "uffd" else None
             try:
                 sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena,
                           uffd=handoff)

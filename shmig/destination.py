@@ -29,7 +29,7 @@ from .plan import Channel
 from .process import Child
 from .reader import FrameReader
 from .sockreader import SocketReader
-from .userfault import UffdPlacer, page_runs
+from .userfault import UffdFaultLog, UffdPlacer, page_runs
 from .wire import ChannelClosed, Frame, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect
 
 MAX_FRAME = (1 << 20) + 65536
@@ -63,7 +63,8 @@ class Receiver(Child):
         self.received = self.mem.received
         # --fault-backend uffd: postcopy places through the vCPUs' uffds (shmig.userfault)
         self.placer = (None if self.shared.uffd is None
-                       else UffdPlacer(self.shared.uffd.group(self.role), self.received, TARGET_PAGE))
+                       else UffdPlacer(self.shared.uffd.group(self.role), self.received, TARGET_PAGE,
+                                       self.shared.uffd.placed, self.k))
         self.stats = self.ledger.receiver(self.role)
         fd = self.ends.channels[self.channel]
         pipe_cap = pipe_size(fd)
@@ -487,8 +488,12 @@ class Listen(Receiver):
             assert self.placer is not None
             group, k, hpsize = self.placer.group, self.k, self.cfg.host_page
             group.watch(self.fault_quit)
-            while not self.stopping.is_set():
-                for vcpu, pf in group.faults(1.0):
+            log = UffdFaultLog([self.ledger.vcpu(r) for r in self.shared.plan.vcpus], self.shared.uffd.placed)
+            while True:
+                log.settle()
+                if self.stopping.is_set():
+                    break
+                for vcpu, pf in group.faults(0.01 if log.pending else 1.0):
                     hp = pf.offset // hpsize
                     if not 0 <= hp < self.cfg.nhost:
                         raise ProtocolError(f"vCPU {vcpu}'s userfaultfd: a fault at {pf.address:#x}, outside guest RAM")
@@ -496,9 +501,11 @@ class Listen(Receiver):
                     t_rx = pf.read_ns
                     if self.received[hp * k]:
                         group.wake(vcpu, hp * hpsize, hpsize)
+                        log.fault(vcpu, hp, t_rx, time.monotonic_ns())
                         if self.tr:
                             self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 1)
                         continue
+                    log.fault(vcpu, hp, t_rx)
                     self.request(vcpu, hp, t_rx)
         except BaseException as e:
             self.fault_error = e

@@ -22,11 +22,14 @@ page that arrived meanwhile: "if the page is already received, wake").
 
 from __future__ import annotations
 
+import mmap
 import socket
+import time
 from typing import Iterable
 
 import numpy as np
 
+from .ledger import VcpuLedger
 from .memfd import MemfdRam
 from .plan import Kind, Plan, Role
 from .uffd import Uffd, UffdError, UffdGroup, recv_uffd, send_uffd
@@ -37,8 +40,12 @@ HANDOFF_TIMEOUT = 30.0  # seconds a placer waits for a vCPU's uffd (a vCPU's set
 class UffdHandoff:
     """The hand-off sockets of one run, made by the controller before it forks the children."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, nhost: int):
         self.vcpus = [r for r in plan.roles if r.kind is Kind.VCPU]
+        # when each host page was placed (monotonic ns, 0: not yet), shared by the placers and the
+        # fault thread: the end of a fault, as QEMU's mark_postcopy_blocktime_end takes it at the copy
+        self._placed_map = mmap.mmap(-1, 8 * max(nhost, 1))
+        self.placed = np.frombuffer(self._placed_map, np.int64)
         self.placers = [r for r in plan.roles if r.kind in (Kind.LISTEN, Kind.PREEMPT)]
         self.socks: dict[tuple[Role, Role], tuple[socket.socket, socket.socket]] = {}
         try:
@@ -106,10 +113,12 @@ class UffdPlacer:
     """A receiver's placement into destination RAM through the vCPUs' uffds (qemu_ufd_copy_ioctl):
     copy without waking, mark receivedmap, then wake every vCPU over the range."""
 
-    def __init__(self, group: UffdGroup, received: np.ndarray, page: int):
+    def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, tp_per_hp: int):
         self.group = group
         self.received = received  # per target page
         self.page = page  # target page size (receivedmap's unit)
+        self.placed = placed  # per host page: when it was placed (UffdHandoff.placed)
+        self.k = tp_per_hp
 
     def copy(self, tp: int, src: int, n: int) -> None:
         """``n`` target pages from address ``src`` to target page ``tp`` (not yet marked)."""
@@ -122,6 +131,7 @@ class UffdPlacer:
 
     def mark_and_wake(self, tps: np.ndarray | slice, first: int, end: int) -> None:
         """receivedmap for ``tps``, then every vCPU's waiters in target pages [first, end) woken."""
+        self.placed[tps // self.k if isinstance(tps, np.ndarray) else first // self.k] = time.monotonic_ns()
         self.received[tps] = 1
         for v in range(len(self.group.uffds)):
             self.group.wake(v, first * self.page, (end - first) * self.page)
@@ -151,3 +161,49 @@ def page_runs(tps: np.ndarray) -> Iterable[tuple[int, int]]:
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [len(tps)]))
     return zip(tps[starts].tolist(), (ends - starts).tolist())
+
+
+class UffdFaultLog:
+    """The vCPUs' fault logs (shmig.ledger) as the fault thread writes them for the uffd backend,
+    where a vCPU cannot see its own faults (it is stopped in the kernel while one lasts): a row
+    per fault from its first event's read (mark_postcopy_blocktime_begin) to the placement of its
+    host page (mark_postcopy_blocktime_end, at the copy), or to the fault thread's own wake when the
+    page was there already. The end is filled in once the page is placed (``settle``)."""
+
+    def __init__(self, vcpus: list[VcpuLedger], placed: np.ndarray):
+        self.vcpus = vcpus
+        self.placed = placed
+        self.open = [-1] * len(vcpus)  # the host page each vCPU last faulted on
+        self.pending: list[tuple[int, int, int, int]] = []  # (vCPU, row, host page, t0)
+
+    def fault(self, vcpu: int, hp: int, t0: int, woken_ns: int | None = None) -> None:
+        """A fault event; a second event of the same vCPU on the same page (a retry after a wake
+        over a wider range) is the same fault."""
+        if self.open[vcpu] == hp:
+            return
+        self.open[vcpu] = hp
+        led = self.vcpus[vcpu]
+        row = len(led.faults)
+        led.faults.append(hp, t0, -1, led.stats.accesses_dst)  # never full: nhost + 1 rows
+        led.stats.faults += 1
+        if woken_ns is not None:
+            self._end(vcpu, row, t0, woken_ns)
+        else:
+            self.pending.append((vcpu, row, hp, t0))
+
+    def settle(self) -> None:
+        """End every logged fault whose page has been placed since."""
+        left = []
+        for vcpu, row, hp, t0 in self.pending:
+            t1 = int(self.placed[hp])
+            if t1:
+                self._end(vcpu, row, t0, max(t1, t0))
+            else:
+                left.append((vcpu, row, hp, t0))
+        self.pending = left
+
+    def _end(self, vcpu: int, row: int, t0: int, t1: int) -> None:
+        led = self.vcpus[vcpu]
+        led.faults.rows()[row, 2] = t1
+        dist = led.lat_dist  # QEMU's log2 buckets, as the bitmap backend's vCPU counts them
+        dist[min(max(((t1 - t0) // 1000).bit_length() - 1, 0), len(dist) - 1)] += 1
