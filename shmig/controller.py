@@ -36,7 +36,6 @@ from . import control
 from .config import Config
 from .control import Ctl, Ev
 from .destination import channel_room
-from .userfault import UffdHandoff
 from .events import Arena
 from .ledger import Ledger
 from .link import Link
@@ -122,13 +121,7 @@ class Migration:
             q = cfg.socket_queue
             self.link = Link(mem.link, cfg.bandwidth, cfg.latency, q.capacity, multiprocessing.get_context(START_METHOD).Lock(),
                              cfg.clock, send_buffer=q.send, send_wake=q.send_wake)
-            handoff = UffdHandoff(plan, cfg.nhost) if cfg.fault_backend == "uffd" else None
-            try:
-                sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena,
-                          uffd=handoff)
-            finally:
-                if handoff is not None:
-                    handoff.close()  # every child has its own ends now
+            sup.start(cfg=cfg, plan=plan, mem=mem, link=self.link, ledger=self.ledger, arena=self.arena)
             mem.unlink()  # from here on, nothing of this run is visible in /dev/shm
         except BaseException:
             self.close()

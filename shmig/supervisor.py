@@ -26,6 +26,7 @@ from .plan import Channel, Kind, Plan, Role
 from .process import Child, Ends, Shared
 from .reader import FrameReader
 from .source import Source
+from .userfault import UffdHandoff
 from .wire import ChannelClosed, FrameWriter
 
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
@@ -73,6 +74,7 @@ class Supervisor:
         self.fds: list[int] = []  # the controller's own descriptors
         self.efds: list[int] = []  # one wake-up eventfd per vCPU
         self.fdsocks: dict[Role, socket.socket] = {}  # the recovery's way to a pausable child
+        self.uffd: UffdHandoff | None = None  # --fault-backend uffd's hand-off sockets (shmig.userfault)
         self.closed = False
 
     def _pipe(self, size: int | None) -> tuple[int, int]:
@@ -99,6 +101,8 @@ class Supervisor:
         self.efds = [new_eventfd() for _ in plan.vcpus]
         ctrl = {role: (*self._pipe(None), *self._pipe(None)) for role in plan.roles}
         sh = Shared(efds=self.efds, **shared)  # type: ignore[arg-type]
+        if sh.cfg.fault_backend == "uffd":  # the vCPUs' uffds' way to the placers, closed here once forked
+            sh.uffd = self.uffd = UffdHandoff(plan, sh.cfg.nhost)
         sh.all_fds = set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
         ctx = multiprocessing.get_context(START_METHOD)
         for role in plan.roles:
@@ -110,6 +114,8 @@ class Supervisor:
                 self.procs.append(Proc(role, p, FrameReader(up_r, f"{role.title} control",
                                                             max_frame=control.MAX_CTRL_FRAME, strict=True),
                                        FrameWriter(down_w, f"{role.title} control"), up_w, ends[role]))
+        if self.uffd is not None:
+            self.uffd.close()
         keep = {fd for c in ctrl.values() for fd in (c[1], c[2])}
         close_fds(fd for fd in self.fds if fd not in keep)
         self.fds = sorted(keep)
@@ -177,5 +183,7 @@ class Supervisor:
             p.exited = True
         close_fds(self.fds + self.efds)
         self.fds, self.efds = [], []
+        if self.uffd is not None:
+            self.uffd.close()
         for sock in self.fdsocks.values():
             sock.close()
