@@ -53,7 +53,8 @@ def test_uffd_modes(variant, host_page):
     c = cfg(variant, host_page)
     r = shmig.run(c)
     assert_postcopy_report(r, c)
-    assert r.config["fault_backend"] == "uffd"
+    assert r.config["fault_backend"] == "uffd" and r.to_dict()["fault_backend"] == "uffd"
+    assert "faults by uffd" in r.summary()
     lat = r.postcopy_latency_us
     assert lat["count"] > 0 and r.postcopy_requests > 0, (lat, r.postcopy_requests)
     listen = r.destination["mig/dst/listen"]
