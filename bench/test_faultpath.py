@@ -170,3 +170,29 @@ def test_faultpath(benchmark, record, quick, queue, backend):
     record(show=("faults", "p50_us", "p99_us", "pipe_rtt_us", "ratio_vs_rtt", "pipe_rtt_cross_cpu_us",
                  "cpu_us_per_fault_total", "target", "meets_target", "guest_speedup"),
            **fig, ram=cfg.ram, rounds=len(runs), target=TARGET, meets_target=fig["ratio_vs_rtt"] <= TARGET)
+
+
+def test_hugetlb_placement(benchmark, record, quick):
+    """Issue 20: a 2 MiB hugetlb run (``--fault-backend uffd --hugetlb``), everything in postcopy:
+    the rate at which the receivers place pages with UFFDIO_COPY (their uffd_copy_bytes over
+    uffd_copy_ns), recorded beside the 8 GB/s the issue expects; not asserted (a shared machine).
+    The 2 MiB pool is raised for the run if it is short, and put back (tools/uffd_bench.py)."""
+    if _uffd_refused():
+        pytest.skip(_uffd_refused())
+    from tools.uffd_bench import hugetlb_pages
+
+    ram = (32 if quick else 256) << 20
+    with hugetlb_pages(ram >> 21) as ok:
+        if not ok:
+            pytest.skip(f"no {ram >> 21} free 2MiB hugetlb pages, and the pool cannot be raised")
+        cfg = shmig.Config(mode="preempt-full", ram=ram, host_page=2 << 20, fault_backend="uffd", hugetlb=True,
+                           workload="random", vcpus=1, bandwidth=None, latency=0.0, precopy_rounds=0, deadline=120.0)
+        runs: list[shmig.Report] = []
+        benchmark.group = "faultpath"
+        benchmark.pedantic(lambda: runs.append(shmig.run(cfg)), rounds=1 if quick else 3, iterations=1)
+    for r in runs:
+        assert r.ok, f"status={r.status} error={r.error!r} integrity={r.integrity}"
+    rates = [sum(d["uffd_copy_bytes"] for d in r.destination.values())
+             / max(sum(d["uffd_copy_ns"] for d in r.destination.values()), 1) for r in runs]  # bytes/ns = GB/s
+    record(show=("place_gbs", "target_gbs", "meets_target"), place_gbs=round(median(rates), 2), target_gbs=8.0,
+           meets_target=median(rates) >= 8.0, ram=ram, rounds=len(runs))

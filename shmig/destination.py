@@ -61,11 +61,11 @@ class Receiver(Child):
         if cfg.prefault and self.shared.uffd is None:  # a uffd backend's page is present only once placed
             populate(self.mem.dst)
         self.received = self.mem.received
+        self.stats = self.ledger.receiver(self.role)
         # --fault-backend uffd: postcopy places through the vCPUs' uffds (shmig.userfault)
         self.placer = (None if self.shared.uffd is None
                        else UffdPlacer(self.shared.uffd.group(self.role), self.received, TARGET_PAGE,
-                                       self.shared.uffd.placed, self.k))
-        self.stats = self.ledger.receiver(self.role)
+                                       self.shared.uffd.placed, self.k, self.stats))
         fd = self.ends.channels[self.channel]
         pipe_cap = pipe_size(fd)
         # The queue is the socket buffers, on every link (on loopback too, where it drains as fast

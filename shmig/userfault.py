@@ -29,7 +29,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .ledger import VcpuLedger
+from .ledger import ReceiverStats, VcpuLedger
 from .memfd import MemfdRam
 from .plan import Kind, Plan, Role
 from .uffd import Uffd, UffdError, UffdGroup, recv_uffd, send_uffd
@@ -113,7 +113,9 @@ class UffdPlacer:
     """A receiver's placement into destination RAM through the vCPUs' uffds (qemu_ufd_copy_ioctl):
     copy without waking, mark receivedmap, then wake every vCPU over the range."""
 
-    def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, tp_per_hp: int):
+    def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, tp_per_hp: int,
+                 stats: ReceiverStats):
+        self.stats = stats  # uffd_copy_bytes / uffd_copy_ns: the placement rate
         self.group = group
         self.received = received  # per target page
         self.page = page  # target page size (receivedmap's unit)
@@ -123,7 +125,9 @@ class UffdPlacer:
     def copy(self, tp: int, src: int, n: int) -> None:
         """``n`` target pages from address ``src`` to target page ``tp`` (not yet marked)."""
         u = self.group.uffds[0]
-        u.copy(u.base + tp * self.page, src, n * self.page, wake=False)
+        t0 = time.monotonic_ns()
+        self.stats.uffd_copy_bytes += u.copy(u.base + tp * self.page, src, n * self.page, wake=False)
+        self.stats.uffd_copy_ns += time.monotonic_ns() - t0
 
     def zero(self, tp: int, n: int) -> None:
         u = self.group.uffds[0]
