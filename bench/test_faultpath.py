@@ -48,6 +48,7 @@ import threading
 import pytest
 
 import shmig
+from shmig import uffd
 from bench.baselines import median, pipe_rtt_us
 
 FULL_RAM = 32 << 20
@@ -98,21 +99,11 @@ class PostcopyCpu:
         return {t: self.last[t] - self.first[t] for t in self.last}
 
 
-def _uffd_refused() -> str:
-    from shmig import uffd
-
-    try:
-        uffd.probe()
-    except uffd.UffdUnavailable as e:
-        return str(e)
-    return ""
-
-
 @pytest.mark.parametrize("backend", ["bitmap", "uffd"])
 @pytest.mark.parametrize("queue", ["pipe", "default"])
 def test_faultpath(benchmark, record, quick, queue, backend):
-    if backend == "uffd" and _uffd_refused():
-        pytest.skip(_uffd_refused())
+    if backend == "uffd" and uffd.refused():
+        pytest.skip(uffd.refused())
     cfg = shmig.Config(mode="preempt-full", fault_backend=backend, ram=QUICK_RAM if quick else FULL_RAM, host_page=4096,
                        workload="random", zero_fraction=0.0, vcpus=1, bandwidth=None, latency=0.0,
                        precopy_rounds=0, max_postcopy_bandwidth=1.0, deadline=120.0,
@@ -177,8 +168,8 @@ def test_hugetlb_placement(benchmark, record, quick):
     the rate at which the receivers place pages with UFFDIO_COPY (their uffd_copy_bytes over
     uffd_copy_ns), recorded beside the 8 GB/s the issue expects; not asserted (a shared machine).
     The 2 MiB pool is raised for the run if it is short, and put back (tools/uffd_bench.py)."""
-    if _uffd_refused():
-        pytest.skip(_uffd_refused())
+    if uffd.refused():
+        pytest.skip(uffd.refused())
     from tools.uffd_bench import hugetlb_pages
 
     ram = (32 if quick else 256) << 20

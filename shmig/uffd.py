@@ -284,6 +284,16 @@ def probe(user_mode_only: bool | None = None) -> Support:
     return sup
 
 
+def refused() -> str:
+    """Why ``--fault-backend uffd`` cannot run here (``probe``'s one line), or "" where it can: a
+    test's or a benchmark's skip reason."""
+    try:
+        probe()
+    except UffdUnavailable as e:
+        return str(e)
+    return ""
+
+
 def check_backend(ram: int, host_page: int, hugetlb: bool) -> Support:
     """Everything ``--fault-backend uffd`` (and ``--hugetlb``) needs, checked before anything is
     allocated: one line (UffdUnavailable / ConfigError) saying what to change, else the support.

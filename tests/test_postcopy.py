@@ -10,6 +10,7 @@ import pytest
 
 import shmig
 from helpers import assert_ok
+from shmig import uffd
 from shmig.compare import MODE_VARIANTS
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -18,18 +19,8 @@ TIMEOUT = 60
 MODES = MODE_VARIANTS  # the modes of `shmig compare`
 
 
-def _uffd_refused() -> str:
-    from shmig import uffd
-
-    try:
-        uffd.probe()
-    except uffd.UffdUnavailable as e:
-        return str(e)
-    return ""
-
-
 # the fault backends (issue 20): the main cases run with both; tests/test_uffd_runs.py has the rest
-BACKENDS = ["bitmap", pytest.param("uffd", marks=pytest.mark.skipif(bool(_uffd_refused()), reason=_uffd_refused()))]
+BACKENDS = ["bitmap", pytest.param("uffd", marks=pytest.mark.skipif(bool(uffd.refused()), reason=uffd.refused()))]
 
 
 def cfg(**kw) -> shmig.Config:

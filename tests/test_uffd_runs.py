@@ -21,11 +21,7 @@ from test_recovery import assert_recovered
 KiB, MiB = 1024, 1024**2
 TIMEOUT = 60
 
-try:
-    uffd.probe()
-    REFUSED = ""
-except uffd.UffdUnavailable as e:
-    REFUSED = str(e)
+REFUSED = uffd.refused()
 pytestmark = pytest.mark.skipif(bool(REFUSED), reason=REFUSED or "userfaultfd permitted")
 
 
