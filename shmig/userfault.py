@@ -12,12 +12,14 @@ and mig/dst/preempt. That is QEMU's handling of a vhost-user back-end's shared u
 (vCPU, placer); each child keeps its own ends and closes the others at once, so a peer that dies
 before the hand-off is seen as a closed socket, not waited for.
 
-The order of a placement closes the one race of the scheme: a fault that reaches its uffd after a
-receiver's copy but before the receiver marks the page received must still be woken. So a receiver
-copies without waking (UFFDIO_COPY_MODE_DONTWAKE), marks receivedmap, then wakes every vCPU's uffd
-over what it placed; the fault thread reads an event, then looks at receivedmap, and wakes the
-faulting vCPU itself if the page is there (QEMU's postcopy_ram_fault_thread does the same for a
-page that arrived meanwhile: "if the page is already received, wake").
+The order of a placement closes the one race of the scheme. A copy through vCPU 0's uffd maps the
+page into vCPU 0's page table and wakes its waiters, as QEMU's qemu_ufd_copy_ioctl does for its one
+mm: a fault of vCPU 0 either was queued before the copy's wake or finds the page mapped
+(handle_userfault queues, then looks at the page table: userfaultfd_must_wait). Another vCPU's
+page table is not touched, so its fault may reach its uffd after the copy and before the receiver
+marks the page received, and must still be woken: the receiver marks receivedmap, then wakes every
+other vCPU's uffd over what it placed; the fault thread reads an event, then looks at receivedmap,
+and wakes the faulting vCPU itself if the page is there ("if the page is already received, wake").
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class UffdHandoff:
 
 class UffdPlacer:
     """A receiver's placement into destination RAM through the vCPUs' uffds (qemu_ufd_copy_ioctl):
-    copy without waking, mark receivedmap, then wake every vCPU over the range."""
+    copy through vCPU 0's (which wakes it), mark receivedmap, then wake the others over the range."""
 
     def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, tp_per_hp: int,
                  stats: ReceiverStats):
@@ -126,18 +128,19 @@ class UffdPlacer:
         """``n`` target pages from address ``src`` to target page ``tp`` (not yet marked)."""
         u = self.group.uffds[0]
         t0 = time.monotonic_ns()
-        self.stats.uffd_copy_bytes += u.copy(u.base + tp * self.page, src, n * self.page, wake=False)
+        self.stats.uffd_copy_bytes += u.copy(u.base + tp * self.page, src, n * self.page)
         self.stats.uffd_copy_ns += time.monotonic_ns() - t0
 
     def zero(self, tp: int, n: int) -> None:
         u = self.group.uffds[0]
-        u.zeropage(u.base + tp * self.page, n * self.page, wake=False)
+        u.zeropage(u.base + tp * self.page, n * self.page)
 
     def mark_and_wake(self, tps: np.ndarray | slice, first: int, end: int) -> None:
-        """receivedmap for ``tps``, then every vCPU's waiters in target pages [first, end) woken."""
+        """receivedmap for ``tps``, then the other vCPUs' waiters in target pages [first, end) woken
+        (vCPU 0's were, by the copy)."""
         self.placed[tps // self.k if isinstance(tps, np.ndarray) else first // self.k] = time.monotonic_ns()
         self.received[tps] = 1
-        for v in range(len(self.group.uffds)):
+        for v in range(1, len(self.group.uffds)):
             self.group.wake(v, first * self.page, (end - first) * self.page)
 
     def place_pages(self, tps: np.ndarray, zero: np.ndarray | None, data: np.ndarray) -> None:
