@@ -29,6 +29,13 @@ Measured (``extra_info``, microseconds):
 With several rounds, each figure is the median over the rounds, each round measuring the round
 trips right before its migration.
 
+Both fault backends (``--fault-backend bitmap`` and ``uffd``, issue 20; uffd skipped where
+userfaultfd is not permitted): with uffd the vCPU faults in the kernel and the path is vCPU ->
+userfaultfd -> dst fault thread -> ... -> UFFDIO_COPY, which wakes it. The uffd case also records
+the guest's speed on pages it has, both backends in the same process (tools/uffd_bench.py's
+guest_rates: accesses per second of vCPU time), as ``guest_rate_bitmap``, ``guest_rate_uffd`` (at
+the uffd backend's chunk, guest.UFFD_CHUNK) and ``guest_speedup`` (issue 20's target: >= 5).
+
 Target (not asserted): ratio_vs_rtt <= 3. Asserted: completion, integrity, faults happened.
 Quick mode (``--benchmark-disable``): 4 MiB, one round.
 """
@@ -41,6 +48,7 @@ import threading
 import pytest
 
 import shmig
+from shmig import uffd
 from bench.baselines import median, pipe_rtt_us
 
 FULL_RAM = 32 << 20
@@ -91,9 +99,12 @@ class PostcopyCpu:
         return {t: self.last[t] - self.first[t] for t in self.last}
 
 
+@pytest.mark.parametrize("backend", ["bitmap", "uffd"])
 @pytest.mark.parametrize("queue", ["pipe", "default"])
-def test_faultpath(benchmark, record, quick, queue):
-    cfg = shmig.Config(mode="preempt-full", ram=QUICK_RAM if quick else FULL_RAM, host_page=4096,
+def test_faultpath(benchmark, record, quick, queue, backend):
+    if backend == "uffd" and uffd.refused():
+        pytest.skip(uffd.refused())
+    cfg = shmig.Config(mode="preempt-full", fault_backend=backend, ram=QUICK_RAM if quick else FULL_RAM, host_page=4096,
                        workload="random", zero_fraction=0.0, vcpus=1, bandwidth=None, latency=0.0,
                        precopy_rounds=0, max_postcopy_bandwidth=1.0, deadline=120.0,
                        socket_buffer=(1 << 20) if queue == "pipe" else shmig.Config().socket_buffer)
@@ -139,6 +150,40 @@ def test_faultpath(benchmark, record, quick, queue):
     fig["cpu_us_per_fault_total"] = round(sum(per.values()), 1)
     fig["postcopy_latency_dist"] = runs[len(runs) // 2][0].postcopy_latency_dist
     fig["background_bytes"] = int(median([r.ram["channel_bytes"]["precopy"] for r, _ in runs]))
+    if backend == "uffd":
+        from shmig.guest import UFFD_CHUNK
+        from tools.uffd_bench import guest_rates
+
+        rates = guest_rates(QUICK_RAM, 0.1 if quick else 1.0, "random")
+        fig["guest_rate_bitmap"] = round(rates["bitmap"])
+        fig["guest_rate_uffd"] = round(rates[f"uffd_chunk{UFFD_CHUNK}"])
+        fig["guest_speedup"] = round(fig["guest_rate_uffd"] / fig["guest_rate_bitmap"], 2)
     record(show=("faults", "p50_us", "p99_us", "pipe_rtt_us", "ratio_vs_rtt", "pipe_rtt_cross_cpu_us",
-                 "cpu_us_per_fault_total", "target", "meets_target"),
+                 "cpu_us_per_fault_total", "target", "meets_target", "guest_speedup"),
            **fig, ram=cfg.ram, rounds=len(runs), target=TARGET, meets_target=fig["ratio_vs_rtt"] <= TARGET)
+
+
+def test_hugetlb_placement(benchmark, record, quick):
+    """Issue 20: a 2 MiB hugetlb run (``--fault-backend uffd --hugetlb``), everything in postcopy:
+    the rate at which the receivers place pages with UFFDIO_COPY (their uffd_copy_bytes over
+    uffd_copy_ns), recorded beside the 8 GB/s the issue expects; not asserted (a shared machine).
+    The 2 MiB pool is raised for the run if it is short, and put back (tools/uffd_bench.py)."""
+    if uffd.refused():
+        pytest.skip(uffd.refused())
+    from tools.uffd_bench import hugetlb_pages
+
+    ram = (32 if quick else 256) << 20
+    with hugetlb_pages(ram >> 21) as ok:
+        if not ok:
+            pytest.skip(f"no {ram >> 21} free 2MiB hugetlb pages, and the pool cannot be raised")
+        cfg = shmig.Config(mode="preempt-full", ram=ram, host_page=2 << 20, fault_backend="uffd", hugetlb=True,
+                           workload="random", vcpus=1, bandwidth=None, latency=0.0, precopy_rounds=0, deadline=120.0)
+        runs: list[shmig.Report] = []
+        benchmark.group = "faultpath"
+        benchmark.pedantic(lambda: runs.append(shmig.run(cfg)), rounds=1 if quick else 3, iterations=1)
+    for r in runs:
+        assert r.ok, f"status={r.status} error={r.error!r} integrity={r.integrity}"
+    rates = [sum(d["uffd_copy_bytes"] for d in r.destination.values())
+             / max(sum(d["uffd_copy_ns"] for d in r.destination.values()), 1) for r in runs]  # bytes/ns = GB/s
+    record(show=("place_gbs", "target_gbs", "meets_target"), place_gbs=round(median(rates), 2), target_gbs=8.0,
+           meets_target=median(rates) >= 8.0, ram=ram, rounds=len(runs))

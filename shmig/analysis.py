@@ -32,7 +32,8 @@ def _ms(a: int | None, b: int | None) -> float | None:
 
 def build_report(rec: RunRecord) -> Report:
     cfg = rec.config
-    rep = Report(config=cfg.to_dict(), error=rec.error, timeline=rec.timeline, host=dict(rec.host))
+    rep = Report(config=cfg.to_dict(), error=rec.error, timeline=rec.timeline, host=dict(rec.host),
+                 fault_backend=cfg.fault_backend)
     rep.time_dilation = {"factor": cfg.clock.dilation, "calibration": rec.calibration}
     rep.link = dict(rec.link)
     src = rec.source

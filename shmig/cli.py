@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import compare, memory, series, sweep
 from .compare import PRESETS, MODE_VARIANTS, Cell, format_table, plan
-from .config import MODES, WORKLOADS, Config, ConfigError
+from .config import FAULT_BACKENDS, MODES, WORKLOADS, Config, ConfigError
 from .controller import Migration
 from .policies import load_entry_points, load_policy
 from .progress import LiveStatus
@@ -90,6 +90,11 @@ def _config_args(p: argparse.ArgumentParser, with_mode: bool = True, qemu_versio
     w.add_argument("--vcpus", type=int, help="vCPU processes (default 1)")
     w.add_argument("--seed", type=int, help="initial content and access streams, 0 to 2^64-1 (default 1)")
     w.add_argument("--zero-fraction", type=float, help="share of all-zero pages (default 0.1)")
+    w.add_argument("--fault-backend", choices=FAULT_BACKENDS,
+                   help="destination faults: bitmap (receivedmap + eventfd, default) or uffd (userfaultfd; needs root,"
+                        " CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1)")
+    w.add_argument("--hugetlb", action="store_true", default=None,
+                   help="uffd backend: back 2MiB/1GiB host pages with real hugetlb pages")
     f = p.add_argument_group("postcopy recovery")
     f.add_argument("--inject-fault", dest="inject_faults", action="append", metavar="WHAT@WHEN",
                    help="break a channel during postcopy: WHAT is precopy-channel, postcopy-channel or"
@@ -108,7 +113,7 @@ CONFIG_KEYS = ("mode", "ram", "host_page", "precopy_rounds", "max_rounds", "down
                "page_hint", "max_bandwidth", "max_postcopy_bandwidth", "bandwidth", "latency",
                "socket_buffer", "send_buffer", "tcp_wmem", "tcp_rmem", "tcp_notsent_lowat", "workload", "wss",
                "dirty_rate", "vcpus", "seed", "zero_fraction", "deadline", "zero_page_detection", "time_dilation",
-               "inject_faults", "recover_after", "multifd_channels", "qemu_version")
+               "inject_faults", "recover_after", "multifd_channels", "qemu_version", "fault_backend", "hugetlb")
 
 
 def _config_kwargs(ns: argparse.Namespace) -> dict[str, Any]:

@@ -25,6 +25,7 @@ TARGET_PAGE = 4096
 HOST_PAGES = (4096, 2 * 1024**2, 1024**3)
 MODES = ("precopy", "vanilla", "preempt", "preempt-full")
 WORKLOADS = ("idle", "sequential", "random", "hotset", "ab")
+FAULT_BACKENDS = ("bitmap", "uffd")  # how a destination vCPU meets a missing page (issue 20)
 MAX_VCPUS = 64  # each vCPU stamps its own 8-byte word of a page (words 0..63; bytes 0..63 for ab)
 MAX_DILATION = 64.0
 SHM_HEADROOM = 0.95  # leave 5% of /dev/shm free for everyone else
@@ -39,7 +40,7 @@ MAX_RATE = 1024.0**4  # bytes/s (1TiB/s): above any link or memory bus; a larger
 # Config(ram="64MiB") is one clear line, not a TypeError deep inside validate())
 _INT, _REAL, _BOOL, _STR = "a whole number", "a number", "True or False", "a string"
 FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
-    "mode": (_STR, False), "workload": (_STR, False), "zero_page_detection": (_STR, False),
+    "mode": (_STR, False), "workload": (_STR, False), "fault_backend": (_STR, False), "zero_page_detection": (_STR, False),
     "ram": (_INT, False), "host_page": (_INT, False), "seed": (_INT, False), "vcpus": (_INT, False),
     "socket_buffer": (_INT, True), "send_buffer": (_INT, True), "max_rounds": (_INT, False), "wss": (_INT, True),
     "precopy_rounds": (_INT, True),
@@ -47,7 +48,7 @@ FIELD_KINDS: dict[str, tuple[str, bool]] = {  # field -> (kind, None allowed)
     "deadline": (_REAL, False),
     "dirty_rate": (_REAL, True), "bandwidth": (_REAL, True), "max_bandwidth": (_REAL, True),
     "max_postcopy_bandwidth": (_REAL, True),
-    "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False),
+    "break_huge": (_BOOL, False), "page_hint": (_BOOL, False), "prefault": (_BOOL, False), "hugetlb": (_BOOL, False),
     "recover_after": (_REAL, True), "tcp_notsent_lowat": (_INT, False), "multifd_channels": (_INT, False),
     "qemu_version": (_STR, True),
 }
@@ -163,6 +164,8 @@ class Config:
     inject_faults: list[str] = field(default_factory=list)  # "WHAT@WHEN" channel breaks in postcopy (faults.py)
     recover_after: float | None = 0.1  # how long a postcopy-paused migration waits; None = for recover()
     qemu_version: str | None = None  # the QEMU release the run stands for ("10.0"); None = the mode's newest
+    fault_backend: str = "bitmap"  # "bitmap": receivedmap + eventfd; "uffd": userfaultfd on memfd RAM (userfault.py)
+    hugetlb: bool = False  # real hugetlb host pages (uffd only)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form labels carried into the report
 
     def __post_init__(self) -> None:
@@ -284,11 +287,8 @@ class Config:
 
     @property
     def multifd_socket_queue(self) -> SocketQueue:
-        """What one multifd channel's connection holds. The N multifd connections carry precopy
-        together, so each is a bulk connection at its share of the link (N TCP flows on one
-        bottleneck): Linux autotunes each from the rate and round trip it sees, its share, and the
-        backlog of all N together is about what one connection alone would hold, not N times it.
-        ``--socket-buffer`` fixes every channel's queue alike."""
+        """One multifd connection's queue: the N of them carry precopy together, so Linux autotunes
+        each at its share of the link (N flows, one bottleneck); ``--socket-buffer`` fixes all."""
         n = self.multifd_channels
         if self.socket_buffer is not None or self.bandwidth is None or n == 0:
             return self.socket_queue
@@ -404,6 +404,7 @@ class Config:
         except VersionError as e:
             bad(str(e))
         self._validate_faults()
+        _validate_backend(self)
         try:
             st = os.statvfs("/dev/shm")
             free = st.f_bavail * st.f_frsize
@@ -443,3 +444,18 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _validate_backend(cfg: "Config") -> None:
+    """--fault-backend and --hugetlb: known, consistent, and permitted on this machine (the
+    userfaultfd probe opens and closes one uffd; nothing of the run is allocated yet)."""
+    if cfg.fault_backend not in FAULT_BACKENDS:
+        raise ConfigError(f"unknown fault backend {cfg.fault_backend!r}: use one of {', '.join(FAULT_BACKENDS)}")
+    if cfg.hugetlb and cfg.fault_backend != "uffd":
+        raise ConfigError("--hugetlb backs the destination's RAM for the userfaultfd backend: add --fault-backend uffd")
+    if cfg.hugetlb and cfg.host_page == TARGET_PAGE:
+        raise ConfigError("--hugetlb needs huge host pages: add --host-page 2MiB or 1GiB")
+    if cfg.fault_backend == "uffd":
+        from . import uffd  # ctypes and the kernel probe only when asked for
+
+        uffd.check_backend(cfg.ram, cfg.host_page, cfg.hugetlb)  # one line saying what to change

@@ -30,6 +30,7 @@ from .process import Child
 from .reader import FrameReader
 from .sockreader import SocketReader
 from .tcp import SocketQueue
+from .userfault import UffdFaultLog, UffdPlacer, page_runs
 from .wire import ChannelClosed, Frame, FrameWriter, Msg, ProtocolError, TruncatedFrame, expect
 
 MAX_FRAME = (1 << 20) + 65536
@@ -68,10 +69,15 @@ class Receiver(Child):
         self.k = cfg.tp_per_hp
         self.npages = cfg.npages
         self.dst_pages = self.mem.pages(self.mem.dst)
-        if cfg.prefault:
+        if cfg.prefault and self.shared.uffd is None:  # a uffd backend's page is present only once placed
             populate(self.mem.dst)
         self.received = self.mem.received
         self.stats = self.ledger.receiver(self.role)
+        # --fault-backend uffd: postcopy places through the vCPUs' uffds (shmig.userfault); a
+        # multifd receiver loads precopy only, before any vCPU runs here: plain writes
+        self.placer = (None if self.shared.uffd is None or not self.places_postcopy
+                       else UffdPlacer(self.shared.uffd.group(self.role), self.received, TARGET_PAGE,
+                                       self.shared.uffd.placed, self.k, self.stats))
         fd = self.channel_end()
         pipe_cap = pipe_size(fd)
         # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
@@ -162,14 +168,13 @@ class Receiver(Child):
         if k == 1:
             # an urgent page not placed yet (the fault path) is told by a scalar, not an array call
             fresh = None if n == 1 and not self.received[int(tps[0])] else self.received[tps] == 0
+            if self.placer is not None:  # the payload read whole, then UFFDIO_COPY from it
+                tps, zero, data = self.drop_placed(f, tps, zero, fresh)
+                if tps.size:
+                    self.placer.place_pages(tps, zero, data)
+                return
             if fresh is not None and not fresh.all():  # UFFDIO_COPY would fail with EEXIST: never overwrite a placed page
-                self.stats.duplicate_pages += int(n - np.count_nonzero(fresh))
-                data = self.payload_pages(f)
-                if zero is not None:
-                    data, zero = data[fresh[~zero]], zero[fresh]
-                else:
-                    data = data[fresh]
-                tps = tps[fresh]
+                tps, zero, data = self.drop_placed(f, tps, zero, fresh)
                 if not tps.size:
                     return
                 self.write(f, tps, zero, data)
@@ -200,11 +205,31 @@ class Receiver(Child):
                 raise ProtocolError(f"{self.name} channel: host page {hp} received"
                                     f" {self.asm_count} target pages of {k}")
             t0 = time.monotonic_ns()
+            if self.placer is not None:  # the whole host page in one UFFDIO_COPY
+                self.placer.copy(hp * k, int(self.tmp[0].ctypes.data), k)
+                self.link.stalled(self.ch, t0, time.monotonic_ns())
+                self.placer.mark_and_wake(slice(hp * k, (hp + 1) * k), hp * k, (hp + 1) * k)
+                self.asm_hp, self.asm_count = -1, 0
+                return
             self.dst_pages[hp * k:(hp + 1) * k] = self.tmp[0]  # UFFDIO_COPY of the whole host page
             self.link.stalled(self.ch, t0, time.monotonic_ns())
             self.received[hp * k:(hp + 1) * k] = 1
             self.asm_hp, self.asm_count = -1, 0
             self.wake(np.array([hp]))
+
+    def drop_placed(self, f: Frame, tps: np.ndarray, zero: np.ndarray | None, fresh: np.ndarray | None
+                    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The frame's pages not placed yet (``fresh``; None: all), with their zero flags and data
+        rows: a placed page is never overwritten (UFFDIO_COPY would fail with EEXIST)."""
+        data = self.payload_pages(f)
+        if fresh is None or fresh.all():
+            return tps, zero, data
+        self.stats.duplicate_pages += int(len(tps) - np.count_nonzero(fresh))
+        if zero is not None:
+            data, zero = data[fresh[~zero]], zero[fresh]
+        else:
+            data = data[fresh]
+        return tps[fresh], zero, data
 
     def payload_pages(self, f: Frame) -> np.ndarray:
         """The frame's non-zero pages as a [n, TARGET_PAGE] view (read off the pipe if still there)."""
@@ -436,12 +461,18 @@ class Listen(Receiver):
         np.add.at(edge, runs[:, 0].astype(np.int64) + runs[:, 1], -1)
         hmask = np.cumsum(edge[:-1]) > 0
         self.received.reshape(-1, self.k)[hmask] = 0
+        if self.mem.dst_memfd is not None:  # ram_discard_range on a shared file: the pages fault again
+            hp = self.cfg.host_page
+            for a, n in page_runs(np.flatnonzero(hmask)):
+                self.mem.dst_memfd.punch_hole(a * hp, n * hp)
         self.stats.discarded_host_pages += int(hmask.sum())
         if self.tr:
             self.tr.put(K.DISCARD_APPLIED, t0, time.monotonic_ns(), int(hmask.sum()))
 
     def fault_loop(self) -> None:
         """postcopy_ram_fault_thread: one request per missing host page, never twice."""
+        if self.placer is not None:
+            return self.fault_loop_uffd()
         try:
             reader = FrameReader(self.ends.channels[Channel.FAULT], "fault", max_frame=1 << 16)
             k = self.k
@@ -460,25 +491,59 @@ class Listen(Receiver):
                     if self.tr:
                         self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 1)
                     continue
-                if self.requested[hp]:
-                    self.stats.faults_deduplicated += 1
-                    if self.tr:
-                        self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 2)
-                    continue
-                with self.rp_lock:
-                    self.requested[hp] = True
-                    if self.rp_paused:
-                        if self.tr:
-                            self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 3)
-                        continue  # sent with every pending request at the RESUME
-                    try:
-                        self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
-                    except ChannelClosed:
-                        self.rp_paused = True  # the source is pausing; the listen thread will see it
-                        continue
-                    self.stats.requests_sent += 1
+                self.request(vcpu, hp, t_rx)
+        except BaseException as e:
+            self.fault_error = e
+
+    def request(self, vcpu: int, hp: int, t_rx: int) -> None:
+        """A fault on host page ``hp``, not received: a page request unless one is out already."""
+        if self.requested[hp]:
+            self.stats.faults_deduplicated += 1
+            if self.tr:
+                self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 2)
+            return
+        with self.rp_lock:
+            self.requested[hp] = True
+            if self.rp_paused:
                 if self.tr:
-                    self.tr.put(K.FAULT_SEEN, t_rx, time.monotonic_ns(), vcpu, hp, 0)
+                    self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 3)
+                return  # sent with every pending request at the RESUME
+            try:
+                self.rp.send(Msg.REQ, (hp, self.cfg.host_page))
+            except ChannelClosed:
+                self.rp_paused = True  # the source is pausing; the listen thread will see it
+                return
+            self.stats.requests_sent += 1
+        if self.tr:
+            self.tr.put(K.FAULT_SEEN, t_rx, time.monotonic_ns(), vcpu, hp, 0)
+
+    def fault_loop_uffd(self) -> None:
+        """postcopy_ram_fault_thread on the vCPUs' userfaultfds: the event's read is the fault's
+        time; a page received since the vCPU faulted is woken here (the receiver's wake may have
+        come before the fault reached the uffd), any other becomes a page request."""
+        try:
+            assert self.placer is not None
+            group, k, hpsize = self.placer.group, self.k, self.cfg.host_page
+            group.watch(self.fault_quit)
+            log = UffdFaultLog([self.ledger.vcpu(r) for r in self.shared.plan.vcpus], self.shared.uffd.placed)
+            while True:
+                log.settle()
+                if self.stopping.is_set():
+                    break
+                for vcpu, pf in group.faults(0.01 if log.pending else 1.0):
+                    hp = pf.offset // hpsize
+                    if not 0 <= hp < self.cfg.nhost:
+                        raise ProtocolError(f"vCPU {vcpu}'s userfaultfd: a fault at {pf.address:#x}, outside guest RAM")
+                    self.stats.faults_seen += 1
+                    t_rx = pf.read_ns
+                    if self.received[hp * k]:
+                        group.wake(vcpu, hp * hpsize, hpsize)
+                        log.fault(vcpu, hp, t_rx, time.monotonic_ns())
+                        if self.tr:
+                            self.tr.put(K.FAULT_SEEN, t_rx, t_rx, vcpu, hp, 1)
+                        continue
+                    log.fault(vcpu, hp, t_rx)
+                    self.request(vcpu, hp, t_rx)
         except BaseException as e:
             self.fault_error = e
 

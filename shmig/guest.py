@@ -28,6 +28,9 @@ from .wire import FrameWriter, Msg
 from .workload import AccessStream
 
 CHUNK = 64  # accesses between looks at the phase word: bounds how late a vCPU pauses
+# the uffd backend's vCPU checks nothing per access, so a chunk's overhead is its numpy calls:
+# bigger chunks are what make it run at memory speed (tools/uffd_bench.py: 1024 is ~6x 64's rate)
+UFFD_CHUNK = 1024
 RECHECK = 0.05  # a wake-up can never be lost, but a sleeping vCPU re-checks this often anyway
 
 
@@ -47,7 +50,11 @@ class Vcpu(Child):
         self.dirty = self.mem.dirty[v]  # this vCPU's own dirty-log counters: nobody else writes them
         if cfg.prefault and cfg.workload != "idle":
             memory.populate(self.mem.src[:cfg.wss_bytes])
-            memory.populate(self.mem.dst[:cfg.wss_bytes])
+            if self.shared.uffd is None:  # a uffd backend's destination page is present only once placed
+                memory.populate(self.mem.dst[:cfg.wss_bytes])
+        # --fault-backend uffd: this vCPU's own uffd over destination RAM, handed to the placers
+        # and kept open (a missing page then blocks this process in the kernel until placed)
+        self.uffd = None if self.shared.uffd is None else self.shared.uffd.register_vcpu(self.role, self.mem.dst_memfd)
         self.seq = 0
         led = self.ledger.vcpu(self.role)
         self.stats, self.lat_dist, self.fault_log, self.progress = led.stats, led.lat_dist, led.faults, led.progress
@@ -112,8 +119,12 @@ class Vcpu(Child):
     def run_chunk(self, phase: int) -> int:
         """One chunk of accesses, each counted when it is made: on the destination a chunk may
         span several faults, and what came before a fault must not wait for the chunk's end."""
-        pages = self.stream.next_chunk(CHUNK)
+        pages = self.stream.next_chunk(UFFD_CHUNK if self.uffd is not None and phase == memory.RUN_DST else CHUNK)
         if phase == memory.RUN_SRC:
+            self.write(pages, phase)
+            self.count(len(pages), phase)
+            return len(pages)
+        if self.uffd is not None:  # at memory speed: a missing page is a real fault, taken by the kernel
             self.write(pages, phase)
             self.count(len(pages), phase)
             return len(pages)

@@ -146,6 +146,8 @@ class ReceiverStats(Record):
     last_place_ns = Field("monotonic ns of the last postcopy placement (0: none)")
     partial_host_pages_dropped = Field("huge pages only partly assembled when the channel broke")
     postcopy_pauses = Field("times this receiver went postcopy-paused")
+    uffd_copy_bytes = Field("bytes placed by UFFDIO_COPY (--fault-backend uffd)")
+    uffd_copy_ns = Field("real ns spent in those UFFDIO_COPY calls")
 
 
 class ListenStats(ReceiverStats):

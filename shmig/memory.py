@@ -21,6 +21,7 @@ import numpy as np
 
 from .config import TARGET_PAGE, Config
 from .link import CHANNELS, state_words
+from .memfd import MemfdRam
 
 PREFIX = "shmig-"
 SHM_DIR = "/dev/shm"
@@ -175,7 +176,12 @@ class GuestMemory:
         n = cfg.npages
         try:
             ram_src = self._create("src", cfg.ram)
-            ram_dst = self._create("dst", cfg.ram)
+            # the uffd backend's destination RAM is a memfd, never populated (shmig.memfd's rules)
+            self.dst_memfd: MemfdRam | None = None
+            if cfg.fault_backend == "uffd":
+                self.dst_memfd = MemfdRam(cfg.ram, f"{self.token}-dst", cfg.host_page if cfg.hugetlb else None)
+            else:
+                ram_dst = self._create("dst", cfg.ram)
             layout = [
                 ("ctl", np.int64, (16,)),
                 ("wait", np.int64, (cfg.vcpus, 2)),
@@ -192,7 +198,7 @@ class GuestMemory:
             raise
         self.src = np.ndarray((cfg.ram,), np.uint8, ram_src.buf)
         self.src_fd = ram_src._fd  # the stdlib keeps the segment's fd open; splice reads from it
-        self.dst = np.ndarray((cfg.ram,), np.uint8, ram_dst.buf)
+        self.dst = self.dst_memfd.array if self.dst_memfd else np.ndarray((cfg.ram,), np.uint8, ram_dst.buf)
         off = 0
         for name, t, s in layout:
             a = np.ndarray(s, t, state.buf, off)
@@ -246,6 +252,8 @@ class GuestMemory:
         for name in GuestMemory._VIEWS:
             self.__dict__.pop(name, None)
         self.unlink()
+        if getattr(self, "dst_memfd", None) is not None:
+            self.dst_memfd.close()
         for shm in self._segs:
             try:
                 shm.close()

@@ -31,6 +31,7 @@ from .memory import GuestMemory
 from .multifd import MultifdSync
 from .plan import Channel, Plan, Role
 from .reader import FrameReader
+from .userfault import UffdHandoff
 from .wire import ChannelClosed, FrameWriter, ProtocolError
 
 PR_SET_PDEATHSIG = 1
@@ -66,6 +67,7 @@ class Shared:
     efds: list[int]  # one wake-up eventfd per vCPU
     multifd_sync: "MultifdSync | None" = None  # the multifd receivers' SYNC handshake with the listen thread
     arena: Arena | None = None  # record events (``--trace``)
+    uffd: UffdHandoff | None = None  # --fault-backend uffd: the vCPUs' uffds' way to the placers
     all_fds: set[int] = field(default_factory=set)  # every descriptor of the run: a child closes the others'
 
 
@@ -113,6 +115,8 @@ class Child:
         set_title(self.title)
         keep = self.ends.all() | set(self.efds) | (self.shared.multifd_sync.fds() if self.shared.multifd_sync else set())
         close_fds(self.shared.all_fds - keep)
+        if self.shared.uffd is not None:
+            self.shared.uffd.keep(self.role)
         self.ctrl_out = FrameWriter(self.ends.ctrl_out, f"{self.title} control")
         self.ctrl_in = FrameReader(self.ends.ctrl_in, f"{self.title} control", max_frame=control.MAX_CTRL_FRAME, strict=True)
         code = 0

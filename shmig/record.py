@@ -135,7 +135,7 @@ class RunRecord:
         if ledger is not None:
             rec.copy_ledger(ledger)
         if error is None and mem is not None:
-            rec.integrity = check(mem.dst, cfg.seed, cfg.zero_fraction, mem.stamps, cfg.workload == "ab")
+            rec.integrity = check(mem.dst_memfd or mem.dst, cfg.seed, cfg.zero_fraction, mem.stamps, cfg.workload == "ab")
         if arena is not None:  # every child is gone: what they recorded is all there is
             rec.trace = arena.collect()
         return rec

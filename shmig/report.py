@@ -91,6 +91,8 @@ class Report:
     status_history: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    # how destination vCPUs met missing pages: "bitmap" (receivedmap + eventfd) or "uffd" (userfaultfd)
+    fault_backend: str = "bitmap"
     total_time_ms: float | None = None
     setup_time_ms: float | None = None
     downtime_ms: float | None = None

@@ -22,7 +22,8 @@ def format_summary(self: Report) -> str:
     ram = self.ram
     lat = self.postcopy_latency_us
     rows = [
-        ("RAM", f"{fmt_size(c['ram'])}, host page {fmt_size(c['host_page'])}, workload {c['workload']}"),
+        ("RAM", f"{fmt_size(c['ram'])}, host page {fmt_size(c['host_page'])}, workload {c['workload']}"
+                + ("" if self.fault_backend == "bitmap" else f", faults by {self.fault_backend}" + (" on hugetlb" if c.get("hugetlb") else ""))),
         ("total time", f"{_n(self.total_time_ms, '.1f')} ms (setup {_n(self.setup_time_ms, '.1f')} ms)"),
         ("downtime", f"{_n(self.downtime_ms, '.2f')} ms (guest paused {_n(self.switchover_pause_ms, '.2f')} ms)"),
         ("transferred", f"{fmt_size(ram.get('transferred', 0))} at {_n(self.throughput_mbps, '.0f')} Mbps,"

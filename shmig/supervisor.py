@@ -27,6 +27,7 @@ from .plan import Channel, Kind, Plan, Role
 from .process import Child, Ends, Shared
 from .reader import FrameReader
 from .source import Source
+from .userfault import UffdHandoff
 from .wire import ChannelClosed, FrameWriter
 
 START_METHOD = "fork"  # children inherit the mappings; pinned because 3.14 changes the default
@@ -75,6 +76,7 @@ class Supervisor:
         self.efds: list[int] = []  # one wake-up eventfd per vCPU
         self.multifd_sync: MultifdSync | None = None
         self.fdsocks: dict[Role, socket.socket] = {}  # the recovery's way to a pausable child
+        self.uffd: UffdHandoff | None = None  # --fault-backend uffd's hand-off sockets (shmig.userfault)
         self.closed = False
 
     def _pipe(self, size: int | None) -> tuple[int, int]:
@@ -106,6 +108,8 @@ class Supervisor:
             self.multifd_sync = MultifdSync(len(plan.multifd))
         ctrl = {role: (*self._pipe(None), *self._pipe(None)) for role in plan.roles}
         sh = Shared(efds=self.efds, multifd_sync=self.multifd_sync, **shared)  # type: ignore[arg-type]
+        if sh.cfg.fault_backend == "uffd":  # the vCPUs' uffds' way to the placers, closed here once forked
+            sh.uffd = self.uffd = UffdHandoff(plan, sh.cfg.nhost)
         sh.all_fds = (set(self.fds) | set(self.efds) | {s.fileno() for s in self.fdsocks.values()}
                       | (self.multifd_sync.fds() if self.multifd_sync else set()))
         ctx = multiprocessing.get_context(START_METHOD)
@@ -118,6 +122,8 @@ class Supervisor:
                 self.procs.append(Proc(role, p, FrameReader(up_r, f"{role.title} control",
                                                             max_frame=control.MAX_CTRL_FRAME, strict=True),
                                        FrameWriter(down_w, f"{role.title} control"), up_w, ends[role]))
+        if self.uffd is not None:
+            self.uffd.close()
         keep = {fd for c in ctrl.values() for fd in (c[1], c[2])}
         close_fds(fd for fd in self.fds if fd not in keep)
         self.fds = sorted(keep)
@@ -188,5 +194,7 @@ class Supervisor:
         if self.multifd_sync is not None:
             self.multifd_sync.close()
             self.multifd_sync = None
+        if self.uffd is not None:
+            self.uffd.close()
         for sock in self.fdsocks.values():
             sock.close()

@@ -284,6 +284,16 @@ def probe(user_mode_only: bool | None = None) -> Support:
     return sup
 
 
+def refused() -> str:
+    """Why ``--fault-backend uffd`` cannot run here (``probe``'s one line), or "" where it can: a
+    test's or a benchmark's skip reason."""
+    try:
+        probe()
+    except UffdUnavailable as e:
+        return str(e)
+    return ""
+
+
 def check_backend(ram: int, host_page: int, hugetlb: bool) -> Support:
     """Everything ``--fault-backend uffd`` (and ``--hugetlb``) needs, checked before anything is
     allocated: one line (UffdUnavailable / ConfigError) saying what to change, else the support.
@@ -506,12 +516,18 @@ class UffdGroup:
         ready = self._poll.poll(None if timeout is None else timeout * 1000)
         out = []
         for fd, revents in ready:
-            v = self._index[fd]
+            v = self._index.get(fd)
+            if v is None:  # a watched descriptor (``watch``): the caller looks at it
+                continue
             if revents & (select.POLLERR | select.POLLNVAL):
                 raise UffdError(errno.EBADF, f"vCPU {v}'s userfaultfd reports {revents:#x} to poll"
                                 " (opened without O_NONBLOCK, or closed)")
             out += [(v, f) for f in self.uffds[v].read()]
         return out
+
+    def watch(self, fd: int) -> None:
+        """Let ``fd`` (an eventfd: the fault thread's quit notice) end a ``faults`` wait too."""
+        self._poll.register(fd, select.POLLIN)
 
     def place(self, offset: int, src: int, length: int, waiters: Iterable[int] = ()) -> int:
         """Place ``length`` bytes at guest RAM ``offset`` from address ``src``: UFFDIO_COPY through

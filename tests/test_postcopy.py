@@ -10,12 +10,17 @@ import pytest
 
 import shmig
 from helpers import assert_ok
+from shmig import uffd
 from shmig.compare import MODE_VARIANTS
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
 TIMEOUT = 60
 
 MODES = MODE_VARIANTS  # the modes of `shmig compare`
+
+
+# the fault backends (issue 20): the main cases run with both; tests/test_uffd_runs.py has the rest
+BACKENDS = ["bitmap", pytest.param("uffd", marks=pytest.mark.skipif(bool(uffd.refused()), reason=uffd.refused()))]
 
 
 def cfg(**kw) -> shmig.Config:
@@ -103,13 +108,15 @@ def test_postcopy_1gib_host_page(variant):
 
 
 @pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("host_page", [4 * KiB, 2 * MiB], ids=["4K", "2M"])
 @pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
-def test_discard_path(variant, host_page):
+def test_discard_path(variant, host_page, backend):
     """One precopy round while a random guest re-dirties pages: those pages are discarded on the
-    destination at switchover and must be re-sent; a stale page would fail the integrity check."""
+    destination at switchover (with uffd: holes punched) and must be re-sent; a stale page would
+    fail the integrity check."""
     c = cfg(host_page=host_page, precopy_rounds=1, workload="random", bandwidth=100 * MiB,
-            **MODES[variant])
+            fault_backend=backend, **MODES[variant])
     r = shmig.run(c)
     assert_postcopy_report(r, c)
     disc = r.ram["discarded_host_pages"]
@@ -179,9 +186,10 @@ def test_postcopy_with_latency_and_limits(variant):
 
 
 @pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("workload", ["idle", "ab"])
-def test_postcopy_other_workloads(workload):
-    c = cfg(mode="preempt", workload=workload, vcpus=2, precopy_rounds=0, zero_fraction=0.5)
+def test_postcopy_other_workloads(workload, backend):
+    c = cfg(mode="preempt", workload=workload, vcpus=2, precopy_rounds=0, zero_fraction=0.5, fault_backend=backend)
     r = shmig.run(c)
     assert_postcopy_report(r, c)
     if workload == "idle":
@@ -189,12 +197,13 @@ def test_postcopy_other_workloads(workload):
 
 
 @pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
-def test_start_postcopy_api(variant):
+def test_start_postcopy_api(variant, backend):
     """QMP-style: precopy runs until start_postcopy(); the random guest and a slow link keep it from
     converging on its own. As QEMU's tests do, wait for a precopy round to end first."""
     c = cfg(ram=32 * MiB, bandwidth=50 * MiB, precopy_rounds=None, workload="random", socket_buffer=1 * MiB,
-            **MODES[variant])
+            fault_backend=backend, **MODES[variant])
     m = shmig.Migration(c).start()
     try:
         assert m.wait_for(lambda s: s.rounds >= 1, timeout=30), "no precopy round ended"
