@@ -323,8 +323,9 @@ def plot_sweep(runs: Sequence[SavedRun], out: str) -> None:
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_yscale("log")
-    _plain_log_labels(axes[0].yaxis)
+    if any(y > 0 for line in axes[0].get_lines() for y in line.get_ydata()):  # no faults: no log axis
+        axes[0].set_yscale("log")
+        _plain_log_labels(axes[0].yaxis)
     axes[1].set_ylim(bottom=0)
     axes[2].set_ylim(bottom=0)
     cfg = runs[0].report.config

@@ -126,3 +126,14 @@ def test_a_mutated_real_report_is_refused_or_read(real: dict[str, Any], data: An
     if data.draw(st.booleans()):  # as a compare entry
         doc = [{"mode": "preempt-full", "host_page": 4096, "report": doc}]
     assert_refused_or_read(write(tmp_path, doc), tmp_path, capsys)
+
+
+@pytest.mark.timeout(120)
+def test_a_sweep_without_faults_plots(tmp_path: Path, capsys) -> None:
+    """A real precopy sweep has no fault latency: its figure has no log axis to draw (a ValueError
+    from matplotlib before; found by a helper's fuzzing)."""
+    js = tmp_path / "s.json"
+    code, err = outcome(["sweep", "vcpus", "1,2", "--modes", "precopy", "--ram", "4MiB", "--json", str(js), "-q"], capsys)
+    assert code == 0, err
+    code, err = outcome(["plot", "-o", str(tmp_path / "s.png"), str(js)], capsys)
+    assert code == 0 and (tmp_path / "s.png").stat().st_size > 0, err
