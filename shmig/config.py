@@ -306,10 +306,10 @@ class Config:
         reads ahead too but never places a huge page whole (it loads precopy only); each multifd
         send thread gathers a packet in a buffer of its own (multifdsend.SendChannel)."""
         receivers = 1 + (self.postcopy and self.uses_preempt_channel)
-        readahead = 2 * (self.socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
+        readahead = _readahead(self.socket_queue)
         tmp_page = self.host_page if self.postcopy and self.host_page > TARGET_PAGE else 0
-        mf_readahead = 2 * (self.multifd_socket_queue.capacity + 2 * RECEIVER_FRAME + 65536)
-        return receivers * (readahead + tmp_page) + self.multifd_channels * (mf_readahead + PACKET_PAGES * TARGET_PAGE)
+        return receivers * (readahead + tmp_page) + self.multifd_channels * (
+            _readahead(self.multifd_socket_queue) + PACKET_PAGES * TARGET_PAGE)
 
     def validate(self) -> "Config":
         def bad(msg: str) -> None:
@@ -444,6 +444,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _readahead(queue: SocketQueue) -> int:
+    """A receiver's read-ahead buffer at most, for a channel of this queue (reader.FrameReader
+    allocates twice the read-ahead plus a frame; destination.channel_room)."""
+    return 2 * (queue.capacity + 2 * RECEIVER_FRAME + 65536)
 
 
 def _validate_backend(cfg: "Config") -> None:

@@ -231,6 +231,12 @@ class Receiver(Child):
             data = data[fresh]
         return tps[fresh], zero, data
 
+    def load_pages(self, f: Frame) -> None:
+        """A PAGES frame placed, and traced once placed."""
+        self.place(f)
+        if self.tr:
+            self.trace_place(f)
+
     def payload_pages(self, f: Frame) -> np.ndarray:
         """The frame's non-zero pages as a [n, TARGET_PAGE] view (read off the pipe if still there)."""
         payload = self.reader.read_payload() if f.payload is None else f.payload
@@ -371,9 +377,7 @@ class Listen(Receiver):
                     self.check_open()
                 f = self.next()
                 if f.kind == Msg.PAGES:
-                    self.place(f)
-                    if self.tr:
-                        self.trace_place(f)
+                    self.load_pages(f)
                 elif f.kind == Msg.ROUND:
                     pass
                 elif f.kind == Msg.MULTIFD_FLUSH:
@@ -575,9 +579,7 @@ class PreemptReceiver(Receiver):
                     self.recovering = False
                     self.status("loading the postcopy channel (recovered)")
                 elif f.kind == Msg.PAGES:
-                    self.place(f)
-                    if self.tr:
-                        self.trace_place(f)
+                    self.load_pages(f)
                 elif f.kind == Msg.EOS:
                     return True
                 else:
@@ -625,9 +627,7 @@ class MultifdReceiver(Receiver):
         while True:
             f = self.next()
             if f.kind == Msg.PAGES:
-                self.place(f)
-                if self.tr:
-                    self.trace_place(f)
+                self.load_pages(f)
             elif f.kind == Msg.MULTIFD_SYNC:
                 self.stats.syncs += 1
                 self.status("SYNC read: waiting for the listen thread's release (multifd_recv_sync_main)")
