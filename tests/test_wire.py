@@ -36,6 +36,23 @@ def pipe():
             pass
 
 
+@pytest.fixture
+def socket_reader(pipe):
+    """SocketReaders on the pipe's read end, closed (their threads ended) before the pipe is. A
+    reader left open keeps its thread, and that thread would read whatever pipe the next test
+    gets under the same descriptor number: it stole another test's frames once in ~15 runs on a
+    loaded machine, which read as "the frame never came"."""
+    made = []
+
+    def make(name, **kw):
+        made.append(SocketReader(pipe[0], name, **kw))
+        return made[-1]
+    yield make
+    for reader in made:
+        reader.close()
+    pipe[0] = -1  # closed by the reader
+
+
 def close(fds, which):
     os.close(fds[which])
     fds[which] = -1
@@ -693,12 +710,12 @@ def test_socket_reader_keeps_every_frame_intact_while_its_thread_reads_ahead():
 
 
 @pytest.mark.timeout(10)
-def test_socket_reader_eof_while_waiting_is_a_closed_channel_not_a_timeout(pipe):
+def test_socket_reader_eof_while_waiting_is_a_closed_channel_not_a_timeout(pipe, socket_reader):
     """The writer goes away while the consumer waits for the read-ahead thread: ChannelClosed at
     once, not None after the timeout (which read as "nothing yet" and hid the close)."""
 
     r, w = pipe
-    reader = SocketReader(r, "precopy", readahead=1 << 20, max_frame=1 << 16)
+    reader = socket_reader("precopy", readahead=1 << 20, max_frame=1 << 16)
     threading.Timer(0.2, close, (pipe, 1)).start()  # the consumer is waiting by then
     t0 = time.monotonic()
     with pytest.raises(ChannelClosed, match="precopy channel closed"):
@@ -707,14 +724,14 @@ def test_socket_reader_eof_while_waiting_is_a_closed_channel_not_a_timeout(pipe)
 
 
 @pytest.mark.timeout(10)
-def test_socket_reader_last_frame_read_before_the_consumer_waits(pipe):
+def test_socket_reader_last_frame_read_before_the_consumer_waits(pipe, socket_reader):
     """Regression (a run hung once in ~1500 at its very end): the consumer finds its frame
     incomplete, the read-ahead thread then reads the stream's last bytes, and only then does the
     consumer wait. Nothing more will come, so it must see the frame is whole instead of waiting
     for a change that never happens."""
 
     r, w = pipe
-    reader = SocketReader(r, "precopy", readahead=1 << 20, max_frame=1 << 16)
+    reader = socket_reader("precopy", readahead=1 << 20, max_frame=1 << 16)
     FrameWriter(w, "precopy").send(Msg.CTRL, ("last", None))
     t0 = time.monotonic()
     while not reader._complete():  # the thread has read it all: the interleaving that hung
@@ -726,13 +743,13 @@ def test_socket_reader_last_frame_read_before_the_consumer_waits(pipe):
 
 
 @pytest.mark.timeout(10)
-def test_socket_reader_idle_consumer_reads_the_pipe_itself(pipe):
+def test_socket_reader_idle_consumer_reads_the_pipe_itself(pipe, socket_reader):
     """An urgent page's path: a consumer waiting on an idle channel is woken by the pipe directly,
     not by the read-ahead thread (one wake-up on the way, as recv() in the kernel), and the thread
     stays parked while nothing more is in the pipe."""
 
     r, w = pipe
-    reader = SocketReader(r, "postcopy", readahead=1 << 20, max_frame=1 << 16)
+    reader = socket_reader("postcopy", readahead=1 << 20, max_frame=1 << 16)
     writer = FrameWriter(w, "postcopy")
     for i in range(3):
         threading.Timer(0.05, writer.send, (Msg.PAGES, (i,), [bytes(4096)])).start()
@@ -744,13 +761,13 @@ def test_socket_reader_idle_consumer_reads_the_pipe_itself(pipe):
 
 
 @pytest.mark.timeout(20)
-def test_socket_reader_thread_drains_a_stream_while_the_consumer_is_busy(pipe):
+def test_socket_reader_thread_drains_a_stream_while_the_consumer_is_busy(pipe, socket_reader):
     """Once the pipe holds bytes the consumer has not read, the thread goes back to reading ahead:
     a sender of more than the pipe holds finishes while the consumer sits on its first frame, as a
     socket's receive buffer fills while the application is busy."""
 
     r, w = pipe
-    reader = SocketReader(r, "precopy", readahead=8 << 20, max_frame=(1 << 20) + 65536)
+    reader = socket_reader("precopy", readahead=8 << 20, max_frame=(1 << 20) + 65536)
     writer = FrameWriter(w, "precopy")
     writer.send(Msg.PAGES, (0,), [bytes(4096)])
     assert reader.next_frame(timeout=5).fields == [0]  # read by the consumer: the thread parked
