@@ -93,7 +93,7 @@ def _describe(cfg: dict[str, Any], skip: str | None = None) -> str:
     """The configuration in one line, for the title (``skip``: the option a sweep varies)."""
     words = {
         "ram": f"{fmt_size(cfg['ram'])} RAM", "workload": f"{cfg['workload']} guest",
-        "vcpus": f"{cfg['vcpus']} vCPU", "bandwidth": f"link {fmt_rate(cfg.get('bandwidth'))}",
+        "vcpus": f"{cfg.get('vcpus', '?')} vCPU", "bandwidth": f"link {fmt_rate(cfg.get('bandwidth'))}",
         "socket_buffer": ("socket buffer autotuned" if cfg.get("socket_buffer") is None
                           else f"socket buffer {fmt_size(cfg['socket_buffer'])}"),
         "precopy_rounds": f"precopy rounds {cfg.get('precopy_rounds')}",

@@ -115,7 +115,7 @@ def mutated(draw: Any, base: dict[str, Any]) -> Any:
         if isinstance(node, dict) and draw(st.booleans()):
             del node[k]
         else:
-            node[k] = draw(st.sampled_from(SWAPS))
+            node[k] = copy.deepcopy(draw(st.sampled_from(SWAPS)))  # a later step may walk into it: never SWAPS itself
     return doc
 
 
