@@ -25,6 +25,7 @@ from .errors import ConfigError
 from .stats import BUCKETS
 
 MAX_ITEMS = 10_000_000  # any list: beyond this it is not a report shmig wrote
+VCPU_MAX = 32767  # the fault table's vcpu column is int16
 
 
 class SchemaError(ConfigError):
@@ -66,6 +67,12 @@ def whole(v: Any, where: str) -> None:
 def count(v: Any, where: str) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         _fail(where, "a whole number, 0 or more", v)
+
+
+def vcpu_index(v: Any, where: str) -> None:
+    """A vCPU's number as the fault table stores it (int16)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= VCPU_MAX:
+        _fail(where, f"a vCPU number from 0 to {VCPU_MAX}", v)
 
 
 def positive(v: Any, where: str) -> None:
@@ -155,12 +162,12 @@ def _faults(v: Any, where: str) -> None:
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise SchemaError(f"{where}.npz: expected a file name beside the report, got {name!r}")
     elif isinstance(v, dict):
-        keys({"t_ms": list_of(number), "latency_us": list_of(number), "vcpu": list_of(count)})(v, where)
+        keys({"t_ms": list_of(number), "latency_us": list_of(number), "vcpu": list_of(vcpu_index)})(v, where)
         lengths = {len(c) for c in v.values() if isinstance(c, list)}
         if len(lengths) > 1:
             raise SchemaError(f"{where}: its columns differ in length ({sorted(lengths)})")
     else:
-        list_of(row(number, number, count))(v, where)
+        list_of(row(number, number, vcpu_index))(v, where)
 
 
 NESTED: dict[str, Check] = {

@@ -71,6 +71,8 @@ def test_the_issues_cases_are_one_line_each(real: dict[str, Any], tmp_path: Path
     assert "total_time_ms: expected a finite number" in refused(write(tmp_path, inf), capsys)
     far = dict(real, faults={"npz": "../../etc/passwd.npz", "run": "r0", "count": 1})
     assert "a file name beside the report" in refused(write(tmp_path, far), capsys)
+    huge = dict(real, faults={"t_ms": [1.0], "latency_us": [2.0], "vcpu": [2**70]})  # OverflowError before
+    assert "faults.vcpu[0]: expected a vCPU number" in refused(write(tmp_path, huge), capsys)
     gone = dict(real, faults={"npz": "missing.faults.npz", "run": "r0", "count": 1})
     assert "keep the .faults.npz beside the JSON file" in refused(write(tmp_path, gone), capsys)
 
