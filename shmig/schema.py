@@ -118,6 +118,15 @@ def mapping(value: Check) -> Check:
     return m
 
 
+def empty_or(check: Check) -> Check:
+    """``check``, or an empty object: a section a run did not have (no multifd), or a run that
+    failed before its report was built (a sweep's lost cell)."""
+    def e(v: Any, where: str) -> None:
+        if v != {}:
+            check(v, where)
+    return e
+
+
 def keys(required: dict[str, Check] | None = None, **optional_keys: Check) -> Check:
     """An object with these keys (``required`` must be there; the others may be); others pass."""
     req = required or {}
@@ -171,11 +180,12 @@ def _faults(v: Any, where: str) -> None:
 
 
 NESTED: dict[str, Check] = {
-    "config": keys({"mode": string, "ram": positive, "host_page": positive, "workload": string},
-                   vcpus=positive, downtime_limit=number, max_rounds=count, seed=count, bandwidth=optional(number),
+    "config": keys({"mode": string, "ram": positive, "host_page": positive, "workload": string,
+                    "downtime_limit": number, "max_rounds": count}, vcpus=positive, seed=count, bandwidth=optional(number),
                    socket_buffer=optional(positive), precopy_rounds=optional(count), multifd_channels=count),
     "integrity": keys({"ok": boolean, "pages_checked": count}, detail=optional(string)),
-    "postcopy_latency_us": mapping(number),
+    # stats.latency_summary's six figures, zeros without a fault
+    "postcopy_latency_us": empty_or(keys({k: number for k in ("count", "mean", "p50", "p90", "p99", "max")})),
     "postcopy_latency_dist": list_of(count, most=BUCKETS, what=f"a list of {BUCKETS} bucket counts"),
     "ram": keys(total=count, transferred=count, normal_pages=count, zero_pages=count, normal_bytes=count,
                 precopy_bytes=count, downtime_bytes=count, postcopy_bytes=count, multifd_bytes=count,
@@ -193,8 +203,8 @@ NESTED: dict[str, Check] = {
     "phases": list_of(row(string, number, number)),
     "faults_injected": list_of(keys({"fault": string, "postcopy_ms": number, "during": string})),
     "faults_not_injected": list_of(string),
-    "multifd": keys(channels=count, channel_bytes=list_of(count), syncs=count, recv_sync_wait_ms=number,
-                    recv_sync_wait_in_downtime_ms=number),
+    "multifd": empty_or(keys({"channels": count, "syncs": count, "recv_sync_wait_ms": number,  # all since the first
+                     "recv_sync_wait_in_downtime_ms": number}, channel_bytes=list_of(count))),
     "faults": _faults,
 }
 
