@@ -76,9 +76,10 @@ MATRIX = [(m, hp, w, pr) for m in MODES for hp in (4 * KiB, 2 * MiB) for w in ("
 @pytest.mark.timeout(TIMEOUT)
 @pytest.mark.parametrize("variant,host_page,workload,precopy_rounds", MATRIX,
                          ids=[f"{m}-{'4K' if hp == 4096 else '2M'}-{w}-r{pr}" for m, hp, w, pr in MATRIX])
-def test_postcopy_modes(variant, host_page, workload, precopy_rounds):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_postcopy_modes(variant, host_page, workload, precopy_rounds, backend):
     vcpus = 2 if workload == "sequential" else 1
-    c = cfg(host_page=host_page, workload=workload, precopy_rounds=precopy_rounds, vcpus=vcpus,
+    c = cfg(fault_backend=backend, host_page=host_page, workload=workload, precopy_rounds=precopy_rounds, vcpus=vcpus,
             **MODES[variant])
     r = shmig.run(c)
     assert_postcopy_report(r, c)
@@ -127,10 +128,11 @@ def test_discard_path(variant, host_page, backend):
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_preempt_interrupts_huge_pages():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempt_interrupts_huge_pages(backend):
     """2MiB pages through a slow link and a small socket buffer, random guest: the migration thread
     breaks background huge pages to serve requests, and the destination still ends up exact."""
-    c = cfg(mode="preempt", host_page=2 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
+    c = cfg(fault_backend=backend, mode="preempt", host_page=2 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
             workload="random", precopy_rounds=0)
     r = shmig.run(c)
     assert_postcopy_report(r, c)
@@ -140,11 +142,12 @@ def test_preempt_interrupts_huge_pages():
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_preempt_urgent_on_precopy():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempt_urgent_on_precopy(backend):
     """A sequential guest faults on exactly the huge page the background is sending: the request is
     for the interrupted page itself, which 7.1 finishes on the precopy channel. Among 32 huge
     pages it happens on a few faults in every run, so it is asserted, not just allowed."""
-    c = cfg(mode="preempt", host_page=2 * MiB, ram=64 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
+    c = cfg(fault_backend=backend, mode="preempt", host_page=2 * MiB, ram=64 * MiB, bandwidth=100 * MiB, socket_buffer=1 * MiB,
             workload="sequential", vcpus=2, precopy_rounds=0)
     r = shmig.run(c)
     assert_postcopy_report(r, c)
@@ -153,8 +156,9 @@ def test_preempt_urgent_on_precopy():
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_preempt_no_break_huge_never_interrupts():
-    c = cfg(mode="preempt", break_huge=False, host_page=2 * MiB, bandwidth=100 * MiB,
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempt_no_break_huge_never_interrupts(backend):
+    c = cfg(fault_backend=backend, mode="preempt", break_huge=False, host_page=2 * MiB, bandwidth=100 * MiB,
             socket_buffer=1 * MiB, workload="sequential", vcpus=2, precopy_rounds=0)
     r = shmig.run(c)
     assert_postcopy_report(r, c)
@@ -163,10 +167,11 @@ def test_preempt_no_break_huge_never_interrupts():
 
 @pytest.mark.timeout(TIMEOUT)
 @pytest.mark.parametrize("page_hint", [False, True], ids=["nohint", "hint"])
-def test_preempt_full_request_for_page_in_flight(page_hint):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempt_full_request_for_page_in_flight(page_hint, backend):
     """preempt-full: a sequential guest asks for the huge page the background thread is in the
     middle of; the return thread leaves it to the background. No torn or lost page."""
-    c = cfg(mode="preempt-full", page_hint=page_hint, host_page=2 * MiB, bandwidth=100 * MiB,
+    c = cfg(fault_backend=backend, mode="preempt-full", page_hint=page_hint, host_page=2 * MiB, bandwidth=100 * MiB,
             socket_buffer=1 * MiB, workload="sequential", vcpus=2, precopy_rounds=0)
     r = shmig.run(c)
     assert_postcopy_report(r, c)
@@ -177,9 +182,10 @@ def test_preempt_full_request_for_page_in_flight(page_hint):
 
 @pytest.mark.timeout(TIMEOUT)
 @pytest.mark.parametrize("variant", ["vanilla", "preempt", "preempt-full"])
-def test_postcopy_with_latency_and_limits(variant):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_postcopy_with_latency_and_limits(variant, backend):
     """One-way latency on every channel plus QEMU's postcopy rate limit, several vCPUs, hotset."""
-    c = cfg(latency=0.0005, max_postcopy_bandwidth=300 * MiB, workload="hotset", vcpus=3,
+    c = cfg(fault_backend=backend, latency=0.0005, max_postcopy_bandwidth=300 * MiB, workload="hotset", vcpus=3,
             precopy_rounds=1, **MODES[variant])
     r = shmig.run(c)
     assert_postcopy_report(r, c)
@@ -219,7 +225,8 @@ def test_start_postcopy_api(variant, backend):
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_preempt_latency_far_below_vanilla():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempt_latency_far_below_vanilla(backend):
     """The point of preemption: a requested page does not wait behind the full precopy channel.
     QEMU's cover letter saw 18x on p50 (4 KiB, 10 Gbit/s); demand at least 5x of 8.0+'s
     preempt-full. 7.1's one thread is slower behind a link this slow: a request that finds it
@@ -227,7 +234,7 @@ def test_preempt_latency_far_below_vanilla():
     of the 4 MiB send buffer has drained (13 ms here): its median is still well below vanilla's."""
     base = dict(host_page=4 * KiB, ram=64 * MiB, bandwidth=100 * MiB, precopy_rounds=1,
                 workload="random", socket_buffer=4 * MiB)
-    runs = {m: shmig.run(cfg(mode=m, **base)) for m in ("vanilla", "preempt", "preempt-full")}
+    runs = {m: shmig.run(cfg(fault_backend=backend, mode=m, **base)) for m in ("vanilla", "preempt", "preempt-full")}
     for r in runs.values():
         assert_ok(r)
         assert r.postcopy_latency_us["count"] > 0
@@ -240,23 +247,25 @@ def test_preempt_latency_far_below_vanilla():
 
 @pytest.mark.timeout(TIMEOUT)
 @pytest.mark.parametrize("variant", ["vanilla", "preempt"])
-def test_single_vcpu_sequential_wake_race(variant):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_single_vcpu_sequential_wake_race(variant, backend):
     """Regression: one sequential vCPU faults at the frontier of the background scan, so its wait
     slot changes while the receiver that just placed a frame looks for vCPUs to wake. Receiver.wake()
     used to run np.isin on the live shared view, which reads it twice and could index out of bounds
     ('mig/dst/listen: IndexError: index 16 is out of bounds'), killing about one run in five."""
     for i in range(12):
-        c = cfg(workload="sequential", vcpus=1, precopy_rounds=0, deadline=20, **MODES[variant])
+        c = cfg(fault_backend=backend, workload="sequential", vcpus=1, precopy_rounds=0, deadline=20, **MODES[variant])
         r = shmig.run(c)
         assert r.ok, f"run {i}: status={r.status} error={r.error!r}"
 
 
 @pytest.mark.timeout(TIMEOUT)
 @pytest.mark.parametrize("variant", ["preempt", "preempt-full"])
-def test_postcopy_mode_converging_in_precopy(variant):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_postcopy_mode_converging_in_precopy(variant, backend):
     """Postcopy enabled but never started (precopy_rounds=None, no start_postcopy()): an idle guest
     converges after one round and the migration completes as a precopy one, as in QEMU."""
-    c = cfg(ram=8 * MiB, workload="idle", precopy_rounds=None, deadline=2.5, **MODES[variant])
+    c = cfg(fault_backend=backend, ram=8 * MiB, workload="idle", precopy_rounds=None, deadline=2.5, **MODES[variant])
     r = shmig.run(c)
     assert_ok(r)
     assert r.postcopy_bytes == 0
@@ -313,7 +322,8 @@ def test_summary_of_a_quick_postcopy():
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_registered_policy_runs_end_to_end():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_policy_runs_end_to_end(backend):
     """A user's policy (here: prefetch the neighbours of a requested page) is a mode like any other."""
     from shmig import policies
 
@@ -325,7 +335,7 @@ def test_registered_policy_runs_end_to_end():
     policies.register("test-prefetch", Prefetch)
     try:
         # a slow background, so that the guest's faults are what moves pages
-        c = cfg(mode="test-prefetch", ram=8 * MiB, workload="sequential", precopy_rounds=0,
+        c = cfg(fault_backend=backend, mode="test-prefetch", ram=8 * MiB, workload="sequential", precopy_rounds=0,
                 max_postcopy_bandwidth=16 * MiB)
         assert c.validate().uses_preempt_channel
         r = shmig.run(c)
@@ -334,4 +344,4 @@ def test_registered_policy_runs_end_to_end():
     assert_ok(r)
     assert r.ram["channel_bytes"]["postcopy"] > 0
     with pytest.raises(shmig.ConfigError):
-        cfg(mode="test-prefetch").validate()
+        cfg(fault_backend=backend, mode="test-prefetch").validate()
