@@ -327,6 +327,12 @@ class Uffd:
         self.page_size = page_size  # of the mapping: what EEXIST skips, what an event is aligned to
         self._zeropage = page_size == mmap.PAGESIZE  # hugetlb ranges have no UFFDIO_ZEROPAGE
         self._zeros: np.ndarray | None = None
+        # the argument structures of the fault path's ioctls, made once: a copy and a wake per
+        # fault, and building a ctypes structure costs as much as the ioctl's own syscall
+        self._copy_arg = _Copy()
+        self._copy_addr = ctypes.addressof(self._copy_arg)
+        self._wake_arg = _Range()
+        self._wake_addr = ctypes.addressof(self._wake_arg)
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -403,12 +409,17 @@ class Uffd:
         (a partial copy, or the mm changing under it: mmap_changing) is retried from where it
         stopped. ESRCH: the registering process has exited."""
         mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
+        c = self._copy_arg  # the common case, whole in one ioctl: no closure, no new structure
+        c.dst, c.src, c.len, c.mode, c.copy = dst, src, length, mode, 0
+        if _libc.ioctl(self.fd, UFFDIO_COPY, self._copy_addr) == 0 and c.copy == length:
+            return length
+        first = max(int(c.copy), 0)  # placed before it stopped (EAGAIN, EEXIST): resumed from there
 
         def one(done: int) -> tuple[int, int]:
             c = _Copy(dst=dst + done, src=src + done, len=length - done, mode=mode)
             return _ioctl(self.fd, UFFDIO_COPY, c), int(c.copy)
 
-        return self._fill("UFFDIO_COPY", one, dst, length, wake)
+        return self._fill("UFFDIO_COPY", one, dst, length, wake, first)
 
     def zeropage(self, dst: int, length: int, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE (QEMU's postcopy_place_page_zero): the bytes this call placed. Where the
@@ -426,10 +437,12 @@ class Uffd:
 
         return self._fill("UFFDIO_ZEROPAGE", one, dst, length, wake)
 
-    def _fill(self, what: str, one: Callable[[int], tuple[int, int]], dst: int, length: int, wake: bool) -> int:
+    def _fill(self, what: str, one: Callable[[int], tuple[int, int]], dst: int, length: int, wake: bool,
+              done: int = 0) -> int:
         """Run ``one(done)`` (an ioctl for [dst + done, dst + length): (errno, bytes or -errno))
-        until the range is whole: EAGAIN resumes after what was placed, EEXIST skips a page."""
-        done = placed = 0
+        until the range is whole: EAGAIN resumes after what was placed, EEXIST skips a page.
+        ``done``: bytes a first ioctl placed already."""
+        placed = done
         existed = False
         while done < length:
             e, n = one(done)
@@ -451,7 +464,11 @@ class Uffd:
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE: let every fault of this uffd waiting in the range retry (the page is there,
         placed through another uffd)."""
-        e = _ioctl(self.fd, UFFDIO_WAKE, _Range(start, length))
+        r = self._wake_arg
+        r.start, r.len = start, length
+        if _libc.ioctl(self.fd, UFFDIO_WAKE, self._wake_addr) == 0:
+            return
+        e = ctypes.get_errno()
         if e:
             raise UffdError(e, f"UFFDIO_WAKE of {length} bytes at {start:#x} failed: {_errno_name(e)}")
 

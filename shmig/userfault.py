@@ -12,14 +12,13 @@ and mig/dst/preempt. That is QEMU's handling of a vhost-user back-end's shared u
 (vCPU, placer); each child keeps its own ends and closes the others at once, so a peer that dies
 before the hand-off is seen as a closed socket, not waited for.
 
-The order of a placement closes the one race of the scheme. A copy through vCPU 0's uffd maps the
-page into vCPU 0's page table and wakes its waiters, as QEMU's qemu_ufd_copy_ioctl does for its one
-mm: a fault of vCPU 0 either was queued before the copy's wake or finds the page mapped
-(handle_userfault queues, then looks at the page table: userfaultfd_must_wait). Another vCPU's
-page table is not touched, so its fault may reach its uffd after the copy and before the receiver
-marks the page received, and must still be woken: the receiver marks receivedmap, then wakes every
-other vCPU's uffd over what it placed; the fault thread reads an event, then looks at receivedmap,
-and wakes the faulting vCPU itself if the page is there ("if the page is already received, wake").
+The order of a placement closes the one race of the scheme. A copy through vCPU 0's uffd puts the
+page in the memfd's page cache and maps it into vCPU 0's page table (without waking: see
+UffdPlacer); from then on a new fault of any vCPU on it finds the page (handle_userfault queues,
+then looks: userfaultfd_must_wait), so only faults queued before the copy wait, and each is woken:
+the receiver marks receivedmap, then wakes every vCPU's uffd over what it placed; the fault thread
+reads an event, then looks at receivedmap, and wakes the faulting vCPU itself if the page is there
+("if the page is already received, wake"), for a fault whose event it reads after that wake.
 """
 
 from __future__ import annotations
@@ -113,7 +112,15 @@ class UffdHandoff:
 
 class UffdPlacer:
     """A receiver's placement into destination RAM through the vCPUs' uffds (qemu_ufd_copy_ioctl):
-    copy through vCPU 0's (which wakes it), mark receivedmap, then wake the others over the range."""
+    copy through vCPU 0's without waking (UFFDIO_COPY_MODE_DONTWAKE), mark receivedmap, stamp the
+    fault's end, then wake every vCPU's uffd over the range.
+
+    Why not let the copy wake vCPU 0, as QEMU's one ioctl does: the end of a fault is stamped by the
+    placer once the page is there (mark_postcopy_blocktime_end, after the ioctl). Stamped after a
+    waking copy, it would also count whatever ran between the wake and the placer's next
+    instruction: here, with more processes than CPUs, the woken vCPU itself (~20 us per fault of
+    its run, measured), which is guest time, not a fault's. On QEMU's hosts a vCPU thread has its
+    own CPU and the two orders measure alike. The extra ioctl costs ~1 us."""
 
     def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, tp_per_hp: int,
                  stats: ReceiverStats):
@@ -128,25 +135,33 @@ class UffdPlacer:
         """``n`` target pages from address ``src`` to target page ``tp`` (not yet marked)."""
         u = self.group.uffds[0]
         t0 = time.monotonic_ns()
-        self.stats.uffd_copy_bytes += u.copy(u.base + tp * self.page, src, n * self.page)
+        self.stats.uffd_copy_bytes += u.copy(u.base + tp * self.page, src, n * self.page, wake=False)
         self.stats.uffd_copy_ns += time.monotonic_ns() - t0
 
     def zero(self, tp: int, n: int) -> None:
         u = self.group.uffds[0]
-        u.zeropage(u.base + tp * self.page, n * self.page)
+        u.zeropage(u.base + tp * self.page, n * self.page, wake=False)
 
-    def mark_and_wake(self, tps: np.ndarray | slice, first: int, end: int) -> None:
-        """receivedmap for ``tps``, then the other vCPUs' waiters in target pages [first, end) woken
-        (vCPU 0's were, by the copy)."""
-        self.placed[tps // self.k if isinstance(tps, np.ndarray) else first // self.k] = time.monotonic_ns()
+    def mark_and_wake(self, tps: np.ndarray | slice | int, first: int, end: int) -> None:
+        """receivedmap for ``tps``, then every vCPU's waiters in target pages [first, end) woken:
+        the fault ends at that wake."""
         self.received[tps] = 1
-        for v in range(1, len(self.group.uffds)):
+        self.placed[tps // self.k if isinstance(tps, np.ndarray) else first // self.k] = time.monotonic_ns()
+        for v in range(len(self.group.uffds)):
             self.group.wake(v, first * self.page, (end - first) * self.page)
 
     def place_pages(self, tps: np.ndarray, zero: np.ndarray | None, data: np.ndarray) -> None:
         """Target pages ``tps`` (ascending, none placed yet): the zero ones by UFFDIO_ZEROPAGE, the
         others from ``data`` (one row per non-zero page, in order), a run of consecutive pages per
         ioctl."""
+        if len(tps) == 1:  # an urgent page (the fault path): scalars, not numpy calls on a 1-array
+            tp = int(tps[0])
+            if zero is not None and zero[0]:
+                self.zero(tp, 1)
+            else:
+                self.copy(tp, int(np.ascontiguousarray(data).ctypes.data), 1)
+            self.mark_and_wake(tp, tp, tp + 1)
+            return
         nz = tps if zero is None else tps[~zero]
         if zero is not None:
             for a, n in page_runs(tps[zero]):
