@@ -211,6 +211,8 @@ def _fault_figures(rep: Report, rec: RunRecord, t_end: int | None) -> None:
     total, per = stats.blocktime(intervals, t_end)
     rep.postcopy_blocktime_ms = round(total, 3)
     rep.postcopy_vcpu_blocktime_ms = [round(b, 3) for b in per]
+    rep.postcopy_vcpu_slept_ms = [None if v.stats.slept_dst_ns < 0 else round(rec.clock.emulated_ms(v.stats.slept_dst_ns), 3)
+                                  for v in rec.vcpus]
     done = [iv if (iv[:, 1] >= 0).all() else iv[iv[:, 1] >= 0] for iv in intervals]  # a view when it can
     del intervals
     lat = [d[:, 1] - d[:, 0] for d in done]

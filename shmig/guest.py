@@ -34,6 +34,43 @@ UFFD_CHUNK = 1024
 RECHECK = 0.05  # a wake-up can never be lost, but a sleeping vCPU re-checks this often anyway
 
 
+class SleepClock:
+    """The vCPU's own view of its faults: how long it slept on the destination. The uffd backend's
+    vCPU cannot see a fault (the kernel stops it mid-access), so its blocktime comes from the fault
+    thread's events (QEMU 10.1's view); this is the other side. Slept = wall time less its own CPU
+    time (CLOCK_THREAD_CPUTIME_ID, exact) less its time runnable but waiting for a CPU (schedstat's
+    run_delay, current while it runs) less the sleeps of its pacing: what is left is time blocked
+    in a userfault, or, with the bitmap backend, on its eventfd. Same figure for both backends,
+    from the kernel's accounting, not from either backend's stamps."""
+
+    PATH = "/proc/thread-self/schedstat"  # "on-CPU ns, runqueue-wait ns, timeslices" (CONFIG_SCHED_INFO)
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open(self.PATH, os.O_RDONLY | os.O_CLOEXEC)
+            self._wait()
+        except (OSError, ValueError, IndexError):
+            self.fd = -1
+        self.base: tuple[int, int, int, int] | None = None
+        self.paced_ns = 0  # slept for the guest's own reasons (Vcpu.sleep_paced)
+
+    def _wait(self) -> int:
+        return int(os.pread(self.fd, 128, 0).split()[1])
+
+    def start(self) -> None:
+        """The vCPU runs on the destination from now on."""
+        if self.fd >= 0:
+            self.base = (time.monotonic_ns(), time.thread_time_ns(), self._wait(), self.paced_ns)
+
+    def slept_ns(self) -> int:
+        """Slept since ``start``; -1 if it cannot be known."""
+        if self.base is None:
+            return -1
+        wall, cpu, wait, paced = self.base
+        return max(0, (time.monotonic_ns() - wall) - (time.thread_time_ns() - cpu) - (self._wait() - wait)
+                   - (self.paced_ns - paced))
+
+
 class Vcpu(Child):
     """guest/vcpuN. What it measures goes into its part of the ledger as it happens: its counters,
     QEMU's latency buckets, a row per fault (host page, start, end, accesses made before it), and a
@@ -64,6 +101,8 @@ class Vcpu(Child):
         self.interval = None if cfg.dirty_rate is None else cfg.clock.real(TARGET_PAGE * cfg.vcpus / cfg.dirty_rate)
         self.next_t = time.monotonic()
         self.next_point = 0  # when the next progress point is due (monotonic ns)
+        self.sleep = SleepClock()
+        self.stats.slept_dst_ns = -1
 
     def ram(self, phase: int) -> tuple[np.ndarray, np.ndarray]:
         ram = self.mem.src if phase == memory.RUN_SRC else self.mem.dst
@@ -89,6 +128,12 @@ class Vcpu(Child):
             os.eventfd_read(self.efd)
             if self.tr:
                 self.woken_ns = time.monotonic_ns()  # the fault's "vCPU woken" step
+
+    def sleep_paced(self, timeout: float) -> None:
+        """A sleep of the guest's own (its pacing; an idle guest), not a fault's (SleepClock)."""
+        t = time.monotonic_ns()
+        self.sleep_on_efd(timeout)
+        self.sleep.paced_ns += time.monotonic_ns() - t
 
     def fault(self, tp: int) -> None:
         """Block until the host page holding target page ``tp`` is placed."""
@@ -158,6 +203,7 @@ class Vcpu(Child):
         now = time.monotonic_ns()
         if now >= self.next_point:
             self.next_point = now + PROGRESS_EVERY_NS
+            st.slept_dst_ns = self.sleep.slept_ns()
             if len(self.progress) < self.progress.cap - 1:  # the last row is kept for where it stopped
                 self.progress.append(now, st.accesses_dst)
             else:
@@ -190,9 +236,10 @@ class Vcpu(Child):
                 self.status("running on the " + ("source" if phase == memory.RUN_SRC else "destination"))
                 if phase == memory.RUN_DST:
                     self.stream.on_destination()
+                    self.sleep.start()
                 ran = phase
             if idle:
-                self.sleep_on_efd(RECHECK)
+                self.sleep_paced(RECHECK)
                 continue
             t0 = time.monotonic_ns()
             n = self.run_chunk(phase)
@@ -203,9 +250,10 @@ class Vcpu(Child):
                 self.next_t = max(self.next_t, time.monotonic()) + n * self.interval
                 left = self.next_t - time.monotonic()
                 if left > 0:
-                    self.sleep_on_efd(left)
+                    self.sleep_paced(left)
             if phase == memory.RUN_SRC:
                 self.stats.run_src_ns += time.monotonic_ns() - t0
             else:
                 self.stats.run_dst_ns += time.monotonic_ns() - t0
         self.progress.append(time.monotonic_ns(), self.stats.accesses_dst)  # where it stopped
+        self.stats.slept_dst_ns = self.sleep.slept_ns()

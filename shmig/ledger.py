@@ -178,6 +178,8 @@ class VcpuStats(Record):
     run_src_ns = Field("real ns it ran on the source")
     run_dst_ns = Field("real ns it ran on the destination")
     faults = Field("faults taken, resolved or not")
+    slept_dst_ns = Field("real ns it slept on the destination, not counting its pacing: blocked in"
+                         " its faults, by its own clocks (guest.SleepClock); -1: not known")
     progress_dropped = Field("progress points not logged: the log was full")
 
 

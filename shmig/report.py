@@ -107,6 +107,9 @@ class Report:
     postcopy_bytes: int = 0
     postcopy_blocktime_ms: float = 0.0
     postcopy_vcpu_blocktime_ms: list[float] = field(default_factory=list)
+    # the vCPU's own view of the same: what each slept on the destination (guest.SleepClock); None
+    # where the kernel does not say (no schedstat)
+    postcopy_vcpu_slept_ms: list[float | None] = field(default_factory=list)
     # QEMU 10.1's latency fields, as query-migrate reports them (ns)
     postcopy_latency: int = 0  # every fault's wait over the number of faults
     postcopy_vcpu_latency: list[int] = field(default_factory=list)  # the same, per vCPU

@@ -64,6 +64,11 @@ def format_summary(self: Report) -> str:
         ]
         if len(self.postcopy_vcpu_blocktime_ms) > 1:
             rows.append(("per vCPU", _spread(self)))
+        slept = self.postcopy_vcpu_slept_ms
+        if slept and None not in slept and self.postcopy_vcpu_blocktime_ms:
+            rows.append(("vCPUs' view", f"slept {sum(slept):.1f} ms in faults by their own clocks, against"
+                         f" {sum(self.postcopy_vcpu_blocktime_ms):.1f} ms blocked by the "
+                         + ("fault thread's events" if self.fault_backend == "uffd" else "vCPUs' fault stamps")))
         if self.postcopy_pauses or c.get("inject_faults"):
             rows.append(("recovery", _recovery_summary(self)))
         gp = self.guest_progress

@@ -345,3 +345,27 @@ def test_registered_policy_runs_end_to_end(backend):
     assert r.ram["channel_bytes"]["postcopy"] > 0
     with pytest.raises(shmig.ConfigError):
         cfg(fault_backend=backend, mode="test-prefetch").validate()
+
+
+@pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_vcpus_own_view_of_their_faults(backend):
+    """Beside the blocktime each backend stamps (the vCPU's own fault log; the fault thread's uffd
+    events), each vCPU says how long it slept by the kernel's accounting (guest.SleepClock). Both
+    measure the same waits from different ends, so over many faults they agree within 2x; a paced
+    guest's sleeps between its accesses are not counted as faults'."""
+    c = cfg(fault_backend=backend, mode="preempt-full", ram=32 * MiB, vcpus=2, precopy_rounds=0,
+            max_postcopy_bandwidth=16 * MiB)  # the background slow: the guest's faults move the pages
+    r = shmig.run(c)
+    assert_postcopy_report(r, c)
+    slept, blocked = r.postcopy_vcpu_slept_ms, r.postcopy_vcpu_blocktime_ms
+    if None in slept:
+        pytest.skip("no /proc/thread-self/schedstat here (CONFIG_SCHED_INFO)")
+    assert len(slept) == c.vcpus and all(s >= 0 for s in slept), slept
+    assert sum(blocked) >= 20, (blocked, r.postcopy_latency_us)  # enough faults to compare
+    assert 0.5 <= sum(slept) / sum(blocked) <= 2.0, (slept, blocked)
+    assert "vCPUs' view" in r.summary()
+    paced = shmig.run(cfg(fault_backend=backend, mode="preempt-full", ram=8 * MiB, vcpus=1, precopy_rounds=1,
+                          workload="idle"))
+    assert_ok(paced)
+    assert paced.postcopy_vcpu_slept_ms[0] < 0.2 * paced.total_time_ms, paced.postcopy_vcpu_slept_ms
