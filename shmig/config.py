@@ -295,8 +295,11 @@ class Config:
         return steady_state(self.bandwidth / n, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), self.tcp_sysctls)
 
     def shm_bytes(self) -> int:
-        """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps."""
-        return 2 * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
+        """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps (with the uffd
+        backend the destination's copy is a memfd instead: memfd_bytes)."""
+        copies = 1 if self.fault_backend == "uffd" else 2
+        return copies * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
+
 
     def heap_bytes(self) -> int:
         """Memory the run takes outside /dev/shm, at most: each receiver's read-ahead buffer
@@ -405,20 +408,7 @@ class Config:
             bad(str(e))
         self._validate_faults()
         _validate_backend(self)
-        try:
-            st = os.statvfs("/dev/shm")
-            free = st.f_bavail * st.f_frsize
-        except OSError:
-            free = None
-        if free is not None and self.shm_bytes() > free * SHM_HEADROOM:
-            bad(f"--ram {fmt_size(self.ram)} needs {fmt_size(self.shm_bytes())} of /dev/shm (source and"
-                f" destination copies) but only {fmt_size(free)} is free: use a smaller --ram")
-        avail = mem_available()
-        need = self.shm_bytes() + self.heap_bytes()
-        if avail is not None and need > avail * SHM_HEADROOM:  # tmpfs pages are memory too
-            bad(f"this run needs {fmt_size(need)} of memory ({fmt_size(self.shm_bytes())} of guest RAM copies,"
-                f" {fmt_size(self.heap_bytes())} of receive buffers and temporary host pages) but only"
-                f" {fmt_size(avail)} is available: use a smaller --ram, --socket-buffer or --host-page")
+        _validate_memory(self)
         return self
 
     def _validate_faults(self) -> None:
@@ -450,6 +440,28 @@ def _readahead(queue: SocketQueue) -> int:
     """A receiver's read-ahead buffer at most, for a channel of this queue (reader.FrameReader
     allocates twice the read-ahead plus a frame; destination.channel_room)."""
     return 2 * (queue.capacity + 2 * RECEIVER_FRAME + 65536)
+
+
+def _validate_memory(cfg: "Config") -> None:
+    """The run fits this machine: its shared segments in /dev/shm, and all of its memory (tmpfs
+    pages are memory too; the uffd backend's destination RAM is a memfd, outside /dev/shm, and on
+    hugetlb from the pool uffd.check_backend looked at)."""
+    try:
+        st = os.statvfs("/dev/shm")
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    if free is not None and cfg.shm_bytes() > free * SHM_HEADROOM:
+        copies = "the source's copy" if cfg.fault_backend == "uffd" else "source and destination copies"
+        raise ConfigError(f"--ram {fmt_size(cfg.ram)} needs {fmt_size(cfg.shm_bytes())} of /dev/shm ({copies})"
+                          f" but only {fmt_size(free)} is free: use a smaller --ram")
+    avail = mem_available()
+    ram_copies = cfg.shm_bytes() + (cfg.ram if cfg.fault_backend == "uffd" and not cfg.hugetlb else 0)
+    need = ram_copies + cfg.heap_bytes()
+    if avail is not None and need > avail * SHM_HEADROOM:
+        raise ConfigError(f"this run needs {fmt_size(need)} of memory ({fmt_size(ram_copies)} of guest RAM copies,"
+                          f" {fmt_size(cfg.heap_bytes())} of receive buffers and temporary host pages) but only"
+                          f" {fmt_size(avail)} is available: use a smaller --ram, --socket-buffer or --host-page")
 
 
 def _validate_backend(cfg: "Config") -> None:

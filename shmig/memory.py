@@ -214,6 +214,16 @@ class GuestMemory:
             populate(np.ndarray((size,), np.uint8, shm.buf))
         return shm
 
+    def read_dst(self, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """A copy of destination RAM [offset, offset + length), safe while the guest runs: with the
+        uffd backend by pread of the memfd, never through the mapping (a read of a page not placed
+        yet would put a zero page in the file, and the vCPU would find it there instead of its
+        fault, and the page's UFFDIO_COPY would fail with EEXIST)."""
+        length = self.cfg.ram - offset if length is None else length
+        if self.dst_memfd is not None:
+            return self.dst_memfd.read_pages(offset, length)
+        return self.dst[offset:offset + length].copy()
+
     # views used on the data path
     def pages(self, ram: np.ndarray) -> np.ndarray:
         """[pages, TARGET_PAGE] view of one RAM copy."""

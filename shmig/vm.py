@@ -107,7 +107,7 @@ class ServedMigration(Migration):
     def close(self) -> None:
         with self._lock:
             if not self.closed and self.mem is not None and self.record is not None:
-                self.kept = {"source": self.mem.src.copy(), "destination": self.mem.dst.copy()}
+                self.kept = {"source": self.mem.src.copy(), "destination": self.mem.read_dst()}
         super().close()
 
 
@@ -400,12 +400,11 @@ class VM:
         if ram is None and mig is not None:
             with mig._lock:  # close() takes it too: the shared memory stays mapped while it is read
                 if mig.mem is not None and not mig.closed:
-                    live = mig.mem.src if self.side == "source" else mig.mem.dst
-                    if 0 <= val and 0 <= size and val + size <= live.size:
-                        ram = live.reshape(-1).view(np.uint8)[val:val + size].copy()
+                    if 0 <= val and 0 <= size and val + size <= mig.mem.src.size:
+                        ram = mig.mem.src[val:val + size].copy() if self.side == "source" else mig.mem.read_dst(val, size)
                         val = 0
                     else:
-                        ram = live
+                        ram = mig.mem.src  # out of range: refused below, in QEMU's words
         if ram is None:
             raise QmpError("shmig: guest RAM exists once 'migrate' has started the run")
         flat = ram.reshape(-1).view(np.uint8)

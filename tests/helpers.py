@@ -10,7 +10,14 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+import pytest
+
 import shmig
+from shmig import uffd
+
+# the fault backends (issue 20), for a test to run with each: uffd skipped, with the reason, where
+# userfaultfd is not permitted
+BACKENDS = ["bitmap", pytest.param("uffd", marks=pytest.mark.skipif(bool(uffd.refused()), reason=uffd.refused()))]
 
 
 def assert_ok(r: shmig.Report) -> None:

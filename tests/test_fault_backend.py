@@ -53,3 +53,10 @@ def test_hugetlb_pool_too_small_says_how_to_raise_it(capsys) -> None:
 def test_cli_hugetlb_without_uffd(capsys) -> None:
     line = refused(capsys, "run", "--ram", "8MiB", "--host-page", "2MiB", "--hugetlb")
     assert line.endswith("add --fault-backend uffd")
+
+
+def test_the_uffd_backends_destination_ram_is_not_counted_in_dev_shm() -> None:
+    """Its destination RAM is a memfd: one RAM copy in /dev/shm, not two (the memory check still
+    counts the memfd's pages, which are memory)."""
+    bitmap, uffd_ = Config(ram=64 << 20), Config(ram=64 << 20, fault_backend="uffd")
+    assert bitmap.shm_bytes() - uffd_.shm_bytes() == 64 << 20

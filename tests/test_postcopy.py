@@ -9,8 +9,7 @@ import os
 import pytest
 
 import shmig
-from helpers import assert_ok
-from shmig import uffd
+from helpers import BACKENDS, assert_ok
 from shmig.compare import MODE_VARIANTS
 
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -18,9 +17,6 @@ TIMEOUT = 60
 
 MODES = MODE_VARIANTS  # the modes of `shmig compare`
 
-
-# the fault backends (issue 20): the main cases run with both; tests/test_uffd_runs.py has the rest
-BACKENDS = ["bitmap", pytest.param("uffd", marks=pytest.mark.skipif(bool(uffd.refused()), reason=uffd.refused()))]
 
 
 def cfg(**kw) -> shmig.Config:

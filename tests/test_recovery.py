@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shmig
-from helpers import assert_all_reaped, assert_ok, proc_of
+from helpers import BACKENDS, assert_all_reaped, assert_ok, proc_of
 from shmig import cli, supervisor
 from shmig.compare import MODE_VARIANTS
 from shmig.faults import Fault, FaultInjector, FaultSpecError
@@ -189,10 +189,11 @@ MATRIX = [
 
 
 @pytest.mark.timeout(TIMEOUT)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant,host_page,what", MATRIX,
                          ids=[f"{v}-{'4K' if hp == 4 * KiB else '2M'}-{w}" for v, hp, w in MATRIX])
-def test_one_fault_is_survived(variant, host_page, what):
-    c = cfg(variant, host_page, inject_faults=[f"{what}@50%"])
+def test_one_fault_is_survived(variant, host_page, what, backend):
+    c = cfg(variant, host_page, inject_faults=[f"{what}@50%"], fault_backend=backend)
     r = shmig.run(c)
     assert_recovered(r, c)
     (f,) = r.faults_injected
@@ -247,12 +248,13 @@ def test_two_faults_in_a_row():
 @pytest.mark.timeout(TIMEOUT)
 @pytest.mark.parametrize("variant,second", [("preempt", "postcopy-channel"), ("preempt-full", "return-path"),
                                             ("vanilla", "precopy-channel")])
-def test_failure_during_recovery(variant, second):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_failure_during_recovery(variant, second, backend):
     """QEMU's double-failure tests: the second fault is due while the migration is paused, so it
     breaks a new channel during the recovery handshake; both sides pause again, and the second
     recovery completes the migration."""
     first = "return-path" if second != "return-path" else "precopy-channel"
-    c = cfg(variant, inject_faults=[f"{first}@20%", f"{second}@300ms"], recover_after=0.4)
+    c = cfg(variant, inject_faults=[f"{first}@20%", f"{second}@300ms"], recover_after=0.4, fault_backend=backend)
     r = shmig.run(c)
     assert_recovered(r, c, pauses=2, recoveries=1)
     assert [f["during"] for f in r.faults_injected] == ["postcopy", "recovery"], r.faults_injected

@@ -220,6 +220,22 @@ def test_the_destination_must_read_by_pread_not_through_its_own_mapping(ram: Mem
     assert not v.uffd.read()  # no fault was ever raised for it
 
 
+def test_guest_memory_copies_destination_ram_by_pread() -> None:
+    """What ``shmig serve``'s pmemsave and the kept RAM of a closed VM read while a uffd guest may
+    still run (GuestMemory.read_dst): holes stay holes."""
+    from shmig.config import Config
+    from shmig.memory import GuestMemory
+
+    mem = GuestMemory(Config(ram=4 << 20, fault_backend="uffd", prefault=False).validate(), slots=4)
+    try:
+        assert mem.dst_memfd is not None
+        assert not mem.read_dst(8 * PAGE, 4 * PAGE).any() and not mem.read_dst().any()
+        assert mem.dst_memfd.resident_pages() == 0
+    finally:
+        mem.unlink()
+        mem.close()
+
+
 @pytest.mark.timeout(30)
 def test_a_copy_over_a_page_already_there_places_the_rest(ram: MemfdRam) -> None:
     """The kernel stops a multi-page UFFDIO_COPY at a present page (a partial copy, EAGAIN, then
