@@ -5,6 +5,7 @@ migration_completion() -> close_return_path_on_source() -> migration_completion_
 import pytest
 
 import shmig
+from helpers import BACKENDS
 from shmig.analysis import last_placed, postcopy_end
 from shmig.control import Ev
 from shmig.plan import Kind
@@ -14,9 +15,11 @@ MiB = 1024**2
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["vanilla", "preempt-full"])
-def test_the_phase_ends_at_the_sources_completed(mode):
-    c = shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random", precopy_rounds=0)
+def test_the_phase_ends_at_the_sources_completed(mode, backend):
+    c = shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random", precopy_rounds=0,
+                     fault_backend=backend)
     m = shmig.Migration(c).start()
     try:
         r = m.wait()

@@ -4,6 +4,7 @@ mode stands for (shmig.status), with times that never go back."""
 import pytest
 
 import shmig
+from helpers import BACKENDS
 from shmig.status import V10_0, V10_1, QemuVersion, Side, default_version, during, path, recovery
 
 MiB = 1024**2
@@ -26,9 +27,11 @@ def assert_paths(r: shmig.Report, mode: str, version: QemuVersion) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["precopy", "vanilla", "preempt", "preempt-full"])
-def test_each_mode_goes_through_qemus_statuses_in_order(mode):
-    r = shmig.run(shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random", precopy_rounds=0))
+def test_each_mode_goes_through_qemus_statuses_in_order(mode, backend):
+    r = shmig.run(shmig.Config(mode=mode, ram=16 * MiB, bandwidth=200 * MiB, workload="random", precopy_rounds=0,
+                               fault_backend=backend))
     assert r.ok, r.error
     version = default_version(mode)
     assert r.status_history["qemu"] == str(version)

@@ -15,7 +15,7 @@ import pytest
 
 import shmig
 import shmig.link as link_mod
-from helpers import assert_ok
+from helpers import BACKENDS, assert_ok
 from shmig.clock import Clock
 from shmig.link import QUANTUM, STATE_WORDS, Link
 from shmig.ledger import SourceStats
@@ -413,11 +413,12 @@ def test_latency_is_propagation_the_link_carries_the_next_frame_meanwhile(fake_t
 # -- end to end: what the mechanisms do to a migration -------------------------------------------
 
 @pytest.mark.timeout(120)
-def test_the_gate_holds_requests_but_not_preempt_full():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gate_holds_requests_but_not_preempt_full(backend):
     """Behind QEMU's rate limits, vanilla's requests wait for the next 100 ms window once the budget
     is spent (some faults last most of a window); preempt-full's return thread ignores the limit."""
     base = dict(ram=64 * MiB, wss=32 * MiB, workload="random", max_bandwidth=50 * MiB,
-                max_postcopy_bandwidth=50 * MiB, precopy_rounds=0, deadline=60)
+                max_postcopy_bandwidth=50 * MiB, precopy_rounds=0, deadline=60, fault_backend=backend)
     van = shmig.run(shmig.Config(mode="vanilla", **base))
     full = shmig.run(shmig.Config(mode="preempt-full", **base))
     assert_ok(van)
@@ -429,13 +430,14 @@ def test_the_gate_holds_requests_but_not_preempt_full():
 
 
 @pytest.mark.timeout(120)
-def test_preempt_71_has_a_second_mode_where_its_thread_waits_for_write_space():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preempt_71_has_a_second_mode_where_its_thread_waits_for_write_space(backend):
     """7.1's one sending thread, blocked on a full precopy channel, serves a request only once the
     queue has drained by a third (4 MiB behind 1 Gbit/s: up to ~11 ms, depending on when in the
     block the request came): a second mode over [4, 16) ms that preempt-full, whose return thread
     writes the postcopy channel itself, has far less of."""
     base = dict(ram=128 * MiB, workload="random", bandwidth=1e9 / 8, socket_buffer=4 * MiB,
-                precopy_rounds=0, deadline=60)
+                precopy_rounds=0, deadline=60, fault_backend=backend)
     d71 = shmig.run(shmig.Config(mode="preempt", **base))
     d80 = shmig.run(shmig.Config(mode="preempt-full", **base))
     assert_ok(d71)
