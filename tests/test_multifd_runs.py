@@ -15,7 +15,7 @@ from shmig.config import ConfigError
 from shmig.control import Ev
 from shmig.plan import Kind
 
-from helpers import assert_ok
+from helpers import BACKENDS, assert_ok
 
 BASE = dict(ram=16 << 20, bandwidth=1e9 / 8, seed=3, deadline=60.0)
 
@@ -32,8 +32,9 @@ def run(**kw: object) -> tuple[shmig.Report, shmig.Migration]:
 @pytest.mark.parametrize("host_page", [4096, 2 << 20])
 @pytest.mark.parametrize("mode,extra", [("precopy", {"max_rounds": 2}), ("vanilla", {}), ("preempt-full", {}),
                                         ("preempt-full", {"page_hint": True})])
-def test_every_mode_over_four_channels_keeps_ram_intact(mode: str, extra: dict, host_page: int) -> None:
-    rep, m = run(mode=mode, host_page=host_page, multifd_channels=4, vcpus=2, **extra)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_mode_over_four_channels_keeps_ram_intact(mode: str, extra: dict, host_page: int, backend: str) -> None:
+    rep, m = run(mode=mode, host_page=host_page, multifd_channels=4, vcpus=2, fault_backend=backend, **extra)
     assert_ok(rep)
     mf = rep.multifd
     assert mf["channels"] == 4 and len(mf["channel_bytes"]) == 4
