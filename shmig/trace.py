@@ -137,6 +137,8 @@ class _Builder:
             self.sends.append(np.stack([sent["t0"], sent["t1"], sent["b"]], axis=1))
         for pid, tid, title, r, names in threads:
             self.thread(pid, tid, title, r, names)
+        if m.config.fault_backend == "uffd":
+            self.uffd_faults()
         self.fault_flows()
         self.counters()
         return {"traceEvents": self.ev, "displayTimeUnit": "ms",
@@ -238,6 +240,25 @@ class _Builder:
                 self.slice(pid, tid, "paused (switchover)", s, end)
         for hp, (start, at) in preempted.items():
             self.instant(pid, tid, f"hp {hp} preempted", start, {"interrupted_at_page": at})
+
+    def uffd_faults(self) -> None:
+        """The uffd backend's faults, on their vCPUs' tracks. A vCPU stopped in the kernel records
+        nothing of its faults: they are the rows the fault thread logged for it (userfault.
+        UffdFaultLog: from the event's read to the placement, QEMU 10.1's view), drawn where a
+        bitmap vCPU draws its own, so that a fault is followed the same way with either backend."""
+        pids = {p.role: p.pid or 0 for p in self.m.procs}
+        for v in self.m.vcpus:
+            pid, rows = pids.get(v.role, 0), v.faults
+            if not len(rows):
+                continue
+            done = rows[:, 2] >= 0
+            s, e = self.us(rows[:, 1]).tolist(), self.us(np.where(done, rows[:, 2], rows[:, 1])).tolist()
+            for hp, t0, ok, start, end in zip(rows[:, 0].tolist(), rows[:, 1].tolist(), done.tolist(), s, e):
+                args = {"host_page": hp, "latency_us": round(end - start, 3), "seen_by": "the fault thread's uffd event"}
+                fault = self.slice(pid, pid, f"fault hp {hp}" + ("" if ok else " (unresolved)"), start, end, args)
+                if ok:
+                    self.flows.faults.append((t0, v.role.n, hp, fault, args, None))
+                self.faulting += [(start, 1), (end, -1)]
 
     def link(self, pid: int, tid: int, what: str, ch: int, send_ns: int, nbytes: int, s: float, end: float,
              carried: int, queued: int, queued_at: float) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from shmig import cli
+from shmig import cli, uffd
 from shmig.config import Config
 from shmig.controller import Migration
 from shmig.events import Arena, K, Recorder
@@ -152,6 +152,30 @@ def test_run_trace_follows_a_fault_across_every_process(capsys, tmp_path):
     counters = {e["name"] for e in doc["traceEvents"] if e["ph"] == "C"}
     assert {"socket queue precopy (bytes)", "socket queue postcopy (bytes)", "pages left to send",
             "faults outstanding", "guest accesses"} <= counters
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(bool(uffd.refused()), reason=uffd.refused())
+def test_a_uffd_runs_faults_are_followed_from_the_vcpus_track(capsys, tmp_path):
+    """With --fault-backend uffd the vCPU records nothing while the kernel holds it: its faults are
+    the fault thread's rows (the event's read to the placement), drawn on its track, and each is
+    followed through the request to the frame that brought its page, as with the bitmap backend."""
+    path = tmp_path / "t.json"
+    code = cli.main(["run", "--ram", "32MiB", "--mode", "preempt", "--bandwidth", "100MiB/s", "--fault-backend",
+                     "uffd", "--trace", str(path), "--json", str(tmp_path / "r.json"), "-q"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(path.read_text())
+    rep = json.loads((tmp_path / "r.json").read_text())
+    slices = check_schema(doc)
+    procs, _ = tracks(doc)
+    pid = {name: p for p, name in procs.items()}
+    faults = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("fault hp")]
+    assert len(faults) == rep["postcopy_latency_us"]["count"] > 0
+    assert {e["pid"] for e in faults} == {pid["guest/vcpu0"]}
+    chains = [[(procs[e["pid"]], e["slice"]) for e in evs] for evs in flows(doc, slices).values()]
+    assert len(chains) == len(faults)
+    assert any(c[0][0] == "guest/vcpu0" and c[1][1].startswith("FAULT hp") and any(w[1].startswith("REQ_PAGES") for w in c)
+               and any(w[0].startswith("mig/dst") and w[1].startswith("place") for w in c) for c in chains), chains[:5]
 
 
 @pytest.mark.timeout(60)
