@@ -296,10 +296,9 @@ class Config:
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps (with the uffd
-        backend the destination's copy is a memfd instead: memfd_bytes)."""
+        backend the destination's copy is a memfd instead, outside /dev/shm)."""
         copies = 1 if self.fault_backend == "uffd" else 2
         return copies * self.ram + self.npages * (1 + 12 * self.vcpus) + 65536  # receivedmap; dirty log + stamps per vCPU
-
 
     def heap_bytes(self) -> int:
         """Memory the run takes outside /dev/shm, at most: each receiver's read-ahead buffer

@@ -44,6 +44,7 @@ import platform
 import select
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -315,6 +316,19 @@ def buffer_address(buf: object) -> int:
     return int(np.frombuffer(buf, np.uint8).ctypes.data)  # type: ignore[call-overload]
 
 
+class _FaultPathArgs(threading.local):
+    """The argument structures of the fault path's ioctls, made once per thread: a copy and a wake
+    per fault, and building a ctypes structure costs about what the ioctl's syscall does. Per
+    thread, because the fault thread wakes through the same Uffd the listen thread places
+    through: a structure filled by one and read by the other's ioctl would wake the wrong range."""
+
+    def __init__(self) -> None:
+        self.copy = _Copy()
+        self.copy_addr = ctypes.addressof(self.copy)
+        self.wake = _Range()
+        self.wake_addr = ctypes.addressof(self.wake)
+
+
 class Uffd:
     """One userfaultfd: the fault queue of the ranges one process registered, and the handle
     through which any process holding it places pages into them."""
@@ -327,12 +341,7 @@ class Uffd:
         self.page_size = page_size  # of the mapping: what EEXIST skips, what an event is aligned to
         self._zeropage = page_size == mmap.PAGESIZE  # hugetlb ranges have no UFFDIO_ZEROPAGE
         self._zeros: np.ndarray | None = None
-        # the argument structures of the fault path's ioctls, made once: a copy and a wake per
-        # fault, and building a ctypes structure costs as much as the ioctl's own syscall
-        self._copy_arg = _Copy()
-        self._copy_addr = ctypes.addressof(self._copy_arg)
-        self._wake_arg = _Range()
-        self._wake_addr = ctypes.addressof(self._wake_arg)
+        self._args = _FaultPathArgs()
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -409,9 +418,10 @@ class Uffd:
         (a partial copy, or the mm changing under it: mmap_changing) is retried from where it
         stopped. ESRCH: the registering process has exited."""
         mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
-        c = self._copy_arg  # the common case, whole in one ioctl: no closure, no new structure
+        args = self._args  # the common case, whole in one ioctl: no closure, no new structure
+        c = args.copy
         c.dst, c.src, c.len, c.mode, c.copy = dst, src, length, mode, 0
-        if _libc.ioctl(self.fd, UFFDIO_COPY, self._copy_addr) == 0 and c.copy == length:
+        if _libc.ioctl(self.fd, UFFDIO_COPY, args.copy_addr) == 0 and c.copy == length:
             return length
         first = max(int(c.copy), 0)  # placed before it stopped (EAGAIN, EEXIST): resumed from there
 
@@ -464,9 +474,10 @@ class Uffd:
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE: let every fault of this uffd waiting in the range retry (the page is there,
         placed through another uffd)."""
-        r = self._wake_arg
+        args = self._args
+        r = args.wake
         r.start, r.len = start, length
-        if _libc.ioctl(self.fd, UFFDIO_WAKE, self._wake_addr) == 0:
+        if _libc.ioctl(self.fd, UFFDIO_WAKE, args.wake_addr) == 0:
             return
         e = ctypes.get_errno()
         if e:
