@@ -110,6 +110,21 @@ class ServedMigration(Migration):
                 self.kept = {"source": self.mem.src.copy(), "destination": self.mem.read_dst()}
         super().close()
 
+    def guest_ram(self, side: str, val: int, size: int) -> tuple[np.ndarray, int] | None:
+        """(bytes, offset of ``val`` in them) of one side's guest RAM for pmemsave: [val, val +
+        size) copied while the run holds it (the destination's by pread with the uffd backend:
+        GuestMemory.read_dst), or all of what was kept at the end; None before the run exists. A
+        range outside RAM comes back whole, for the caller to refuse in QEMU's words."""
+        with self._lock:  # close() takes it too: the shared memory stays mapped while it is read
+            kept = self.kept.get(side)
+            if kept is not None:
+                return kept, val
+            if self.mem is None or self.closed:
+                return None
+            if not (0 <= val and 0 <= size and val + size <= self.cfg.ram):
+                return self.mem.src, val
+            return (self.mem.src[val:val + size].copy() if side == "source" else self.mem.read_dst(val, size)), 0
+
 
 class Pair:
     """The two VMs and the one run behind them."""
@@ -394,19 +409,11 @@ class VM:
         self.recovering = True
 
     def pmemsave(self, val: int, size: int, filename: str, cpu_index: int = 0) -> None:
-        pair = self.pair
-        mig = pair.mig
-        ram = mig.kept.get(self.side) if mig is not None else None
-        if ram is None and mig is not None:
-            with mig._lock:  # close() takes it too: the shared memory stays mapped while it is read
-                if mig.mem is not None and not mig.closed:
-                    if 0 <= val and 0 <= size and val + size <= mig.mem.src.size:
-                        ram = mig.mem.src[val:val + size].copy() if self.side == "source" else mig.mem.read_dst(val, size)
-                        val = 0
-                    else:
-                        ram = mig.mem.src  # out of range: refused below, in QEMU's words
-        if ram is None:
+        mig = self.pair.mig
+        got = None if mig is None else mig.guest_ram(self.side, val, size)
+        if got is None:
             raise QmpError("shmig: guest RAM exists once 'migrate' has started the run")
+        ram, val = got
         flat = ram.reshape(-1).view(np.uint8)
         if val < 0 or size < 0 or val + size > flat.size:
             raise QmpError(f"Invalid addr 0x{val:x}/size {size} specified")
