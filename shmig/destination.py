@@ -366,6 +366,8 @@ class Listen(Receiver):
         fault.join(timeout=5)
         if not fault.is_alive():
             close_fds([self.fault_quit])
+        if self.placer is not None:  # postcopy_ram_incoming_cleanup: every page is placed by now
+            self.stats.uffd_unregistered = self.placer.group.unregister()
         self.rp.send(Msg.SHUT, ())
 
     def load(self) -> bool:

@@ -148,6 +148,7 @@ class ReceiverStats(Record):
     postcopy_pauses = Field("times this receiver went postcopy-paused")
     uffd_copy_bytes = Field("bytes placed by UFFDIO_COPY (--fault-backend uffd)")
     uffd_copy_ns = Field("real ns spent in those UFFDIO_COPY calls")
+    uffd_unregistered = Field("vCPU ranges unregistered once every page was placed (mig/dst/listen)")
 
 
 class ListenStats(ReceiverStats):

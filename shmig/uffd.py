@@ -557,6 +557,21 @@ class UffdGroup:
         """Let ``fd`` (an eventfd: the fault thread's quit notice) end a ``faults`` wait too."""
         self._poll.register(fd, select.POLLIN)
 
+    def unregister(self) -> int:
+        """postcopy_ram_incoming_cleanup's cleanup_range, once every page is placed: every vCPU's
+        range leaves userfaultfd (the ioctl acts on the registering mm, from any holder of the
+        uffd), so the guest runs on without it. The ranges unregistered (a vCPU that has exited
+        has none left: ESRCH)."""
+        done = 0
+        for u in self.uffds:
+            try:
+                u.unregister()
+                done += 1
+            except UffdError as e:
+                if e.errno != errno.ESRCH:
+                    raise
+        return done
+
     def place(self, offset: int, src: int, length: int, waiters: Iterable[int] = ()) -> int:
         """Place ``length`` bytes at guest RAM ``offset`` from address ``src``: UFFDIO_COPY through
         the first waiting vCPU's uffd (which wakes it) or vCPU 0's, then UFFDIO_WAKE for the other

@@ -51,6 +51,8 @@ def test_uffd_modes(variant, host_page):
     # every logged fault was read from a uffd (a retry of the same fault is read again, not logged)
     assert listen["faults_seen"] >= lat["count"], (listen, lat)
     assert len(r.faults.vcpu) == lat["count"] and set(r.faults.vcpu.tolist()) <= {0, 1}, r.faults
+    # postcopy_ram_incoming_cleanup: once every page was placed, both vCPUs' ranges left userfaultfd
+    assert listen["uffd_unregistered"] == c.vcpus, listen
 
 
 @pytest.mark.timeout(TIMEOUT)
