@@ -30,7 +30,7 @@ from .controller import Migration
 from .errors import ConfigError
 from .qmp import Arg, Command, Monitor, QmpError
 from .report import Report
-from .status import LATEST, OLDEST, QemuVersion
+from .status import LATEST, OLDEST, QemuVersion, Side, path, recovery
 from .timeline import Sample
 
 CAPABILITIES = ("events", "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "return-path", "multifd")
@@ -43,9 +43,10 @@ PARAMETERS: dict[str, tuple[str, Callable[[int], Any]]] = {
 }
 DEFAULT_PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
                       "multifd-channels": 2}
-LINEAR = ("none", "setup", "active", "device", "postcopy-active", "completed")  # without pause and recovery
-PHASE_STATUS = {"setup": "setup", "precopy": "active", "switchover": "active", "postcopy": "postcopy-active",
-                "postcopy-paused": "postcopy-paused", "postcopy-recover": "postcopy-recover"}
+# the destination's status while the controller is in a phase (the source's is the sample's own,
+# status.during); a status its release does not have is passed over (setup before 8.2)
+DST_STATUS = {"setup": "setup", "precopy": "active", "switchover": "active", "postcopy": "postcopy-active",
+              "postcopy-paused": "postcopy-paused", "postcopy-recover": "postcopy-recover"}
 
 
 def version_dict(version: str) -> dict[str, Any]:
@@ -185,19 +186,28 @@ class Pair:
         if self.json_path:
             from .report import write_json
             write_json(self.json_path, report.to_dict())
-        for vm in (self.src, self.dst):
-            if report.ok:
-                vm.set_status("active")
-                vm.set_status("device" if report.postcopy_phase_ms is None else "postcopy-active")
+        for vm in (self.src, self.dst):  # every status of the path not announced yet, in order
             vm.set_status("completed" if report.ok else "failed")
         self.dst.run_state("running", "RESUME")
         self.src.run_state("postmigrate")
 
+    def statuses(self, side: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """QEMU's statuses on ``side`` for this run's mode and release, in order: the path of a
+        migration that completes, and a postcopy recovery's (status.path, status.recovery)."""
+        if self.mig is not None:
+            mode, version = self.mig.cfg.mode, self.mig.cfg.qemu
+        else:  # before the run: only whether the destination has a setup status (8.2) matters
+            mode, version = "vanilla", min(max(QemuVersion.parse(self.version), OLDEST), LATEST)
+        who = Side(side)
+        return tuple(map(str, path(who, mode, version))), tuple(map(str, recovery(who, version)))
+
     def _on_sample(self, s: Sample) -> None:
-        status = PHASE_STATUS.get(s.phase)
-        if status is not None:
-            for vm in (self.src, self.dst):
-                vm.set_status(status)
+        self.src.set_status(s.status)
+        dst = DST_STATUS.get(s.phase)
+        if dst is not None:
+            if dst == "postcopy-active" and self.mig is not None and self.mig.cfg.mode == "precopy":
+                dst = "active"
+            self.dst.set_status(dst)
         if s.phase == "switchover":
             self.src.run_state("finish-migrate", "STOP")
         elif s.phase == "postcopy":
@@ -242,26 +252,34 @@ class VM:
             self.monitor.emit(name, data)
 
     def set_status(self, status: str) -> None:
-        """A MIGRATION event for every status passed on the way, in QEMU's order (a fast run may
-        go by a status between two samples; QEMU would still have announced it)."""
+        """A MIGRATION event for every status passed on the way, in QEMU's order for this side, mode
+        and release (Pair.statuses): a fast run may go by a status between two samples, and QEMU
+        would still have announced it. A status this side does not have is passed over."""
         with self.pair.lock:
             if status == self.status or self.status in ("completed", "failed", "cancelled"):
                 return
-            steps = [status]
-            if status in LINEAR and self.status in LINEAR:
-                lo, hi = LINEAR.index(self.status), LINEAR.index(status)
-                if hi < lo:
-                    return  # a late sample of a phase already announced
-                steps = [st for st in LINEAR[lo + 1:hi + 1] if st not in ("device", "postcopy-active")] \
-                    if lo < LINEAR.index("active") else [status]
-                if steps[-1] != status:
-                    steps.append(status)
-            elif status == "postcopy-recover" and self.status == "postcopy-paused":
-                steps = ["postcopy-recover-setup", status]
-            for st in steps:
+            for st in self._steps(status):
                 self.status = st
                 if self.caps["events"]:
                     self.event("MIGRATION", {"status": st})
+
+    def _steps(self, status: str) -> list[str]:
+        """The statuses from this side's to ``status``, that one included; [] for a late sample
+        of a status already passed, or one this side does not have in this release."""
+        order, rec = self.pair.statuses(self.side)
+        here: str | None = None if self.status == "none" else self.status
+        if status == "failed" or status == rec[0]:  # failed from anywhere; paused: a break (again)
+            return [status]
+        steps: list[str] = []
+        if here in rec[:-1]:  # in a recovery: QEMU's recovery order, to its end (postcopy-active)
+            end = rec.index(status) if status in rec else len(rec) - 1
+            steps = list(rec[rec.index(here) + 1:end + 1])
+            if status in rec:
+                return steps
+            here = rec[-1]
+        if status in order and (here is None or here in order):
+            return steps + list(order[(order.index(here) if here else -1) + 1:order.index(status) + 1])
+        return steps
 
     def run_state(self, state: str, event: str | None = None) -> None:
         if self.state != state:
