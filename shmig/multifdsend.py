@@ -85,7 +85,6 @@ class MultifdSend:
         self.error: BaseException | None = None
         self.next_channel = 0
         self.channels = [SendChannel(i, w, self, packet_pages) for i, w in enumerate(writers)]
-        self.sync_wait_ns = 0  # real ns the migration thread spent in multifd_send_sync_main
         for c in self.channels:
             c.thread.start()
 
@@ -108,9 +107,9 @@ class MultifdSend:
                 return
         raise AssertionError("multifd: channels_ready posted with no channel free")
 
-    def sync(self) -> None:
+    def sync(self) -> int:
         """multifd_send_sync_main(MULTIFD_SYNC_ALL): a SYNC packet behind each channel's pending
-        packet, and a wait until every one is written."""
+        packet, and a wait until every one is written. The real ns it took."""
         t0 = time.monotonic_ns()
         for c in self.channels:
             self._check()
@@ -120,7 +119,7 @@ class MultifdSend:
             self.channels_ready.acquire()
             c.sem_sync.acquire()
             self._check()
-        self.sync_wait_ns += time.monotonic_ns() - t0
+        return time.monotonic_ns() - t0
 
     def shutdown(self) -> None:
         """multifd_send_shutdown: each thread writes the end of its channel and exits. Called once

@@ -350,9 +350,8 @@ class Source(Child):
         if self.multifd is None:
             return
         self.status("multifd: waiting for every send thread to write its SYNC")
-        self.multifd.sync()
+        self.stats.multifd_sync_wait_ns += self.multifd.sync()
         self.stats.multifd_syncs += 1
-        self.stats.multifd_sync_wait_ns = self.multifd.sync_wait_ns
         self.writers[Channel.PRECOPY].send(Msg.MULTIFD_FLUSH, (self.stats.multifd_syncs,))
         self.event(Ev.MULTIFD_FLUSH, self.stats.multifd_syncs)
 
