@@ -351,9 +351,11 @@ def test_registered_policy_runs_end_to_end(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_vcpus_own_view_of_their_faults(backend):
     """Beside the blocktime each backend stamps (the vCPU's own fault log; the fault thread's uffd
-    events), each vCPU says how long it slept by the kernel's accounting (guest.SleepClock). Both
-    measure the same waits from different ends, so over many faults they agree within 2x; a paced
-    guest's sleeps between its accesses are not counted as faults'."""
+    events), each vCPU says how long it slept by the kernel's accounting (guest.SleepClock). The
+    two bound each other, whatever the machine's load: a bitmap vCPU sleeps only inside its
+    stamped faults (its stamps also hold its CPU and its waits for a CPU), a uffd vCPU sleeps
+    through the whole of each event-stamped fault (it is woken only after the placement's stamp,
+    and was asleep before its event was read). A paced guest's sleeps are not counted as faults'."""
     c = cfg(fault_backend=backend, mode="preempt-full", ram=32 * MiB, vcpus=2, precopy_rounds=0,
             max_postcopy_bandwidth=16 * MiB)  # the background slow: the guest's faults move the pages
     r = shmig.run(c)
@@ -363,7 +365,11 @@ def test_the_vcpus_own_view_of_their_faults(backend):
         pytest.skip("no /proc/thread-self/schedstat here (CONFIG_SCHED_INFO)")
     assert len(slept) == c.vcpus and all(s >= 0 for s in slept), slept
     assert sum(blocked) >= 20, (blocked, r.postcopy_latency_us)  # enough faults to compare
-    assert 0.5 <= sum(slept) / sum(blocked) <= 2.0, (slept, blocked)
+    assert sum(slept) > 0, slept
+    if backend == "bitmap":
+        assert sum(slept) <= 1.02 * sum(blocked) + 1, (slept, blocked)
+    else:
+        assert sum(slept) >= 0.98 * sum(blocked) - 1, (slept, blocked)
     assert "vCPUs' view" in r.summary()
     paced = shmig.run(cfg(fault_backend=backend, mode="preempt-full", ram=8 * MiB, vcpus=1, precopy_rounds=1,
                           workload="idle"))
