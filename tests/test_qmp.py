@@ -132,12 +132,14 @@ def test_the_events_follow_the_release_the_monitors_claim(tmp_path, version, src
     """MIGRATION events in the order of the QEMU the monitors say they are: the destination's setup
     only from 8.2, the source's device from 10.0 (postcopy-device from 10.2: above)."""
     p = Pair(BASE, f"unix:{tmp_path}/src.sock", f"unix:{tmp_path}/dst.sock", qemu_version=version)
+    src, dst = client(f"{tmp_path}/src.sock"), client(f"{tmp_path}/dst.sock")
     try:
-        src, dst = client(f"{tmp_path}/src.sock"), client(f"{tmp_path}/dst.sock")
         setup_both(src, dst)
         assert wait_event(src, "completed") == src_path
         assert wait_event(dst, "completed") == dst_path
     finally:
+        for c in (src, dst):
+            c.close()
         p.close()
 
 
@@ -148,8 +150,8 @@ def test_pmemsave_of_a_uffd_destination_while_postcopy_runs(tmp_path):
     destination by pread (a read through a mapping would fill the hole with zeros for the vCPU,
     which then never faults on it, and the integrity check fails)."""
     p = Pair(dict(BASE, ram=16 * 1024**2, fault_backend="uffd"), f"unix:{tmp_path}/src.sock", f"unix:{tmp_path}/dst.sock")
+    src, dst = client(f"{tmp_path}/src.sock"), client(f"{tmp_path}/dst.sock")
     try:
-        src, dst = client(f"{tmp_path}/src.sock"), client(f"{tmp_path}/dst.sock")
         setup_both(src, dst, postcopy_bandwidth=4 << 20)  # postcopy lasts a few seconds
         wait_event(src, "postcopy-active")
         for i in range(3):
@@ -158,6 +160,8 @@ def test_pmemsave_of_a_uffd_destination_while_postcopy_runs(tmp_path):
         assert p.report is not None and p.report.fault_backend == "uffd" and p.report.integrity["ok"], p.report.integrity
         assert p.report.postcopy_latency_us["count"] > 0
     finally:
+        for c in (src, dst):
+            c.close()
         p.close()
 
 
