@@ -77,7 +77,7 @@ class Receiver(Child):
         # multifd receiver loads precopy only, before any vCPU runs here: plain writes
         self.placer = (None if self.shared.uffd is None or not self.places_postcopy
                        else UffdPlacer(self.shared.uffd.group(self.role), self.received, TARGET_PAGE,
-                                       self.shared.uffd.placed, self.k, self.stats))
+                                       self.shared.uffd.placed, self.shared.uffd.waiting, self.k, self.stats))
         fd = self.channel_end()
         pipe_cap = pipe_size(fd)
         # The queue is the socket buffers, on every link (on loopback too, where it drains as fast
@@ -542,7 +542,7 @@ class Listen(Receiver):
                         raise ProtocolError(f"vCPU {vcpu}'s userfaultfd: a fault at {pf.address:#x}, outside guest RAM")
                     self.stats.faults_seen += 1
                     t_rx = pf.read_ns
-                    if self.received[hp * k]:
+                    if self.placer.waiting_on(vcpu, hp):
                         group.wake(vcpu, hp * hpsize, hpsize)
                         log.fault(vcpu, hp, t_rx, time.monotonic_ns())
                         if self.tr:

@@ -16,15 +16,16 @@ The order of a placement closes the one race of the scheme. A copy through vCPU 
 page in the memfd's page cache and maps it into vCPU 0's page table (without waking: see
 UffdPlacer); from then on a new fault of any vCPU on it finds the page (handle_userfault queues,
 then looks: userfaultfd_must_wait), so only faults queued before the copy wait, and each is woken:
-the receiver marks receivedmap, then wakes every vCPU's uffd over what it placed; the fault thread
-reads an event, then looks at receivedmap, and wakes the faulting vCPU itself if the page is there
-("if the page is already received, wake"), for a fault whose event it reads after that wake.
-"""
+the receiver marks receivedmap, then wakes the uffd of every vCPU whose fault event on it the fault
+thread has read (UffdPlacer's waiting slots); the fault thread, for an event it reads, writes the
+slot, then looks at receivedmap, and wakes the faulting vCPU itself if the page is there ("if the
+page is already received, wake")."""
 
 from __future__ import annotations
 
 import mmap
 import socket
+import threading
 import time
 from typing import Iterable
 
@@ -47,6 +48,11 @@ class UffdHandoff:
         # fault thread: the end of a fault, as QEMU's mark_postcopy_blocktime_end takes it at the copy
         self._placed_map = mmap.mmap(-1, 8 * max(nhost, 1))
         self.placed = np.frombuffer(self._placed_map, np.int64)
+        # the host page each vCPU's last fault event was on (-1: none yet), written by the fault
+        # thread before it looks at receivedmap, read by the placers after they mark it: who to wake
+        self._waiting_map = mmap.mmap(-1, 8 * max(len(self.vcpus), 1))
+        self.waiting = np.frombuffer(self._waiting_map, np.int64)
+        self.waiting[:] = -1
         self.placers = [r for r in plan.roles if r.kind in (Kind.LISTEN, Kind.PREEMPT)]
         self.socks: dict[tuple[Role, Role], tuple[socket.socket, socket.socket]] = {}
         try:
@@ -113,7 +119,14 @@ class UffdHandoff:
 class UffdPlacer:
     """A receiver's placement into destination RAM through the vCPUs' uffds (qemu_ufd_copy_ioctl):
     copy through vCPU 0's without waking (UFFDIO_COPY_MODE_DONTWAKE), mark receivedmap, stamp the
-    fault's end, then wake every vCPU's uffd over the range.
+    fault's end, then wake the uffd of each vCPU whose fault the fault thread has read on it.
+
+    Who to wake, without a syscall per vCPU per placement: the fault thread writes a vCPU's waiting
+    slot before it looks at receivedmap (``waiting_on``), a placer marks receivedmap before it
+    looks at the slots, with a locked instruction between store and load on both sides (as the
+    bitmap backend's wait slots). So either the placer sees the slot and wakes the vCPU, or the
+    fault thread sees the page placed and wakes it itself; a fault whose event is not read yet
+    is always the fault thread's. A background placement nobody waits for costs no wake.
 
     Why not let the copy wake vCPU 0, as QEMU's one ioctl does: the end of a fault is stamped by the
     placer once the page is there (mark_postcopy_blocktime_end, after the ioctl). Stamped after a
@@ -122,14 +135,16 @@ class UffdPlacer:
     21 us with the wake, 13 without; the p50 8-25 us more), which is guest time, not a fault's. On QEMU's hosts a vCPU thread has its
     own CPU and the two orders measure alike. The extra ioctl costs ~1 us."""
 
-    def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, tp_per_hp: int,
-                 stats: ReceiverStats):
+    def __init__(self, group: UffdGroup, received: np.ndarray, page: int, placed: np.ndarray, waiting: np.ndarray,
+                 tp_per_hp: int, stats: ReceiverStats):
         self.stats = stats  # uffd_copy_bytes / uffd_copy_ns: the placement rate
         self.group = group
         self.received = received  # per target page
         self.page = page  # target page size (receivedmap's unit)
         self.placed = placed  # per host page: when it was placed (UffdHandoff.placed)
+        self.waiting = waiting  # per vCPU: the host page of its last fault event (UffdHandoff.waiting)
         self.k = tp_per_hp
+        self.fence = threading.Lock()  # acquiring it is a locked instruction: a full barrier
 
     def copy(self, tp: int, src: int, n: int) -> None:
         """``n`` target pages from address ``src`` to target page ``tp`` (not yet marked)."""
@@ -143,12 +158,25 @@ class UffdPlacer:
         u.zeropage(u.base + tp * self.page, n * self.page, wake=False)
 
     def mark_and_wake(self, tps: np.ndarray | slice | int, first: int, end: int) -> None:
-        """receivedmap for ``tps``, then every vCPU's waiters in target pages [first, end) woken:
-        the fault ends at that wake."""
+        """receivedmap for ``tps``, then the vCPUs waiting in target pages [first, end) woken: the
+        fault ends at that wake."""
         self.received[tps] = 1
         self.placed[tps // self.k if isinstance(tps, np.ndarray) else first // self.k] = time.monotonic_ns()
-        for v in range(len(self.group.uffds)):
-            self.group.wake(v, first * self.page, (end - first) * self.page)
+        with self.fence:  # receivedmap stores before the waiting-slot loads (pairs with waiting_on)
+            pass
+        lo, hi = first // self.k, (end - 1) // self.k
+        for v, hp in enumerate(self.waiting.tolist()):  # a handful of vCPUs at most
+            if lo <= hp <= hi:
+                self.group.wake(v, first * self.page, (end - first) * self.page)
+
+    def waiting_on(self, vcpu: int, hp: int) -> bool:
+        """The fault thread's side: ``vcpu``'s fault event on host page ``hp`` was read. Its slot
+        is written, then receivedmap looked at: True if the page is placed already (the caller
+        wakes the vCPU: the placer may have looked at the slot before it was written)."""
+        self.waiting[vcpu] = hp
+        with self.fence:  # the slot's store before the receivedmap load (pairs with mark_and_wake)
+            pass
+        return bool(self.received[hp * self.k])
 
     def place_pages(self, tps: np.ndarray, zero: np.ndarray | None, data: np.ndarray) -> None:
         """Target pages ``tps`` (ascending, none placed yet): the zero ones by UFFDIO_ZEROPAGE, the

@@ -220,6 +220,43 @@ def test_the_destination_must_read_by_pread_not_through_its_own_mapping(ram: Mem
     assert not v.uffd.read()  # no fault was ever raised for it
 
 
+@pytest.mark.timeout(30)
+def test_a_placer_wakes_the_vcpus_whose_fault_was_read_and_the_fault_thread_the_others(
+        ram: MemfdRam, vcpus: list[Vcpu]) -> None:
+    """userfault.UffdPlacer's waiting slots, in both orders: (1) the fault thread reads vCPU 0's
+    event before the page is placed: the placer finds its slot and wakes it; (2) vCPU 1 faults,
+    the page is placed before its event is read: the placer wakes nobody, and the fault thread,
+    finding the page placed, wakes vCPU 1 itself. A placement nobody waits for wakes no one."""
+    from shmig.ledger import ReceiverStats
+    from shmig.userfault import UffdPlacer
+
+    v0, v1 = Vcpu(ram), Vcpu(ram)
+    vcpus += [v0, v1]
+    group = UffdGroup([v0.uffd, v1.uffd])
+    received = np.zeros(64, np.uint8)
+    placer = UffdPlacer(group, received, PAGE, np.zeros(64, np.int64), np.full(2, -1, np.int64), 1,
+                        ReceiverStats())
+    src = pattern(PAGE // 8, 7)
+    # (1) the event is read first
+    v0.send("read", 3 * PAGE, 8)
+    (v, pf), = next_fault(v0.uffd, v1.uffd)
+    assert v == 0 and not placer.waiting_on(0, pf.offset // PAGE)
+    placer.place_pages(np.array([3], np.uint32), None, src.view(np.uint8).reshape(1, PAGE))
+    assert v0.expect("woken by the placer") == ("read", src.view(np.uint8)[:8].tobytes())
+    # (2) the page is placed before the event is read
+    v1.send("read", 5 * PAGE, 8)
+    deadline = time.monotonic() + DEADLINE
+    while "userfault" not in v1.wchan():  # blocked in the kernel, its event not read yet
+        assert time.monotonic() < deadline, "vCPU 1 never blocked in a userfault"
+        time.sleep(0.005)
+    placer.place_pages(np.array([5], np.uint32), None, src.view(np.uint8).reshape(1, PAGE))
+    assert v1.silent(), "woken by a placer that could not know it waited"
+    (v, pf), = next_fault(v0.uffd, v1.uffd)
+    assert v == 1 and placer.waiting_on(1, pf.offset // PAGE)  # placed already: the caller wakes it
+    group.wake(1, 5 * PAGE, PAGE)
+    assert v1.expect("woken by the fault thread") == ("read", src.view(np.uint8)[:8].tobytes())
+
+
 def test_guest_memory_copies_destination_ram_by_pread() -> None:
     """What ``shmig serve``'s pmemsave and the kept RAM of a closed VM read while a uffd guest may
     still run (GuestMemory.read_dst): holes stay holes."""
