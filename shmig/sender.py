@@ -42,6 +42,13 @@ SPLICE_PAGES = 16  # runs at least this long are spliced rather than copied
 ONE_PAGE = struct.Struct("<I")  # a PAGES frame's target page list when it holds one page
 
 
+def frame_pages(most: int, queue_bytes: int) -> int:
+    """Target pages in a frame (or a multifd packet) on a channel whose socket queue holds
+    ``queue_bytes``: at most ``most``, and at most a quarter of the queue, so a queue always holds
+    several."""
+    return max(1, min(most, queue_bytes // TARGET_PAGE // 4))
+
+
 class Stage(enum.Enum):
     """Where ``ram_transferred_add`` counts a byte."""
 
@@ -56,7 +63,7 @@ class PageSender:
     def __init__(self, cfg: Config, src_pages: np.ndarray, src_fd: int | None,
                  writers: dict[Channel, FrameWriter], ram: RamState, stats: SourceStats, limiter: RateLimiter,
                  policy: Policy, link: Link, before_frame: Callable[[FrameWriter, np.ndarray], None],
-                 tr: Recorder | None = None):
+                 tr: Recorder | None = None, multifd_writers: list[FrameWriter] | None = None):
         self.k = cfg.tp_per_hp
         self.src_pages = src_pages
         self.src_fd = src_fd
@@ -69,8 +76,7 @@ class PageSender:
         self.before_frame = before_frame  # fault injection and a pause look in between frames
         self.tr = tr
         self.stage = Stage.PRECOPY
-        # a frame is at most a quarter of the socket buffer, so a queue always holds several
-        self.precopy_frame_pages = max(1, min(FRAME_PAGES_PRECOPY, cfg.socket_queue.capacity // TARGET_PAGE // 4))
+        self.precopy_frame_pages = frame_pages(FRAME_PAGES_PRECOPY, cfg.socket_queue.capacity)
         self.frame_pages = self.precopy_frame_pages
         self.buf = np.empty((self.precopy_frame_pages, TARGET_PAGE), np.uint8)  # the migration thread's
         self.rp_buf = np.empty_like(self.buf)  # the return thread's own gather buffer
@@ -80,7 +86,7 @@ class PageSender:
         # postcopy with multifd nobody (its pages do not go through multifd): multifd.Multifd.zero_check
         self.multifd = cfg.multifd
         self.find_zero = self.multifd.zero_check(in_postcopy=False) is not ZeroCheck.NOBODY
-        self.multifd_writers: list[FrameWriter] = []  # the multifd channels' writers (source.Source.setup)
+        self.multifd_writers = multifd_writers or []  # the multifd channels' writers, by channel number
         self.count_lock = threading.Lock()  # the migration, return and multifd send threads all count
 
     def enter_postcopy(self) -> None:

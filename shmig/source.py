@@ -28,7 +28,7 @@ from .ratelimit import RateLimiter
 from .reader import FrameReader
 from .recovery import Recovery
 from .returnpath import ReturnPath
-from .sender import PageSender, Stage
+from .sender import PageSender, Stage, frame_pages
 from .status import V10_1
 from .wire import FrameWriter, Msg, ProtocolError, expect
 
@@ -225,10 +225,9 @@ class Source(Child):
         reader = FrameReader(ch[Channel.RETURN], "return path", max_frame=max(1 << 16, cfg.npages // 8 + 4096))
         self.recovery = Recovery(self, reader)
         self.sender = PageSender(cfg, self.mem.pages(self.mem.src), self.mem.src_fd, writers, self.ram, stats,
-                                 self.limiter, self.policy, self.link, self.recovery.between_frames, self.tr)
-        self.sender.multifd_writers = mf_writers
-        # a packet is at most a quarter of its channel's queue, as every frame is (sender.PageSender)
-        packet = max(1, min(PACKET_PAGES, cfg.multifd_socket_queue.capacity // TARGET_PAGE // 4))
+                                 self.limiter, self.policy, self.link, self.recovery.between_frames, self.tr,
+                                 mf_writers)
+        packet = frame_pages(PACKET_PAGES, cfg.multifd_socket_queue.capacity)
         self.multifd = (MultifdSend(mf_writers, self.sender.send_multifd, self.sender.count_sync, packet)
                         if mf.enabled else None)
         self.threshold = ThresholdSize(stats, self.limiter.window_s, self.clock.real(cfg.downtime_limit))
