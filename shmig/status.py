@@ -195,15 +195,21 @@ def path(side: Side, mode: str, version: QemuVersion) -> tuple[MigrationStatus, 
     return (*setup, S.ACTIVE, *package, S.POSTCOPY_ACTIVE, S.COMPLETED)
 
 
-def during(phase: str, mode: str, version: QemuVersion) -> MigrationStatus:
-    """The source's status while the controller is in ``phase`` (shmig.timeline.PHASES), for the
-    timeline and the live line. The switchover is ``device`` from 10.0, and ``postcopy-active``
-    before in postcopy (postcopy_start entered it before stopping the VM); the short
-    ``postcopy-device`` of 10.2 (package sent, its PONG not yet back) has no phase of its own. A
-    recovery is ``postcopy-recover-setup`` from 9.1 until the new channels are up."""
+def during(phase: str, mode: str, version: QemuVersion, side: Side = Side.SOURCE) -> MigrationStatus:
+    """``side``'s status while the controller is in ``phase`` (shmig.timeline.PHASES), for the
+    timeline, the live line and ``shmig serve``'s events. The source's switchover is ``device`` from
+    10.0, and ``postcopy-active`` before in postcopy (postcopy_start entered it before stopping the
+    VM); the short ``postcopy-device`` of 10.2 (package sent, its PONG not yet back) has no phase of
+    its own. A recovery is the source's ``postcopy-recover-setup`` from 9.1 until the new channels
+    are up. The destination is ``active`` until it runs the guest (``setup`` from 8.2 before:
+    ``path`` says which statuses a release has)."""
     postcopy = mode != "precopy"
     if phase == "setup":
         return S.SETUP
+    if side is Side.DESTINATION:
+        if phase in ("postcopy-paused", "postcopy-recover"):
+            return S.POSTCOPY_PAUSED if phase == "postcopy-paused" else S.POSTCOPY_RECOVER
+        return S.POSTCOPY_ACTIVE if postcopy and phase in ("postcopy", "completion") else S.ACTIVE
     if phase == "switchover" or (phase == "completion" and not postcopy):
         return S.DEVICE if version >= V10_0 else S.POSTCOPY_ACTIVE if postcopy else S.ACTIVE
     if phase == "postcopy-recover":

@@ -30,7 +30,7 @@ from .controller import Migration
 from .errors import ConfigError
 from .qmp import Arg, Command, Monitor, QmpError
 from .report import Report
-from .status import LATEST, OLDEST, QemuVersion, Side, path, recovery
+from .status import LATEST, OLDEST, QemuVersion, Side, during, path, recovery
 from .timeline import Sample
 
 CAPABILITIES = ("events", "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "return-path", "multifd")
@@ -43,10 +43,6 @@ PARAMETERS: dict[str, tuple[str, Callable[[int], Any]]] = {
 }
 DEFAULT_PARAMETERS = {"max-bandwidth": 134217728, "max-postcopy-bandwidth": 0, "downtime-limit": 300,
                       "multifd-channels": 2}
-# the destination's status while the controller is in a phase (the source's is the sample's own,
-# status.during); a status its release does not have is passed over (setup before 8.2)
-DST_STATUS = {"setup": "setup", "precopy": "active", "switchover": "active", "postcopy": "postcopy-active",
-              "postcopy-paused": "postcopy-paused", "postcopy-recover": "postcopy-recover"}
 
 
 def version_dict(version: str) -> dict[str, Any]:
@@ -202,12 +198,10 @@ class Pair:
         return tuple(map(str, path(who, mode, version))), tuple(map(str, recovery(who, version)))
 
     def _on_sample(self, s: Sample) -> None:
-        self.src.set_status(s.status)
-        dst = DST_STATUS.get(s.phase)
-        if dst is not None:
-            if dst == "postcopy-active" and self.mig is not None and self.mig.cfg.mode == "precopy":
-                dst = "active"
-            self.dst.set_status(dst)
+        self.src.set_status(s.status)  # status.during, as the timeline has it
+        if self.mig is not None:
+            cfg = self.mig.cfg
+            self.dst.set_status(str(during(s.phase, cfg.mode, cfg.qemu, Side.DESTINATION)))
         if s.phase == "switchover":
             self.src.run_state("finish-migrate", "STOP")
         elif s.phase == "postcopy":
