@@ -41,7 +41,7 @@ import multiprocessing.synchronize
 import os
 import select
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -72,6 +72,14 @@ def channel_names(multifd_channels: int = 0) -> tuple[str, ...]:
 
 
 STATE_WORDS = state_words()
+
+
+class _Queue(NamedTuple):
+    """One channel's socket queue, as the link applies it."""
+
+    capacity: int  # bytes the connection holds in front of a byte written now
+    wake_at: int  # a writer blocked for space wakes once the queue is down to this
+    rcvbuf: int  # what the kernel takes in while the receiver reads nothing
 
 
 class _Closed:
@@ -107,9 +115,8 @@ class Link:
         # (send_wake: tcp_notsent_lowat may wake it earlier, tcp.SocketQueue.of)
         self.wake_at = socket_buffer - sndbuf + (int(sndbuf * WAKE_FRACTION) if send_wake is None else send_wake)
         self.rcvbuf = socket_buffer - sndbuf
-        # per channel: (queue, wake-up point, receive buffer)
-        main = (self.capacity, self.wake_at, self.rcvbuf)
-        mf = main if multifd_queue is None else (multifd_queue.capacity, multifd_queue.wake_at, multifd_queue.window)
+        main = _Queue(self.capacity, self.wake_at, self.rcvbuf)
+        mf = main if multifd_queue is None else _Queue(multifd_queue.capacity, multifd_queue.wake_at, multifd_queue.window)
         self.queues = [main if ch < len(CHANNELS) else mf for ch in range(self.channels)]
         # this receiver's last stall, per channel: (began, ended, bytes the kernel may still have taken)
         self.stalls: list[tuple[int, int, int] | None] = [None] * self.channels
@@ -142,8 +149,8 @@ class Link:
     def wait_for_space(self, ch: int, nbytes: int) -> int:
         """Before a frame of ``nbytes`` goes on channel ``ch``: if it does not fit in the queue,
         sleep until a third of the send buffer has drained. Returns real ns spent blocked."""
-        capacity, wake_at = self.queues[ch][:2]
-        if self.queued(ch) + nbytes <= capacity:
+        q = self.queues[ch]
+        if self.queued(ch) + nbytes <= q.capacity:
             return 0
         t0 = time.monotonic_ns()
         fd, data_fd = self.space_fds[ch], self.data_fds[ch]
@@ -153,7 +160,7 @@ class Link:
             while True:
                 with self.lock:  # flag and queue under the receiver's lock: no lost wake-up
                     self.state[waiting] = 1
-                    if self.queued(ch) <= wake_at:
+                    if self.queued(ch) <= q.wake_at:
                         break
                 r, _, _ = select.select([fd, data_fd], [], [], RECHECK)
                 if fd in r:
@@ -161,7 +168,7 @@ class Link:
                 if data_fd in r:  # woken by incoming data: it takes what room there is
                     drain_eventfd(data_fd)
                     with self.lock:
-                        if self.queued(ch) + nbytes <= capacity:
+                        if self.queued(ch) + nbytes <= q.capacity:
                             break
         finally:
             self.state[waiting] = 0
@@ -221,7 +228,7 @@ class Link:
         """Channel ``ch``'s receiver read nothing from ``t0`` to ``t1``: the kernel received
         meanwhile what was sent, as much as the receive buffer holds, and the link may have
         carried that then."""
-        self.stalls[ch] = (t0, t1, self.queues[ch][2])
+        self.stalls[ch] = (t0, t1, self.queues[ch].rcvbuf)
 
     def _carried(self, ch: int, q: int, start: int | None = None) -> None:
         """Under the lock: ``q`` bytes left channel ``ch``'s queue (the link began carrying them at
@@ -235,7 +242,7 @@ class Link:
         self.state[self._w(ch, CARRIED)] += q
         self.state[CARRIED_ALL] += q
         self._queue_change(-q)
-        if self.state[self._w(ch, WAITING)] and self.queued(ch) <= self.queues[ch][1]:
+        if self.state[self._w(ch, WAITING)] and self.queued(ch) <= self.queues[ch].wake_at:
             os.eventfd_write(self.space_fds[ch], 1)
 
     def _queue_change(self, delta: int) -> None:
