@@ -280,10 +280,9 @@ class Config:
         if self.socket_buffer is not None:
             send = min(self.tcp_wmem[2] if self.send_buffer is None else self.send_buffer, self.socket_buffer)
             return SocketQueue(send=send, send_wake=(2 * send) // 3, window=self.socket_buffer - send)
-        sysctls = self.tcp_sysctls
         if self.bandwidth is None:
-            return SocketQueue.most(sysctls)
-        return steady_state(self.bandwidth, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), sysctls)
+            return SocketQueue.most(self.tcp_sysctls)
+        return _autotuned(self, self.bandwidth)
 
     @property
     def multifd_socket_queue(self) -> SocketQueue:
@@ -292,7 +291,7 @@ class Config:
         n = self.multifd_channels
         if self.socket_buffer is not None or self.bandwidth is None or n == 0:
             return self.socket_queue
-        return steady_state(self.bandwidth / n, max(2 * self.latency, LOOPBACK_RTT_NS / 1e9), self.tcp_sysctls)
+        return _autotuned(self, self.bandwidth / n)
 
     def shm_bytes(self) -> int:
         """Everything this run puts in /dev/shm: two RAM copies plus the per-page maps (with the uffd
@@ -433,6 +432,12 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _autotuned(cfg: "Config", rate: float) -> SocketQueue:
+    """What Linux's autotuning settles at for one bulk flow of ``rate`` bytes/s (tcp.steady_state),
+    the round trip being twice ``--latency``, at least loopback's."""
+    return steady_state(rate, max(2 * cfg.latency, LOOPBACK_RTT_NS / 1e9), cfg.tcp_sysctls)
 
 
 def _readahead(queue: SocketQueue) -> int:
