@@ -229,13 +229,8 @@ class _Builder:
                 fl.seen[(a, b)].append((s, self.slice(pid, tid, f"FAULT hp {b}: {what}", s, stop,
                                                       {"vcpu": a, "host_page": b})))
             elif kind == K.FAULT:
-                vcpu = int(title.rpartition("vcpu")[2])
-                args = {"host_page": a, "page": b, "latency_us": round(end - s, 3)}
-                fault = self.slice(pid, tid, f"fault hp {a}" + ("" if c else " (unresolved)"), s, end, args)
-                woken = self.slice(pid, tid, "woken: page present", self.us1(d), end) if d else None
-                if c:
-                    fl.faults.append((t0, vcpu, a, fault, args, woken))
-                self.faulting += [(s, 1), (end, -1)]
+                self.fault(pid, tid, int(title.rpartition("vcpu")[2]), a, t0, s, end, bool(c),
+                           {"host_page": a, "page": b}, self.us1(d) if d else None)
             elif kind == K.PAUSED:
                 self.slice(pid, tid, "paused (switchover)", s, end)
         for hp, (start, at) in preempted.items():
@@ -254,11 +249,19 @@ class _Builder:
             done = rows[:, 2] >= 0
             s, e = self.us(rows[:, 1]).tolist(), self.us(np.where(done, rows[:, 2], rows[:, 1])).tolist()
             for hp, t0, ok, start, end in zip(rows[:, 0].tolist(), rows[:, 1].tolist(), done.tolist(), s, e):
-                args = {"host_page": hp, "latency_us": round(end - start, 3), "seen_by": "the fault thread's uffd event"}
-                fault = self.slice(pid, pid, f"fault hp {hp}" + ("" if ok else " (unresolved)"), start, end, args)
-                if ok:
-                    self.flows.faults.append((t0, v.role.n, hp, fault, args, None))
-                self.faulting += [(start, 1), (end, -1)]
+                self.fault(pid, pid, v.role.n, hp, t0, start, end, ok,
+                           {"host_page": hp, "seen_by": "the fault thread's uffd event"})
+
+    def fault(self, pid: int, tid: int, vcpu: int, hp: int, t0: int, s: float, end: float, resolved: bool,
+              args: dict[str, Any], woken_at: float | None = None) -> None:
+        """vCPU ``vcpu``'s fault on host page ``hp`` (real start ``t0``, drawn from ``s`` to ``end``),
+        and the moment it saw the page (``woken_at``, where it knows), followed by a flow if resolved."""
+        args["latency_us"] = round(end - s, 3)
+        fault = self.slice(pid, tid, f"fault hp {hp}" + ("" if resolved else " (unresolved)"), s, end, args)
+        woken = None if woken_at is None else self.slice(pid, tid, "woken: page present", woken_at, end)
+        if resolved:
+            self.flows.faults.append((t0, vcpu, hp, fault, args, woken))
+        self.faulting += [(s, 1), (end, -1)]
 
     def link(self, pid: int, tid: int, what: str, ch: int, send_ns: int, nbytes: int, s: float, end: float,
              carried: int, queued: int, queued_at: float) -> None:
