@@ -418,18 +418,17 @@ class Uffd:
         (a partial copy, or the mm changing under it: mmap_changing) is retried from where it
         stopped. ESRCH: the registering process has exited."""
         mode = 0 if wake else UFFDIO_COPY_MODE_DONTWAKE
-        args = self._args  # the common case, whole in one ioctl: no closure, no new structure
-        c = args.copy
-        c.dst, c.src, c.len, c.mode, c.copy = dst, src, length, mode, 0
-        if _libc.ioctl(self.fd, UFFDIO_COPY, args.copy_addr) == 0 and c.copy == length:
-            return length
-        first = max(int(c.copy), 0)  # placed before it stopped (EAGAIN, EEXIST): resumed from there
+        args = self._args
 
         def one(done: int) -> tuple[int, int]:
-            c = _Copy(dst=dst + done, src=src + done, len=length - done, mode=mode)
-            return _ioctl(self.fd, UFFDIO_COPY, c), int(c.copy)
+            c = args.copy
+            c.dst, c.src, c.len, c.mode, c.copy = dst + done, src + done, length - done, mode, 0
+            return (0 if _libc.ioctl(self.fd, UFFDIO_COPY, args.copy_addr) == 0 else ctypes.get_errno()), int(c.copy)
 
-        return self._fill("UFFDIO_COPY", one, dst, length, wake, first)
+        e, n = one(0)  # the common case: whole in one ioctl
+        if not e and n == length:
+            return length
+        return self._fill("UFFDIO_COPY", one, dst, length, wake, max(n, 0))  # on from where it stopped
 
     def zeropage(self, dst: int, length: int, wake: bool = True) -> int:
         """UFFDIO_ZEROPAGE (QEMU's postcopy_place_page_zero): the bytes this call placed. Where the
