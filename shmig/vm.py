@@ -30,7 +30,7 @@ from .controller import Migration
 from .errors import ConfigError
 from .qmp import Arg, Command, Monitor, QmpError
 from .report import Report
-from .status import LATEST, OLDEST, QemuVersion, Side, during, path, recovery
+from .status import LATEST, OLDEST, V10_1, QemuVersion, Side, during, path, recovery
 from .timeline import Sample
 
 CAPABILITIES = ("events", "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "return-path", "multifd")
@@ -130,10 +130,11 @@ class Pair:
                  json_path: str | None = None):
         Config.from_strings(**base).validate()  # bad run options fail before anything listens
         try:
-            version_dict(qemu_version)
+            v = version_dict(qemu_version)["qemu"]
         except ValueError:
             raise ConfigError(f"--qemu-version {qemu_version!r}: use MAJOR.MINOR[.MICRO], e.g. 7.2 or 10.2.50") from None
         self.base, self.version, self.json_path = dict(base), qemu_version, json_path
+        self.claimed = QemuVersion(v["major"], v["minor"])  # the release the monitors say they are
         self.mig: ServedMigration | None = None
         self.report: Report | None = None
         self.last: Sample | None = None  # the run's latest sample: query-migrate while it runs
@@ -193,7 +194,7 @@ class Pair:
         if self.mig is not None:
             mode, version = self.mig.cfg.mode, self.mig.cfg.qemu
         else:  # before the run: only whether the destination has a setup status (8.2) matters
-            mode, version = "vanilla", min(max(QemuVersion.parse(self.version), OLDEST), LATEST)
+            mode, version = "vanilla", min(max(self.claimed, OLDEST), LATEST)
         who = Side(side)
         return tuple(map(str, path(who, mode, version))), tuple(map(str, recovery(who, version)))
 
@@ -344,8 +345,7 @@ class VM:
             raise QmpError("Postcopy preempt must be set before incoming starts")
         if self.incoming and new["multifd"] != self.caps["multifd"]:
             raise QmpError("Multifd must be set before incoming starts")
-        major, minor = (version_dict(self.pair.version)["qemu"][k] for k in ("major", "minor"))
-        if new["multifd"] and new["postcopy-ram"] and (major, minor) < (10, 1):
+        if new["multifd"] and new["postcopy-ram"] and self.pair.claimed < V10_1:
             raise QmpError("Postcopy is not yet compatible with multifd")  # until e274188612 (10.1)
         self.caps = new
 
