@@ -135,14 +135,15 @@ def _multifd_figures(rep: Report, rec: RunRecord) -> None:
         for e in rec.of(Ev.MULTIFD_SYNCED, Kind.LISTEN):
             began = e.info[1] if len(e.info) > 1 and isinstance(e.info[1], int) else e.t
             in_downtime += max(0, min(e.t, resumed) - max(began, stop))
+    recv_wait = getattr(listen, "multifd_sync_wait_ns", 0)  # none without the listen receiver's record
     rep.multifd = {
         "channels": cfg.multifd_channels,
         "zero_page_detection": cfg.zero_page_detection,
         "channel_bytes": [0 if r is None else r.bytes for r in recv],
         "syncs": src.multifd_syncs,
         "send_sync_wait_ms": round(ms(src.multifd_sync_wait_ns), 3),
-        "recv_sync_wait_ms": round(ms(getattr(listen, "multifd_sync_wait_ns", 0)), 3),
-        "recv_sync_wait_in_downtime_ms": round(ms(min(in_downtime, getattr(listen, "multifd_sync_wait_ns", 0))), 3),
+        "recv_sync_wait_ms": round(ms(recv_wait), 3),
+        "recv_sync_wait_in_downtime_ms": round(ms(min(in_downtime, recv_wait)), 3),
         "zero_pages_skipped": sum(0 if r is None else r.zero_pages_skipped for r in recv),  # type: ignore[attr-defined]
     }
 

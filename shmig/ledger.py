@@ -148,7 +148,6 @@ class ReceiverStats(Record):
     postcopy_pauses = Field("times this receiver went postcopy-paused")
     uffd_copy_bytes = Field("bytes placed by UFFDIO_COPY (--fault-backend uffd)")
     uffd_copy_ns = Field("real ns spent in those UFFDIO_COPY calls")
-    uffd_unregistered = Field("vCPU ranges unregistered once every page was placed (mig/dst/listen)")
 
 
 class ListenStats(ReceiverStats):
@@ -161,6 +160,7 @@ class ListenStats(ReceiverStats):
     requests_resent = Field("requests sent again at a RESUME (lost in a broken channel)")
     multifd_flushes = Field("RAM_SAVE_FLAG_MULTIFD_FLUSH read: waits for every multifd channel's SYNC")
     multifd_sync_wait_ns = Field("real ns the listen thread waited in multifd_recv_sync_main, in all")
+    uffd_unregistered = Field("vCPU ranges unregistered once every page was placed (--fault-backend uffd)")
 
 
 class MultifdStats(ReceiverStats):
